@@ -1,0 +1,22 @@
+//! The contract shared by `dwd` and `dwctl`.
+//!
+//! - [`frame`]: length-prefixed MessagePack frames and their size limit.
+//! - [`message`]: what client and daemon say to each other (handshake, requests, run events).
+//! - [`paths`]: where the socket, lock and log files live.
+//! - [`fdpass`]: sending and receiving frames that carry a file descriptor (SCM_RIGHTS).
+//! - [`shm`]: sealed memfd segments that carry output tensors from the daemon to the client.
+//! - [`workflow`]: the diffusers-workflow JSON format, parsed and validated the same way on
+//!   both sides, so `dwctl validate` needs no daemon.
+
+pub mod fdpass;
+pub mod frame;
+pub mod message;
+pub mod paths;
+pub mod shm;
+pub mod workflow;
+
+/// Bumped whenever a message changes in a way an older peer cannot read.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The version of the dw tools this crate was built with.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,233 @@
+//! What the workflow parser accepts, what it refuses, and where it says the problem is.
+
+use super::*;
+
+const GOOD: &str = r#"{
+  "id": "tiny_sd",
+  "variables": {
+    "prompt": "a fox",
+    "steps": 4,
+    "guidance": 7.5,
+    "fast": false
+  },
+  "seed": 42,
+  "steps": [
+    {
+      "name": "main",
+      "pipeline": {
+        "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+        "from_pretrained_arguments": {"model_name": "../model", "torch_dtype": "torch.float32"},
+        "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}, "from_config_args": {"clip_sample": false}},
+        "arguments": {
+          "prompt": "variable:prompt",
+          "num_inference_steps": "variable:steps",
+          "guidance_scale": "variable:guidance"
+        }
+      },
+      "result": {"content_type": "image/png"}
+    }
+  ]
+}"#;
+
+fn parse(src: &str, overrides: &[&str]) -> Result<Workflow, WorkflowError> {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Workflow::parse(Path::new("flow.json"), src, &overrides)
+}
+
+fn error(src: &str, overrides: &[&str]) -> String {
+    parse(src, overrides).unwrap_err().to_string()
+}
+
+#[test]
+fn a_valid_workflow_parses_with_its_variables_substituted() {
+    let wf = parse(GOOD, &[]).unwrap();
+    assert_eq!(wf.id, "tiny_sd");
+    assert_eq!(wf.steps.len(), 1);
+    let step = &wf.steps[0];
+    assert_eq!(step.name, "main");
+    assert_eq!(
+        step.pipeline.arguments.prompt,
+        Prompts(vec!["a fox".into()])
+    );
+    assert_eq!(step.pipeline.arguments.num_inference_steps, 4);
+    assert_eq!(step.pipeline.seed, Some(42));
+    assert_eq!(
+        step.pipeline.scheduler.as_ref().unwrap().scheduler_type,
+        "DDIMScheduler"
+    );
+    assert_eq!(wf.sha256, sha256_hex(GOOD.as_bytes()));
+}
+
+#[test]
+fn overrides_are_converted_to_the_type_of_the_default() {
+    let wf = parse(
+        GOOD,
+        &["prompt=a blue fox", "steps=7", "guidance=3", "fast=yes"],
+    )
+    .unwrap();
+    let args = &wf.steps[0].pipeline.arguments;
+    assert_eq!(args.prompt, Prompts(vec!["a blue fox".into()]));
+    assert_eq!(args.num_inference_steps, 7);
+    assert_eq!(args.guidance_scale, 3.0);
+    assert_eq!(wf.variables["fast"], Value::Bool(true));
+}
+
+#[test]
+fn an_override_that_does_not_convert_names_the_variable_its_type_and_the_value() {
+    let e = error(GOOD, &["steps=many"]);
+    assert!(e.starts_with("flow.json:5:14: "), "{e}");
+    assert!(
+        e.contains("variable `steps` is an integer (default 4)"),
+        "{e}"
+    );
+    assert!(e.contains("`many` is not an integer"), "{e}");
+}
+
+#[test]
+fn an_unknown_override_lists_the_declared_variables() {
+    let e = error(GOOD, &["colour=red"]);
+    assert!(e.contains("unknown variable `colour`"), "{e}");
+    assert!(
+        e.contains("declared variables: fast, guidance, prompt, steps"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_override_without_equals_sign_explains_the_syntax() {
+    let e = error(GOOD, &["prompt"]);
+    assert!(e.contains("write NAME=VALUE"), "{e}");
+}
+
+#[test]
+fn an_unknown_variable_reference_points_at_it_and_lists_the_declared_ones() {
+    let src = GOOD.replace("variable:steps", "variable:stepz");
+    let e = error(&src, &[]);
+    assert!(
+        e.starts_with("flow.json:19:34: unknown variable `stepz`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("declared variables: fast, guidance, prompt, steps"),
+        "{e}"
+    );
+}
+
+#[test]
+fn invalid_json_reports_line_and_column() {
+    let src = "{\n  \"id\": \"x\",\n  \"steps\": [\n}";
+    let e = error(src, &[]);
+    assert!(e.starts_with("flow.json:4:1: invalid JSON: "), "{e}");
+}
+
+#[test]
+fn a_missing_steps_list_is_an_error() {
+    let e = error(r#"{"id": "x"}"#, &[]);
+    assert!(e.contains("missing `steps`"), "{e}");
+    let e = error(r#"{"id": "x", "steps": []}"#, &[]);
+    assert!(e.contains("`steps` is empty"), "{e}");
+}
+
+#[test]
+fn a_step_with_two_kinds_is_refused_at_the_second() {
+    let src = r#"{"id": "x", "steps": [{"name": "a", "pipeline": {}, "task": {}}]}"#;
+    let e = error(src, &[]);
+    assert!(e.contains("step `a` has both `pipeline` and `task`"), "{e}");
+    assert!(e.starts_with("flow.json:1:53:"), "{e}");
+}
+
+#[test]
+fn unsupported_step_kinds_and_pipelines_are_named() {
+    let src = r#"{"id": "x", "steps": [{"name": "a", "task": {}}]}"#;
+    assert!(error(src, &[]).contains("`task` steps are not supported yet"));
+    let src = GOOD.replace("\"StableDiffusionPipeline\"", "\"FluxPipeline\"");
+    let e = error(&src, &[]);
+    assert!(
+        e.contains(
+            "pipeline type `FluxPipeline` is not supported; supported: StableDiffusionPipeline"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unknown_argument_is_refused_with_the_accepted_list() {
+    let src = GOOD.replace(
+        "\"guidance_scale\": \"variable:guidance\"",
+        "\"guidance_scale\": 5, \"cfg\": 2",
+    );
+    let e = error(&src, &[]);
+    assert!(e.contains("unknown or unsupported argument `cfg`"), "{e}");
+    assert!(e.contains("accepted: prompt, negative_prompt"), "{e}");
+}
+
+#[test]
+fn an_argument_of_the_wrong_type_names_the_value() {
+    let src = GOOD.replace(
+        "\"num_inference_steps\": \"variable:steps\"",
+        "\"num_inference_steps\": \"four\"",
+    );
+    let e = error(&src, &[]);
+    assert!(
+        e.contains("`num_inference_steps` must be a whole number from 1 to 1000, found \"four\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn previous_result_of_a_later_or_unknown_step_is_refused() {
+    let src = GOOD.replace(
+        "\"prompt\": \"variable:prompt\"",
+        "\"prompt\": \"previous_result:later\"",
+    );
+    let e = error(&src, &[]);
+    assert!(
+        e.contains("`previous_result:later` refers to no earlier step"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_file_base_name_that_escapes_the_output_directory_is_refused() {
+    for bad in ["../x", "a/b", "..", "a\\\\b"] {
+        let src = GOOD.replace(
+            "{\"content_type\": \"image/png\"}",
+            &format!("{{\"file_base_name\": \"{bad}\"}}"),
+        );
+        let e = error(&src, &[]);
+        assert!(
+            e.contains("outputs stay inside the output directory"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_key_is_refused_with_the_accepted_ones() {
+    let src = GOOD.replace("\"seed\": 42,", "\"seeed\": 42,");
+    let e = error(&src, &[]);
+    assert!(
+        e.starts_with("flow.json:9:3: unknown or unsupported key `seeed`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_most_specific_seed_wins() {
+    let src = GOOD.replace("\"name\": \"main\",", "\"name\": \"main\", \"seed\": 7,");
+    assert_eq!(parse(&src, &[]).unwrap().steps[0].pipeline.seed, Some(7));
+    let src = src.replace("\"arguments\": {", "\"seed\": 9, \"arguments\": {");
+    assert_eq!(parse(&src, &[]).unwrap().steps[0].pipeline.seed, Some(9));
+}
+
+#[test]
+fn output_names_follow_diffusers_workflow() {
+    assert_eq!(
+        output_file_name("", "tiny_sd", "main", 0, 0, 0, "png"),
+        "tiny_sd-main.0-0.0.png"
+    );
+    assert_eq!(
+        output_file_name("run1_", "w", "s", 2, 0, 3, "jpg"),
+        "run1_w-s.2-0.3.jpg"
+    );
+}
