@@ -1,1 +1,367 @@
-//! placeholder
+//! Diffusion pipelines: Stable Diffusion 1.x on candle, loaded from a diffusers folder.
+//!
+//! Each component (tokenizer, text encoder, UNet, VAE, scheduler) has its own module and
+//! loader taking that component's folder, so a cache can key and keep them separately;
+//! [`StableDiffusionPipeline`] ties them together. This module holds what they share: the
+//! error type, reading `config.json` files and finding and mapping weight files.
+
+pub mod scheduler;
+pub mod stable_diffusion;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde_json::{Map, Value};
+
+pub use scheduler::{
+    build_scheduler, DdimScheduler, Scheduler, SchedulerConfig, SUPPORTED_SCHEDULERS,
+};
+pub use stable_diffusion::{
+    images_to_rgb8, GenerateArgs, Phase, Progress, RgbImage, StableDiffusionPipeline,
+};
+pub use text_encoder::{TextEncoder, TextEncoderConfig};
+pub use tokenizer::ClipTokenizer;
+pub use unet::{Unet, UnetConfig};
+pub use vae::{Vae, VaeConfig};
+
+/// Everything that can go wrong while loading or running a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A file the component needs is not there.
+    #[error("missing file {file} in {}", dir.display())]
+    MissingFile { file: String, dir: PathBuf },
+    /// A file exists but could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration file is malformed or holds an impossible value.
+    #[error("bad config {}: {problem}", file.display())]
+    BadConfig { file: PathBuf, problem: String },
+    /// A tensor operation failed inside one component.
+    #[error("{component}: {source}")]
+    Candle {
+        component: &'static str,
+        #[source]
+        source: candle_core::Error,
+    },
+    /// The checkpoint or the request asks for something this implementation cannot do.
+    #[error("unsupported {key} = {found}; supported: {supported}")]
+    Unsupported {
+        key: String,
+        found: String,
+        supported: String,
+    },
+    /// A request argument is out of range or inconsistent.
+    #[error("invalid {name}: {problem}")]
+    InvalidArgument { name: String, problem: String },
+    /// The caller asked to stop.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl PipelineError {
+    pub(crate) fn unsupported(
+        key: impl Into<String>,
+        found: impl Into<String>,
+        supported: impl Into<String>,
+    ) -> Self {
+        Self::Unsupported {
+            key: key.into(),
+            found: found.into(),
+            supported: supported.into(),
+        }
+    }
+
+    pub(crate) fn invalid(name: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            name: name.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Attaches the component name to candle errors.
+pub(crate) trait InComponent<T> {
+    fn in_component(self, component: &'static str) -> Result<T, PipelineError>;
+}
+
+impl<T> InComponent<T> for candle_core::Result<T> {
+    fn in_component(self, component: &'static str) -> Result<T, PipelineError> {
+        self.map_err(|source| PipelineError::Candle { component, source })
+    }
+}
+
+/// Weight file names diffusers and transformers write, single-file first.
+const WEIGHT_FILE_NAMES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+
+/// The safetensors files a component's weights live in: the single file diffusers or
+/// transformers writes, or the shards listed by its `*.safetensors.index.json`.
+pub fn weight_files(component_dir: &Path) -> Result<Vec<PathBuf>, PipelineError> {
+    for name in WEIGHT_FILE_NAMES {
+        let single = component_dir.join(name);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = component_dir.join(format!("{name}.index.json"));
+        if index.is_file() {
+            return sharded_weight_files(component_dir, &index);
+        }
+    }
+    Err(PipelineError::MissingFile {
+        file: WEIGHT_FILE_NAMES.join(" or "),
+        dir: component_dir.to_path_buf(),
+    })
+}
+
+fn sharded_weight_files(component_dir: &Path, index: &Path) -> Result<Vec<PathBuf>, PipelineError> {
+    let index_json = read_json_object(index)?;
+    let weight_map = index_json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| PipelineError::BadConfig {
+            file: index.to_path_buf(),
+            problem: "no `weight_map` object".to_string(),
+        })?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for shard in weight_map.values() {
+        let shard = shard.as_str().ok_or_else(|| PipelineError::BadConfig {
+            file: index.to_path_buf(),
+            problem: format!("`weight_map` value {shard} is not a file name"),
+        })?;
+        let path = component_dir.join(shard);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                return Err(PipelineError::MissingFile {
+                    file: shard.to_string(),
+                    dir: component_dir.to_path_buf(),
+                });
+            }
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Memory-maps a component's weight files; returns the variable builder and the size the
+/// tensors take once loaded as `dtype`.
+pub(crate) fn mmap_weights(
+    component_dir: &Path,
+    dtype: DType,
+    device: &Device,
+    component: &'static str,
+) -> Result<(VarBuilder<'static>, u64), PipelineError> {
+    let files = weight_files(component_dir)?;
+    // SAFETY: the files are memory-mapped read-only; like every loader of mmapped
+    // checkpoints we rely on nobody truncating them while the tensors are being read.
+    let tensors = unsafe { MmapedSafetensors::multi(&files) }.in_component(component)?;
+    let element_size = dtype.size_in_bytes() as u64;
+    let bytes = tensors
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.shape().iter().product::<usize>() as u64 * element_size)
+        .sum();
+    let var_builder = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+    Ok((var_builder, bytes))
+}
+
+/// Reads a JSON file that must hold an object.
+pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, PipelineError> {
+    let text = read_text(path)?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(PipelineError::BadConfig {
+            file: path.to_path_buf(),
+            problem: "not a JSON object".to_string(),
+        }),
+        Err(error) => Err(PipelineError::BadConfig {
+            file: path.to_path_buf(),
+            problem: error.to_string(),
+        }),
+    }
+}
+
+/// Reads a text file, telling a missing file apart from an unreadable one.
+pub(crate) fn read_text(path: &Path) -> Result<String, PipelineError> {
+    std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            missing_file(path)
+        } else {
+            PipelineError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+fn missing_file(path: &Path) -> PipelineError {
+    PipelineError::MissingFile {
+        file: path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    }
+}
+
+/// Typed access to a `config.json` object, with errors naming the file and the key.
+///
+/// A key that is absent or `null` takes the default given by the caller, as diffusers does
+/// for keys a saved config lacks.
+pub(crate) struct ConfigJson {
+    file: PathBuf,
+    map: Map<String, Value>,
+}
+
+impl ConfigJson {
+    pub(crate) fn load(file: PathBuf) -> Result<Self, PipelineError> {
+        let map = read_json_object(&file)?;
+        Ok(Self { file, map })
+    }
+
+    pub(crate) fn file(&self) -> &Path {
+        &self.file
+    }
+
+    pub(crate) fn bad(&self, key: &str, problem: impl std::fmt::Display) -> PipelineError {
+        PipelineError::BadConfig {
+            file: self.file.clone(),
+            problem: format!("key `{key}`: {problem}"),
+        }
+    }
+
+    /// The raw value, `None` when absent or `null`.
+    pub(crate) fn value(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|value| !value.is_null())
+    }
+
+    pub(crate) fn contains_key(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize, PipelineError> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => self.as_usize(key, value),
+        }
+    }
+
+    pub(crate) fn required_usize(&self, key: &str) -> Result<usize, PipelineError> {
+        match self.value(key) {
+            None => Err(self.bad(key, "missing")),
+            Some(value) => self.as_usize(key, value),
+        }
+    }
+
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64, PipelineError> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => value
+                .as_f64()
+                .ok_or_else(|| self.bad(key, format!("expected a number, got {value}"))),
+        }
+    }
+
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool, PipelineError> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => value
+                .as_bool()
+                .ok_or_else(|| self.bad(key, format!("expected true or false, got {value}"))),
+        }
+    }
+
+    pub(crate) fn str_or<'a>(
+        &'a self,
+        key: &str,
+        default: &'a str,
+    ) -> Result<&'a str, PipelineError> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(value) => value
+                .as_str()
+                .ok_or_else(|| self.bad(key, format!("expected a string, got {value}"))),
+        }
+    }
+
+    pub(crate) fn usize_list(&self, key: &str) -> Result<Vec<usize>, PipelineError> {
+        let value = self.value(key).ok_or_else(|| self.bad(key, "missing"))?;
+        let items = value
+            .as_array()
+            .ok_or_else(|| self.bad(key, format!("expected a list, got {value}")))?;
+        items.iter().map(|item| self.as_usize(key, item)).collect()
+    }
+
+    pub(crate) fn string_list(&self, key: &str) -> Result<Vec<String>, PipelineError> {
+        let value = self.value(key).ok_or_else(|| self.bad(key, "missing"))?;
+        let items = value
+            .as_array()
+            .ok_or_else(|| self.bad(key, format!("expected a list, got {value}")))?;
+        items
+            .iter()
+            .map(|item| {
+                item.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.bad(key, format!("expected strings, got {item}")))
+            })
+            .collect()
+    }
+
+    /// An integer that applies to every block, or one integer per block.
+    pub(crate) fn usize_per_block(
+        &self,
+        key: &str,
+        default: usize,
+        blocks: usize,
+    ) -> Result<Vec<usize>, PipelineError> {
+        match self.value(key) {
+            None => Ok(vec![default; blocks]),
+            Some(Value::Array(_)) => {
+                let values = self.usize_list(key)?;
+                if values.len() != blocks {
+                    return Err(self.bad(
+                        key,
+                        format!("has {} entries for {blocks} blocks", values.len()),
+                    ));
+                }
+                Ok(values)
+            }
+            Some(value) => Ok(vec![self.as_usize(key, value)?; blocks]),
+        }
+    }
+
+    fn as_usize(&self, key: &str, value: &Value) -> Result<usize, PipelineError> {
+        value
+            .as_u64()
+            .and_then(|number| usize::try_from(number).ok())
+            .ok_or_else(|| self.bad(key, format!("expected a non-negative integer, got {value}")))
+    }
+
+    /// Fails with [`PipelineError::Unsupported`] unless the key is absent, `null`, or one of
+    /// the accepted values.
+    pub(crate) fn require_one_of(
+        &self,
+        key: &str,
+        accepted: &[Value],
+        supported: &str,
+    ) -> Result<(), PipelineError> {
+        match self.value(key) {
+            None => Ok(()),
+            Some(value) if accepted.contains(value) => Ok(()),
+            Some(value) => Err(PipelineError::unsupported(
+                key,
+                value.to_string(),
+                supported,
+            )),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The Stable Diffusion 1.x text-to-image loop, as diffusers' `StableDiffusionPipeline`:
+//! encode the prompts (and negative prompts for classifier-free guidance), denoise seeded
+//! latents with the chosen scheduler, decode them with the VAE.
+//!
+//! Components are held in `Arc`s so a cache can share them between pipelines; the
+//! scheduler is built per request from the checkpoint's config plus overrides.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::{Map, Value};
+
+use super::scheduler::{build_scheduler, SchedulerConfig};
+use super::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
+
+const COMPONENT: &str = "pipeline";
+/// Token sequence length of the CLIP text encoders SD 1.x and 2.x use.
+pub const MAX_TOKENS: usize = 77;
+
+/// A loaded Stable Diffusion pipeline.
+#[derive(Debug, Clone)]
+pub struct StableDiffusionPipeline {
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub text_encoder: Arc<TextEncoder>,
+    pub unet: Arc<Unet>,
+    pub vae: Arc<Vae>,
+    /// The checkpoint's own scheduler config (its class is the default scheduler).
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One text-to-image request.
+#[derive(Debug, Clone)]
+pub struct GenerateArgs {
+    pub prompts: Vec<String>,
+    /// Used for every prompt; `None` means the empty prompt.
+    pub negative_prompt: Option<String>,
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance is used when this is above 1.
+    pub guidance_scale: f64,
+    /// Defaults to the UNet's sample size times the VAE scale factor.
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub num_images_per_prompt: usize,
+    /// Seeds the initial latents when `latents` is `None`.
+    pub seed: u64,
+    /// Initial latents (prompts * images per prompt, channels, height / scale, width / scale).
+    pub latents: Option<Tensor>,
+    /// Scheduler class name; `None` uses the checkpoint's.
+    pub scheduler_type: Option<String>,
+    /// Scheduler config keys to override.
+    pub scheduler_overrides: Map<String, Value>,
+}
+
+impl Default for GenerateArgs {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            negative_prompt: None,
+            num_inference_steps: 50,
+            guidance_scale: 7.5,
+            height: None,
+            width: None,
+            num_images_per_prompt: 1,
+            seed: 0,
+            latents: None,
+            scheduler_type: None,
+            scheduler_overrides: Map::new(),
+        }
+    }
+}
+
+/// Which part of the generation is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Encoding,
+    Denoising,
+    Decoding,
+}
+
+/// Reported before each phase and before every denoising step: `step` of `total`
+/// (0-based; encoding and decoding are a single step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: Phase,
+    pub step: usize,
+    pub total: usize,
+}
+
+/// An 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl StableDiffusionPipeline {
+    /// Loads every component from a diffusers folder (`tokenizer/`, `text_encoder/`,
+    /// `unet/`, `vae/`, `scheduler/`).
+    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        Ok(Self {
+            tokenizer: Arc::new(ClipTokenizer::load(&model_dir.join("tokenizer"))?),
+            text_encoder: Arc::new(TextEncoder::load(
+                &model_dir.join("text_encoder"),
+                dtype,
+                device,
+            )?),
+            unet: Arc::new(Unet::load(&model_dir.join("unet"), dtype, device)?),
+            vae: Arc::new(Vae::load(&model_dir.join("vae"), dtype, device)?),
+            scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Total size of the loaded weights in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.text_encoder.bytes() + self.unet.bytes() + self.vae.bytes()
+    }
+
+    /// The latent shape a request produces: (images, channels, height, width).
+    pub fn latent_shape(&self, args: &GenerateArgs) -> Result<[usize; 4], PipelineError> {
+        let scale = self.vae.scale_factor();
+        let default_side = self.unet.sample_size() * scale;
+        let mut sides = [0; 2];
+        for (side, (name, requested)) in sides
+            .iter_mut()
+            .zip([("height", args.height), ("width", args.width)])
+        {
+            let value = requested.unwrap_or(default_side);
+            if value == 0 || value % scale != 0 {
+                return Err(PipelineError::invalid(
+                    name,
+                    format!("{value} is not a positive multiple of {scale}"),
+                ));
+            }
+            *side = value / scale;
+        }
+        let images = args.prompts.len() * args.num_images_per_prompt;
+        Ok([images, self.unet.in_channels(), sides[0], sides[1]])
+    }
+
+    /// Runs the whole pipeline. Returns f32 images (N, 3, H, W) in [0, 1] on the CPU, N
+    /// being prompts times images per prompt (each prompt's images together).
+    ///
+    /// `on_progress` is called once before encoding, before every denoising step and once
+    /// before decoding; an error it returns stops the run and is returned as is.
+    pub fn generate(
+        &self,
+        args: &GenerateArgs,
+        on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        self.validate(args)?;
+        let latent_shape = self.latent_shape(args)?;
+        let class_name = match (&args.scheduler_type, &self.scheduler.class_name) {
+            (Some(requested), _) => requested.as_str(),
+            (None, Some(shipped)) => shipped.as_str(),
+            (None, None) => {
+                return Err(PipelineError::invalid(
+                    "scheduler_type",
+                    "not given and the checkpoint's scheduler config names no class",
+                ))
+            }
+        };
+        let scheduler_config = self.scheduler.with_overrides(&args.scheduler_overrides)?;
+        let mut scheduler = build_scheduler(class_name, &scheduler_config)?;
+        scheduler.set_timesteps(args.num_inference_steps)?;
+        let initial_latents = self.initial_latents(args, latent_shape)?;
+
+        on_progress(Progress {
+            phase: Phase::Encoding,
+            step: 0,
+            total: 1,
+        })?;
+        let guided = args.guidance_scale > 1.0;
+        let text_embeddings = self.encode_prompts(args, guided)?;
+
+        let mut latents =
+            (initial_latents * scheduler.init_noise_sigma()).in_component(COMPONENT)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        for (step, &timestep) in timesteps.iter().enumerate() {
+            on_progress(Progress {
+                phase: Phase::Denoising,
+                step,
+                total: timesteps.len(),
+            })?;
+            let model_input = if guided {
+                Tensor::cat(&[&latents, &latents], 0).in_component(COMPONENT)?
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler.scale_model_input(model_input, timestep)?;
+            let prediction = self
+                .unet
+                .forward(&model_input, timestep as f64, &text_embeddings)?;
+            let prediction = if guided {
+                apply_guidance(&prediction, args.guidance_scale).in_component(COMPONENT)?
+            } else {
+                prediction
+            };
+            latents = scheduler.step(&prediction, timestep, &latents)?;
+        }
+
+        on_progress(Progress {
+            phase: Phase::Decoding,
+            step: 0,
+            total: 1,
+        })?;
+        let scaled = (latents / self.vae.scaling_factor()).in_component(COMPONENT)?;
+        let decoded = self.vae.decode(&scaled)?;
+        to_unit_range(&decoded).in_component("vae")
+    }
+
+    fn validate(&self, args: &GenerateArgs) -> Result<(), PipelineError> {
+        if args.prompts.is_empty() {
+            return Err(PipelineError::invalid("prompts", "at least one is needed"));
+        }
+        if args.num_images_per_prompt == 0 {
+            return Err(PipelineError::invalid(
+                "num_images_per_prompt",
+                "must be at least 1",
+            ));
+        }
+        if args.num_inference_steps == 0 {
+            return Err(PipelineError::invalid(
+                "num_inference_steps",
+                "must be at least 1",
+            ));
+        }
+        if !args.guidance_scale.is_finite() {
+            return Err(PipelineError::invalid(
+                "guidance_scale",
+                format!("{} is not a finite number", args.guidance_scale),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The given latents checked against the expected shape, or seeded standard normal
+    /// noise drawn on the CPU (so a seed gives the same image on every device).
+    fn initial_latents(
+        &self,
+        args: &GenerateArgs,
+        shape: [usize; 4],
+    ) -> Result<Tensor, PipelineError> {
+        let latents = match &args.latents {
+            Some(latents) => {
+                if latents.dims() != shape {
+                    return Err(PipelineError::invalid(
+                        "latents",
+                        format!("expected shape {shape:?}, got {:?}", latents.dims()),
+                    ));
+                }
+                latents.clone()
+            }
+            None => {
+                let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+                let count = shape.iter().product();
+                let noise: Vec<f32> = (0..count)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .collect();
+                Tensor::from_vec(noise, shape.as_slice(), &Device::Cpu).in_component(COMPONENT)?
+            }
+        };
+        latents
+            .to_device(&self.device)
+            .and_then(|latents| latents.to_dtype(self.dtype))
+            .in_component(COMPONENT)
+    }
+
+    /// Text embeddings in UNet batch order: with guidance, all negative rows first, then all
+    /// prompt rows; each prompt repeated `num_images_per_prompt` times in a row.
+    fn encode_prompts(&self, args: &GenerateArgs, guided: bool) -> Result<Tensor, PipelineError> {
+        let repeat = args.num_images_per_prompt;
+        let negative = args.negative_prompt.as_deref().unwrap_or("");
+        let mut texts: Vec<&str> = Vec::new();
+        if guided {
+            texts.extend(std::iter::repeat_n(negative, args.prompts.len()));
+        }
+        texts.extend(args.prompts.iter().map(String::as_str));
+        let token_ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|text| self.tokenizer.encode_padded(text, MAX_TOKENS))
+            .collect();
+        let embeddings = self.text_encoder.encode(&token_ids)?;
+        if repeat == 1 {
+            return Ok(embeddings);
+        }
+        let repeat_rows = || -> candle_core::Result<Tensor> {
+            let (rows, tokens, hidden) = embeddings.dims3()?;
+            embeddings
+                .unsqueeze(1)?
+                .repeat((1, repeat, 1, 1))?
+                .reshape((rows * repeat, tokens, hidden))
+        };
+        repeat_rows().in_component("text encoder")
+    }
+}
+
+/// `uncond + scale * (text - uncond)` on a prediction batch holding the unconditional half
+/// first.
+fn apply_guidance(prediction: &Tensor, guidance_scale: f64) -> candle_core::Result<Tensor> {
+    let halves = prediction.chunk(2, 0)?;
+    let (unconditional, conditional) = (&halves[0], &halves[1]);
+    unconditional + ((conditional - unconditional)? * guidance_scale)?
+}
+
+/// VAE output in [-1, 1] to f32 images in [0, 1] on the CPU.
+fn to_unit_range(decoded: &Tensor) -> candle_core::Result<Tensor> {
+    let decoded = decoded.to_dtype(DType::F32)?;
+    ((decoded / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .to_device(&Device::Cpu)
+}
+
+/// f32 images (N, 3, H, W) in [0, 1] to 8-bit RGB, rounding as diffusers does
+/// (`(x * 255).round()`, ties to even) and clamping to [0, 255].
+pub fn images_to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+    const PART: &str = "image conversion";
+    let (count, channels, height, width) = images.dims4().in_component(PART)?;
+    if channels != 3 {
+        return Err(PipelineError::invalid(
+            "images",
+            format!("expected 3 channels, got shape {:?}", images.dims()),
+        ));
+    }
+    let values = images
+        .to_device(&Device::Cpu)
+        .and_then(|images| images.to_dtype(DType::F32))
+        .and_then(|images| images.permute((0, 2, 3, 1)))
+        .and_then(|images| images.flatten_all())
+        .and_then(|images| images.to_vec1::<f32>())
+        .in_component(PART)?;
+    let image_len = height * width * 3;
+    Ok((0..count)
+        .map(|index| RgbImage {
+            width,
+            height,
+            pixels: values[index * image_len..(index + 1) * image_len]
+                .iter()
+                .map(|value| (value * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+                .collect(),
+        })
+        .collect())
+}

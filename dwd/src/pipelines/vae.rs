@@ -1,0 +1,386 @@
+//! The KL autoencoder (diffusers' `AutoencoderKL`) that maps between images and latents.
+//!
+//! Assembled on candle ops from candle-transformers' public encoder/decoder blocks rather
+//! than its `AutoEncoderKL`, because that one hides the mean of the latent distribution
+//! (needed for deterministic image-to-latent encoding) and fixes options such as the mid
+//! block attention. The blocks' attention layers read both weight namings diffusers has
+//! used (`to_q/to_k/to_v/to_out.0` now, `query/key/value/proj_attn` in older checkpoints).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
+    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
+use serde_json::json;
+
+use super::{mmap_weights, ConfigJson, InComponent, PipelineError};
+
+const COMPONENT: &str = "vae";
+/// diffusers' VAE blocks use this epsilon in every norm.
+const NORM_EPS: f64 = 1e-6;
+
+/// What the VAE needs from its `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+    /// Latents are multiplied by this after encoding and divided by it before decoding.
+    pub scaling_factor: f64,
+}
+
+impl VaeConfig {
+    /// Reads and checks `config.json` from a `vae` folder.
+    pub fn load(dir: &Path) -> Result<Self, PipelineError> {
+        let config = ConfigJson::load(dir.join("config.json"))?;
+        let block_out_channels = config.usize_list("block_out_channels")?;
+        if block_out_channels.is_empty() {
+            return Err(config.bad("block_out_channels", "is empty"));
+        }
+        for (key, block_type) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
+            if config.value(key).is_none() {
+                continue;
+            }
+            let types = config.string_list(key)?;
+            if types.len() != block_out_channels.len() {
+                return Err(config.bad(
+                    key,
+                    format!(
+                        "has {} entries for {} blocks",
+                        types.len(),
+                        block_out_channels.len()
+                    ),
+                ));
+            }
+            if let Some(other) = types.iter().find(|found| *found != block_type) {
+                return Err(PipelineError::unsupported(key, other.as_str(), block_type));
+            }
+        }
+        config.require_one_of("act_fn", &[json!("silu")], "silu")?;
+        config.require_one_of("mid_block_add_attention", &[json!(true)], "true")?;
+        let norm_num_groups = config.usize_or("norm_num_groups", 32)?;
+        if let Some(channels) = block_out_channels
+            .iter()
+            .find(|channels| channels.checked_rem(norm_num_groups) != Some(0))
+        {
+            return Err(config.bad(
+                "norm_num_groups",
+                format!("{norm_num_groups} groups do not divide {channels} channels"),
+            ));
+        }
+        Ok(Self {
+            in_channels: config.usize_or("in_channels", 3)?,
+            out_channels: config.usize_or("out_channels", 3)?,
+            latent_channels: config.usize_or("latent_channels", 4)?,
+            layers_per_block: config.usize_or("layers_per_block", 1)?,
+            norm_num_groups,
+            use_quant_conv: config.bool_or("use_quant_conv", true)?,
+            use_post_quant_conv: config.bool_or("use_post_quant_conv", true)?,
+            scaling_factor: config.f64_or("scaling_factor", 0.18215)?,
+            block_out_channels,
+        })
+    }
+
+    /// How many image pixels one latent pixel covers along each side.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    fn mid_block_config(&self) -> UNetMidBlock2DConfig {
+        UNetMidBlock2DConfig {
+            num_layers: 1,
+            resnet_eps: NORM_EPS,
+            resnet_groups: Some(self.norm_num_groups),
+            // One head spanning all channels, as diffusers sets it for the VAE.
+            attn_num_head_channels: None,
+            output_scale_factor: 1.0,
+        }
+    }
+
+    fn last_channels(&self) -> usize {
+        self.block_out_channels[self.block_out_channels.len() - 1]
+    }
+}
+
+fn padded_conv(
+    in_channels: usize,
+    out_channels: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let padding_one = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    conv2d(in_channels, out_channels, 3, padding_one, vb)
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<DownEncoderBlock2D>,
+    mid_block: UNetMidBlock2D,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(vb: VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
+        let channels = &config.block_out_channels;
+        let conv_in = padded_conv(config.in_channels, channels[0], vb.pp("conv_in"))?;
+        let blocks_vb = vb.pp("down_blocks");
+        let down_blocks = (0..channels.len())
+            .map(|index| {
+                let block_config = DownEncoderBlock2DConfig {
+                    num_layers: config.layers_per_block,
+                    resnet_eps: NORM_EPS,
+                    resnet_groups: config.norm_num_groups,
+                    output_scale_factor: 1.0,
+                    add_downsample: index + 1 < channels.len(),
+                    // diffusers pads the downsampling convolution on the right and bottom.
+                    downsample_padding: 0,
+                };
+                DownEncoderBlock2D::new(
+                    blocks_vb.pp(index),
+                    channels[index.saturating_sub(1)],
+                    channels[index],
+                    block_config,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = config.last_channels();
+        Ok(Self {
+            conv_in,
+            down_blocks,
+            mid_block: UNetMidBlock2D::new(
+                vb.pp("mid_block"),
+                last,
+                None,
+                config.mid_block_config(),
+            )?,
+            conv_norm_out: group_norm(
+                config.norm_num_groups,
+                last,
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            // Mean and log-variance of the latent distribution.
+            conv_out: padded_conv(last, 2 * config.latent_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self.conv_in.forward(images)?;
+        for block in &self.down_blocks {
+            xs = block.forward(&xs)?;
+        }
+        let xs = self.mid_block.forward(&xs, None)?;
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid_block: UNetMidBlock2D,
+    up_blocks: Vec<UpDecoderBlock2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(vb: VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
+        let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+        let last = config.last_channels();
+        let first = config.block_out_channels[0];
+        let blocks_vb = vb.pp("up_blocks");
+        let up_blocks = (0..reversed.len())
+            .map(|index| {
+                let block_config = UpDecoderBlock2DConfig {
+                    num_layers: config.layers_per_block + 1,
+                    resnet_eps: NORM_EPS,
+                    resnet_groups: config.norm_num_groups,
+                    output_scale_factor: 1.0,
+                    add_upsample: index + 1 < reversed.len(),
+                };
+                UpDecoderBlock2D::new(
+                    blocks_vb.pp(index),
+                    reversed[index.saturating_sub(1)],
+                    reversed[index],
+                    block_config,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            conv_in: padded_conv(config.latent_channels, last, vb.pp("conv_in"))?,
+            mid_block: UNetMidBlock2D::new(
+                vb.pp("mid_block"),
+                last,
+                None,
+                config.mid_block_config(),
+            )?,
+            up_blocks,
+            conv_norm_out: group_norm(
+                config.norm_num_groups,
+                first,
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: padded_conv(first, config.out_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self
+            .mid_block
+            .forward(&self.conv_in.forward(latents)?, None)?;
+        for block in &self.up_blocks {
+            xs = block.forward(&xs)?;
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// The VAE with its scaling constants.
+#[derive(Debug)]
+pub struct Vae {
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+    config: VaeConfig,
+    bytes: u64,
+}
+
+impl Vae {
+    /// Loads `config.json` and `diffusion_pytorch_model.safetensors` from a `vae` folder.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        let config = VaeConfig::load(dir)?;
+        let (vb, bytes) = mmap_weights(dir, dtype, device, COMPONENT)?;
+        let mut vae = Self::new(vb, config).in_component(COMPONENT)?;
+        vae.bytes = bytes;
+        Ok(vae)
+    }
+
+    /// Builds the VAE from weights named as diffusers names them.
+    pub fn new(vb: VarBuilder, config: VaeConfig) -> candle_core::Result<Self> {
+        let latent = config.latent_channels;
+        let one_by_one = Conv2dConfig::default();
+        let quant_conv = if config.use_quant_conv {
+            Some(conv2d(
+                2 * latent,
+                2 * latent,
+                1,
+                one_by_one,
+                vb.pp("quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(conv2d(
+                latent,
+                latent,
+                1,
+                one_by_one,
+                vb.pp("post_quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            encoder: Encoder::new(vb.pp("encoder"), &config)?,
+            decoder: Decoder::new(vb.pp("decoder"), &config)?,
+            quant_conv,
+            post_quant_conv,
+            config,
+            bytes: 0,
+        })
+    }
+
+    /// Images (batch, out_channels, h * scale, w * scale), roughly in [-1, 1], from latents
+    /// (batch, latent_channels, h, w) that are already divided by the scaling factor.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        self.check_channels("latents", latents, self.config.latent_channels)?;
+        let decode = || -> candle_core::Result<Tensor> {
+            match &self.post_quant_conv {
+                Some(conv) => self.decoder.forward(&conv.forward(latents)?),
+                None => self.decoder.forward(latents),
+            }
+        };
+        decode().in_component(COMPONENT)
+    }
+
+    /// Mean of the latent distribution (before the scaling factor) for images
+    /// (batch, in_channels, h, w) in [-1, 1]; h and w must be multiples of the scale factor.
+    pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor, PipelineError> {
+        self.check_channels("images", images, self.config.in_channels)?;
+        let (_, _, height, width) = images.dims4().in_component(COMPONENT)?;
+        let scale = self.scale_factor();
+        if height % scale != 0 || width % scale != 0 {
+            return Err(PipelineError::invalid(
+                "images",
+                format!("height {height} and width {width} must be multiples of {scale}"),
+            ));
+        }
+        let encode = || -> candle_core::Result<Tensor> {
+            let moments = self.encoder.forward(images)?;
+            let moments = match &self.quant_conv {
+                Some(conv) => conv.forward(&moments)?,
+                None => moments,
+            };
+            moments.narrow(1, 0, self.config.latent_channels)
+        };
+        encode().in_component(COMPONENT)
+    }
+
+    fn check_channels(
+        &self,
+        name: &str,
+        xs: &Tensor,
+        channels: usize,
+    ) -> Result<(), PipelineError> {
+        match xs.dims() {
+            [_, found, _, _] if *found == channels => Ok(()),
+            dims => Err(PipelineError::invalid(
+                name,
+                format!("expected shape [batch, {channels}, height, width], got {dims:?}"),
+            )),
+        }
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Latents are multiplied by this after encoding and divided by it before decoding.
+    pub fn scaling_factor(&self) -> f64 {
+        self.config.scaling_factor
+    }
+
+    /// How many image pixels one latent pixel covers along each side.
+    pub fn scale_factor(&self) -> usize {
+        self.config.scale_factor()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.config.latent_channels
+    }
+
+    /// Size of the weights in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
