@@ -94,30 +94,31 @@ impl StableDiffusionArguments {
                 )));
             }
         }
-        let prompt =
-            match arguments.get("prompt") {
-                Some(Value::String(s)) => Prompts(vec![s.clone()]),
-                Some(Value::Array(items)) if !items.is_empty() => Prompts(
-                    items
-                        .iter()
-                        .map(|v| {
-                            v.as_str().map(str::to_string).ok_or_else(|| {
-                                err(
-                                    "prompt",
-                                    format!("`prompt` list items must be strings, found {v}"),
-                                )
-                            })
+        let prompt = match arguments.get("prompt") {
+            Some(Value::String(s)) => Prompts(vec![s.clone()]),
+            Some(Value::Array(items)) if !items.is_empty() => Prompts(
+                items
+                    .iter()
+                    .map(|v| {
+                        v.as_str().map(str::to_string).ok_or_else(|| {
+                            err(
+                                "prompt",
+                                format!("`prompt` list items must be strings, found {v}"),
+                            )
                         })
-                        .collect::<Result<_, _>>()?,
-                ),
-                Some(other) => return Err(err(
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(other) => {
+                return Err(err(
                     "prompt",
                     format!(
                         "`prompt` must be a string or a non-empty list of strings, found {other}"
                     ),
-                )),
-                None => return Err(err("", "missing `prompt` in `arguments`")),
-            };
+                ))
+            }
+            None => return Err(err("", "missing `prompt` in `arguments`")),
+        };
         let negative_prompt = match arguments.get("negative_prompt") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),

@@ -108,6 +108,8 @@ pub struct PipelineStep {
     pub pipeline_type: String,
     /// `model_name` as written: a folder (relative to the workflow file) or a hub id.
     pub model_name: String,
+    /// Where `model_name` is written, for errors found when the model is resolved.
+    pub model_name_at: Position,
     pub torch_dtype: String,
     pub variant: Option<String>,
     pub scheduler: Option<SchedulerSpec>,
@@ -548,13 +550,15 @@ impl<'a> Parser<'a> {
                 ))
             }
             [_] => {}
-            [first, second, ..] => return Err(self.at_key(
-                &format!("{pointer}/{second}"),
-                format!(
+            [first, second, ..] => {
+                return Err(self.at_key(
+                    &format!("{pointer}/{second}"),
+                    format!(
                     "step `{name}` has both `{first}` and `{second}`; a step has exactly one of {}",
                     STEP_KINDS.join(", ")
                 ),
-            )),
+                ))
+            }
         }
         let kind = kinds[0];
         if kind != "pipeline" {
@@ -700,9 +704,11 @@ impl<'a> Parser<'a> {
             )
         })?;
 
+        let model_name_at = self.positions.value(&format!("{fp_ptr}/model_name"));
         Ok(PipelineStep {
             pipeline_type,
             model_name,
+            model_name_at,
             torch_dtype,
             variant,
             scheduler,
