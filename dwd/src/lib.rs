@@ -1,8 +1,15 @@
 //! dwd: the daemon that keeps diffusion pipelines loaded and runs workflows sent to it.
 //!
-//! The path a job takes is visible in the module names: `server` (accept, handshake,
-//! per-connection task) -> `queue` (jobs, cancellation) -> `engine` (workflow: variables,
-//! steps, results) -> `pipelines` (stable diffusion, schedulers, tokenizer) with `cache`
-//! (loaded components) beside it -> `output` (shared-memory handoff).
+//! The path a job takes is visible in the module names: [`server`] (accept, handshake,
+//! per-connection task) -> [`queue`] (jobs, cancellation) -> [`engine`] (workflow: steps,
+//! results) -> [`pipelines`] (stable diffusion, schedulers, tokenizer) with [`cache`]
+//! (loaded components) and [`models`] (where a model's folder is) beside it -> [`output`]
+//! (shared-memory handoff).
 
+pub mod cache;
+pub mod engine;
+pub mod models;
+pub mod output;
 pub mod pipelines;
+pub mod queue;
+pub mod server;

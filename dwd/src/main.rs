@@ -1,1 +1,276 @@
-fn main(){}
+//! `dwd`: the daemon. Parses its flags, takes the single-instance lock, binds the socket,
+//! daemonizes, then serves until SIGTERM, SIGINT or `dwctl stop`.
+//!
+//! The order matters: the lock and the socket come before the fork so a second daemon fails
+//! loudly and clients can connect as soon as `dwd` returns; the tokio runtime is built after
+//! the fork because a runtime does not survive one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Parser;
+use nix::fcntl::{Flock, FlockArg};
+use protocol::paths::{ensure_private_dir, DaemonPaths};
+use tokio::sync::watch;
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+
+use dwd::cache::ComponentCache;
+use dwd::engine::Engine;
+use dwd::queue::{run_executor, JobQueue};
+use dwd::server::{serve, DaemonState};
+
+/// The dw daemon: keeps diffusion pipelines loaded and runs workflows sent by `dwctl`.
+///
+/// You rarely start it by hand: `dwctl run` starts it when none is running. Start it
+/// yourself to choose the device, or with --foreground under systemd or for debugging.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Socket to listen on [default: $DWD_SOCKET, else $XDG_RUNTIME_DIR/dwd/dwd.sock,
+    /// else /tmp/dwd-$UID/dwd.sock]. The lock and log files sit beside it.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Stay attached to the terminal and log to stderr as well as the log file.
+    #[arg(long)]
+    foreground: bool,
+
+    /// Log file [default: beside the socket, e.g. dwd.log].
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+
+    /// Where pipelines run: auto (CUDA if built with it and present, else CPU), cpu, or
+    /// cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: String,
+
+    /// Log filter, e.g. info, debug, dwd=trace [default: $DWD_LOG, else info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dwd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut paths = DaemonPaths::resolve(args.socket.as_deref());
+    if let Some(log) = &args.log_file {
+        paths.log = log.clone();
+    }
+    ensure_private_dir(paths.dir()).with_context(|| {
+        format!(
+            "cannot prepare the socket directory {}",
+            paths.dir().display()
+        )
+    })?;
+    let device = select_device(&args.device)?;
+
+    let lock = take_lock(&paths)?;
+    if paths.socket.exists() {
+        // We hold the lock, so no daemon owns this socket: it is left over from a crash.
+        std::fs::remove_file(&paths.socket).with_context(|| {
+            format!("cannot remove the stale socket {}", paths.socket.display())
+        })?;
+    }
+    let listener = StdUnixListener::bind(&paths.socket)
+        .with_context(|| format!("cannot bind {}", paths.socket.display()))?;
+    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
+
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&paths.log)
+        .with_context(|| format!("cannot open the log file {}", paths.log.display()))?;
+    if !args.foreground {
+        let stderr = log_file.try_clone()?;
+        daemonize::Daemonize::new()
+            .working_directory("/")
+            .umask(0o077)
+            .stderr(stderr)
+            .start()
+            .context("cannot daemonize")?;
+    }
+    let lock = write_pid(lock)?;
+    init_logging(log_file, args.foreground, args.log_level.as_deref());
+    std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("dwd-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve_until_stopped(listener, paths.clone(), device));
+    let _ = std::fs::remove_file(&paths.socket);
+    tracing::info!("dwd stopped");
+    drop(lock);
+    result
+}
+
+fn select_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                if let Ok(device) = Device::new_cuda(0) {
+                    return Ok(device);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        other => {
+            let Some(index) = other
+                .strip_prefix("cuda")
+                .map(|rest| rest.trim_start_matches(':'))
+            else {
+                bail!("unknown device `{other}`; use auto, cpu or cuda:N");
+            };
+            let index: usize = if index.is_empty() {
+                0
+            } else {
+                index
+                    .parse()
+                    .with_context(|| format!("bad CUDA device index in `{other}`"))?
+            };
+            if !candle_core::utils::cuda_is_available() {
+                bail!("`{other}` asked for, but this dwd was built without CUDA support: rebuild with `--features cuda` (see scripts/build-cuda.sh)");
+            }
+            Device::new_cuda(index).with_context(|| format!("cannot open CUDA device {index}"))
+        }
+    }
+}
+
+/// Takes the single-instance lock, or says which daemon holds it.
+fn take_lock(paths: &DaemonPaths) -> anyhow::Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&paths.lock)
+        .with_context(|| format!("cannot open the lock file {}", paths.lock.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let pid = if pid.is_empty() {
+                "unknown".to_string()
+            } else {
+                pid.to_string()
+            };
+            bail!("already running (pid {pid}) on {}", paths.socket.display())
+        }
+        Err((_, errno)) => {
+            Err(errno).with_context(|| format!("cannot lock {}", paths.lock.display()))
+        }
+    }
+}
+
+fn write_pid(mut lock: Flock<File>) -> anyhow::Result<Flock<File>> {
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
+fn init_logging(log_file: File, foreground: bool, filter: Option<&str>) {
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("DWD_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let file = std::sync::Mutex::new(log_file);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    if foreground {
+        builder.with_writer(file.and(std::io::stderr)).init();
+    } else {
+        builder.with_writer(file).init();
+    }
+}
+
+async fn serve_until_stopped(
+    listener: StdUnixListener,
+    paths: DaemonPaths,
+    device: Device,
+) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    let (shutdown, _) = watch::channel(false);
+    let queue = JobQueue::default();
+    let cache = ComponentCache::default();
+    let engine = Engine::new(cache.clone(), device);
+    let state = Arc::new(DaemonState {
+        queue: queue.clone(),
+        cache,
+        paths,
+        device_name: engine.device_name.clone(),
+        started: Instant::now(),
+        uid: nix::unistd::getuid().as_raw(),
+        shutdown,
+    });
+    tracing::info!(pid = std::process::id(), version = protocol::TOOL_VERSION, device = %state.device_name,
+        socket = %state.paths.socket.display(), "dwd started");
+
+    let executor_queue = queue.clone();
+    let executor = std::thread::Builder::new()
+        .name("dwd-executor".into())
+        .spawn(move || run_executor(executor_queue, |job| engine.run(job)))
+        .context("cannot start the executor thread")?;
+
+    let signals = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (Ok(mut term), Ok(mut int)) = (
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            let _ = state.shutdown.send(true);
+        })
+    };
+
+    serve(listener, state.clone()).await;
+    signals.abort();
+    tracing::info!("shutting down: no new connections; cancelling jobs");
+    let _ = std::fs::remove_file(&state.paths.socket);
+    queue.close();
+    let joined = tokio::task::spawn_blocking(move || executor.join());
+    if tokio::time::timeout(Duration::from_secs(30), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the running job did not stop within 30 s; exiting anyway");
+    }
+    // Let connection tasks deliver the jobs' final frames.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! The job queue: one FIFO executor per device, cancellation, and what status reports.
+//!
+//! Connections submit jobs and read their events from a channel; a single executor thread
+//! takes jobs in order and runs them, so two jobs never compete for the device. A job can be
+//! cancelled at any time (its client hung up or asked, its timeout passed, the daemon is
+//! stopping): the running job sees it before its next denoising step, a queued one when it
+//! comes up.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use protocol::message::{
+    ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, QueuedJob, RunError, RunSummary,
+    WorkflowInfo,
+};
+use protocol::shm::SealedSegment;
+use protocol::workflow::Workflow;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Why a job was stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The client asked (Ctrl-C, `dwctl cancel`) or hung up.
+    Client,
+    /// The job ran past the timeout its client gave.
+    Timeout,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+impl CancelReason {
+    fn code(self) -> u8 {
+        match self {
+            CancelReason::Client => 1,
+            CancelReason::Timeout => 2,
+            CancelReason::Shutdown => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(CancelReason::Client),
+            2 => Some(CancelReason::Timeout),
+            3 => Some(CancelReason::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// Shared flag that says whether, and why, a job should stop. The first reason wins.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken {
+    state: Arc<AtomicU8>,
+    deadline: Option<Instant>,
+}
+
+impl CancelToken {
+    pub fn with_deadline(deadline: Option<Instant>) -> Self {
+        CancelToken {
+            state: Arc::default(),
+            deadline,
+        }
+    }
+
+    pub fn cancel(&self, reason: CancelReason) {
+        let _ = self
+            .state
+            .compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Why the job must stop, if it must; a passed deadline counts as a timeout.
+    pub fn reason(&self) -> Option<CancelReason> {
+        if let Some(reason) = CancelReason::from_code(self.state.load(Ordering::SeqCst)) {
+            return Some(reason);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.cancel(CancelReason::Timeout);
+            return CancelReason::from_code(self.state.load(Ordering::SeqCst));
+        }
+        None
+    }
+}
+
+/// What a job reports while it runs; the connection turns each into a frame.
+pub enum JobEvent {
+    Log {
+        level: LogLevel,
+        message: String,
+    },
+    Progress {
+        step: String,
+        phase: Phase,
+        i: u32,
+        n: u32,
+    },
+    Output {
+        descriptor: OutputDescriptor,
+        segment: SealedSegment,
+    },
+    Done(RunSummary),
+}
+
+/// A job: a parsed workflow and where its events go.
+pub struct Job {
+    pub id: u64,
+    pub workflow: Workflow,
+    pub cancel: CancelToken,
+    pub accepted_at: Instant,
+    pub events: UnboundedSender<JobEvent>,
+    pub timeout_ms: Option<u64>,
+}
+
+impl Job {
+    /// Sends an event to the job's client; a client that is gone is not an error (the job
+    /// is being cancelled and will notice at its next check).
+    pub fn send(&self, event: JobEvent) {
+        let _ = self.events.send(event);
+    }
+
+    pub fn workflow_info(&self) -> WorkflowInfo {
+        WorkflowInfo {
+            id: self.workflow.id.clone(),
+            path: self.workflow.path.display().to_string(),
+            sha256: self.workflow.sha256.clone(),
+        }
+    }
+
+    /// The summary of a job that stopped before or while running, for `reason`.
+    pub fn cancelled_summary(&self, reason: CancelReason, run_ms: u64) -> RunSummary {
+        let (outcome, kind, message) = match reason {
+            CancelReason::Client => (
+                Outcome::Cancelled,
+                ErrorKind::Cancelled,
+                "cancelled by its client".to_string(),
+            ),
+            CancelReason::Timeout => (
+                Outcome::Failed,
+                ErrorKind::Timeout,
+                format!(
+                    "timed out after {} s (--timeout) and was cancelled",
+                    self.timeout_ms.unwrap_or(0) as f64 / 1000.0
+                ),
+            ),
+            CancelReason::Shutdown => (
+                Outcome::Failed,
+                ErrorKind::ShuttingDown,
+                "the daemon is shutting down".to_string(),
+            ),
+        };
+        RunSummary {
+            job_id: self.id,
+            outcome,
+            workflow: self.workflow_info(),
+            timings: protocol::message::Timings {
+                load_ms: 0,
+                run_ms,
+                total_ms: self.accepted_at.elapsed().as_millis() as u64,
+            },
+            cache: Default::default(),
+            error: Some(RunError { kind, message }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    pending: VecDeque<Job>,
+    running: Option<(u64, String, CancelToken)>,
+    next_id: u64,
+    closed: bool,
+    runs: u64,
+}
+
+/// The queue shared by connections (which submit and cancel) and the executor (which runs).
+#[derive(Clone, Default)]
+pub struct JobQueue {
+    inner: Arc<(Mutex<QueueState>, Condvar)>,
+}
+
+/// Returned when the queue no longer accepts jobs.
+#[derive(Debug)]
+pub struct QueueClosed;
+
+impl JobQueue {
+    fn state(&self) -> MutexGuard<'_, QueueState> {
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job; returns its id, its position (0: it runs next) and its cancel token.
+    pub fn submit(
+        &self,
+        workflow: Workflow,
+        timeout_ms: Option<u64>,
+        events: UnboundedSender<JobEvent>,
+    ) -> Result<(u64, u32, CancelToken), QueueClosed> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(QueueClosed);
+        }
+        state.next_id += 1;
+        let id = state.next_id;
+        let accepted_at = Instant::now();
+        let deadline = timeout_ms.map(|ms| accepted_at + std::time::Duration::from_millis(ms));
+        let cancel = CancelToken::with_deadline(deadline);
+        let position = state.pending.len() as u32 + u32::from(state.running.is_some());
+        state.pending.push_back(Job {
+            id,
+            workflow,
+            cancel: cancel.clone(),
+            accepted_at,
+            events,
+            timeout_ms,
+        });
+        drop(state);
+        self.inner.1.notify_one();
+        Ok((id, position, cancel))
+    }
+
+    /// Cancels `job_id`, or when `None` the most recently submitted job still waiting or
+    /// running. Returns the ids cancelled.
+    pub fn cancel(&self, job_id: Option<u64>) -> Vec<u64> {
+        let state = self.state();
+        let mut all: Vec<(u64, &CancelToken)> =
+            state.running.iter().map(|(id, _, c)| (*id, c)).collect();
+        all.extend(state.pending.iter().map(|j| (j.id, &j.cancel)));
+        let target = match job_id {
+            Some(id) => all.into_iter().find(|(jid, _)| *jid == id),
+            None => all.into_iter().max_by_key(|(jid, _)| *jid),
+        };
+        match target {
+            Some((id, token)) => {
+                token.cancel(CancelReason::Client);
+                vec![id]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The running job (position 0) and those waiting, in order.
+    pub fn snapshot(&self) -> Vec<QueuedJob> {
+        let state = self.state();
+        let mut jobs: Vec<QueuedJob> = state
+            .running
+            .iter()
+            .map(|(id, wf, _)| QueuedJob {
+                job_id: *id,
+                workflow_id: wf.clone(),
+                state: "running".into(),
+                position: 0,
+            })
+            .collect();
+        let offset = jobs.len() as u32;
+        jobs.extend(state.pending.iter().enumerate().map(|(i, j)| QueuedJob {
+            job_id: j.id,
+            workflow_id: j.workflow.id.clone(),
+            state: "queued".into(),
+            position: offset + i as u32,
+        }));
+        jobs
+    }
+
+    /// Jobs finished since the daemon started, whatever their outcome.
+    pub fn runs(&self) -> u64 {
+        self.state().runs
+    }
+
+    /// Stops accepting jobs and cancels the running and waiting ones.
+    pub fn close(&self) {
+        let mut state = self.state();
+        state.closed = true;
+        if let Some((_, _, token)) = &state.running {
+            token.cancel(CancelReason::Shutdown);
+        }
+        for job in &state.pending {
+            job.cancel.cancel(CancelReason::Shutdown);
+        }
+        drop(state);
+        self.inner.1.notify_all();
+    }
+
+    /// Waits for the next job and marks it running; `None` once closed and drained.
+    fn next(&self) -> Option<Job> {
+        let mut state = self.state();
+        loop {
+            if let Some(job) = state.pending.pop_front() {
+                state.running = Some((job.id, job.workflow.id.clone(), job.cancel.clone()));
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.inner.1.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn finished(&self) {
+        let mut state = self.state();
+        state.running = None;
+        state.runs += 1;
+    }
+}
+
+/// Runs jobs one at a time until the queue is closed and drained. `run` executes one job
+/// and returns its summary; a panic inside it fails that job only.
+pub fn run_executor(queue: JobQueue, mut run: impl FnMut(&Job) -> RunSummary) {
+    while let Some(job) = queue.next() {
+        let summary = match job.cancel.reason() {
+            Some(reason) => job.cancelled_summary(reason, 0),
+            None => match catch_unwind(AssertUnwindSafe(|| run(&job))) {
+                Ok(summary) => summary,
+                Err(panic) => {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(job = job.id, "job panicked: {message}");
+                    RunSummary {
+                        job_id: job.id,
+                        outcome: Outcome::Failed,
+                        workflow: job.workflow_info(),
+                        timings: protocol::message::Timings {
+                            total_ms: job.accepted_at.elapsed().as_millis() as u64,
+                            ..Default::default()
+                        },
+                        cache: Default::default(),
+                        error: Some(RunError {
+                            kind: ErrorKind::Panicked,
+                            message: format!("the job panicked: {message} (the daemon kept running; please report this)"),
+                        }),
+                    }
+                }
+            },
+        };
+        queue.finished();
+        job.send(JobEvent::Done(summary));
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use tokio::sync::mpsc::unbounded_channel;
+
+    fn workflow() -> Workflow {
+        let src = r#"{"id": "w", "steps": [{"name": "s", "pipeline": {
+            "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+            "from_pretrained_arguments": {"model_name": "m"},
+            "arguments": {"prompt": "p"}}}]}"#;
+        Workflow::parse(Path::new("w.json"), src, &[]).unwrap()
+    }
+
+    #[test]
+    fn jobs_run_in_submission_order_and_positions_count_up() {
+        let queue = JobQueue::default();
+        let mut receivers = Vec::new();
+        for expected_position in 0..3 {
+            let (tx, rx) = unbounded_channel();
+            let (_, position, _) = queue.submit(workflow(), None, tx).unwrap();
+            assert_eq!(position, expected_position);
+            receivers.push(rx);
+        }
+        queue.close_after_drain_for_test();
+        let mut order = Vec::new();
+        run_executor(queue.clone(), |job| {
+            order.push(job.id);
+            job.cancelled_summary(CancelReason::Client, 0)
+        });
+        assert_eq!(order, vec![1, 2, 3]);
+        assert_eq!(queue.runs(), 3);
+        for mut rx in receivers {
+            assert!(matches!(rx.try_recv(), Ok(JobEvent::Done(_))));
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_fails_alone_and_the_next_job_still_runs() {
+        let queue = JobQueue::default();
+        let (tx1, mut rx1) = unbounded_channel();
+        let (tx2, mut rx2) = unbounded_channel();
+        queue.submit(workflow(), None, tx1).unwrap();
+        queue.submit(workflow(), None, tx2).unwrap();
+        queue.close_after_drain_for_test();
+        run_executor(queue, |job| {
+            if job.id == 1 {
+                panic!("boom in job one");
+            }
+            RunSummary {
+                outcome: Outcome::Finished,
+                error: None,
+                ..job.cancelled_summary(CancelReason::Client, 0)
+            }
+        });
+        let Ok(JobEvent::Done(first)) = rx1.try_recv() else {
+            panic!("no summary for job 1")
+        };
+        assert_eq!(first.error.as_ref().unwrap().kind, ErrorKind::Panicked);
+        assert!(first.error.unwrap().message.contains("boom in job one"));
+        let Ok(JobEvent::Done(second)) = rx2.try_recv() else {
+            panic!("no summary for job 2")
+        };
+        assert_eq!(second.outcome, Outcome::Finished);
+    }
+
+    #[test]
+    fn a_job_cancelled_while_queued_never_runs() {
+        let queue = JobQueue::default();
+        let (tx, mut rx) = unbounded_channel();
+        let (id, _, _) = queue.submit(workflow(), None, tx).unwrap();
+        assert_eq!(queue.cancel(None), vec![id]);
+        queue.close_after_drain_for_test();
+        run_executor(queue, |_| panic!("a cancelled job must not run"));
+        let Ok(JobEvent::Done(summary)) = rx.try_recv() else {
+            panic!("no summary")
+        };
+        assert_eq!(summary.outcome, Outcome::Cancelled);
+    }
+
+    #[test]
+    fn a_passed_deadline_reads_as_a_timeout_and_the_first_reason_wins() {
+        let token = CancelToken::with_deadline(Some(Instant::now()));
+        assert_eq!(token.reason(), Some(CancelReason::Timeout));
+        token.cancel(CancelReason::Client);
+        assert_eq!(token.reason(), Some(CancelReason::Timeout));
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_new_jobs() {
+        let queue = JobQueue::default();
+        queue.close();
+        let (tx, _rx) = unbounded_channel();
+        assert!(queue.submit(workflow(), None, tx).is_err());
+    }
+
+    impl JobQueue {
+        /// Closes the queue without cancelling, so the executor drains it and returns.
+        fn close_after_drain_for_test(&self) {
+            self.state().closed = true;
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The socket server: accept, check the peer, handshake, and serve one request per
+//! connection.
+//!
+//! Every connection gets its own task, so a client that connects and says nothing, or
+//! sends garbage, delays nobody else. `status`, `clear`, `cancel` and `ping` are answered at
+//! once, even while a job runs; `run` queues a job and streams its events back, passing each
+//! output's memfd with SCM_RIGHTS. A run's client that hangs up or sends `cancel` cancels
+//! its job.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::fdpass::send_with_fd;
+use protocol::frame::{body_len, decode, encode, FrameError, HEADER_LEN};
+use protocol::message::{
+    ClientMessage, ErrorKind, MemoryReport, Outcome, RunError, RunRequest, RunSummary,
+    ServerMessage, StatusReport, WorkflowInfo,
+};
+use protocol::paths::DaemonPaths;
+use protocol::workflow::{sha256_hex, Workflow};
+use protocol::{PROTOCOL_VERSION, TOOL_VERSION};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::cache::ComponentCache;
+use crate::queue::{CancelReason, JobEvent, JobQueue};
+
+/// How long a new connection may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection task shares.
+pub struct DaemonState {
+    pub queue: JobQueue,
+    pub cache: ComponentCache,
+    pub paths: DaemonPaths,
+    pub device_name: String,
+    pub started: Instant,
+    pub uid: u32,
+    /// Set to true to start shutting down.
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Accepts connections until shutdown is requested.
+pub async fn serve(listener: UnixListener, state: Arc<DaemonState>) {
+    let mut shutdown = state.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_connection(stream, state).await {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+}
+
+async fn read_message<T: serde::de::DeserializeOwned>(
+    reader: &mut (impl AsyncRead + Unpin),
+) -> Result<T, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match reader.read(&mut header[got..]).await? {
+            0 if got == 0 => return Err(FrameError::Closed),
+            0 => {
+                return Err(FrameError::Truncated {
+                    got,
+                    expected: HEADER_LEN,
+                })
+            }
+            n => got += n,
+        }
+    }
+    let len = body_len(header)?;
+    let mut body = vec![0u8; len];
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated {
+                got: 0,
+                expected: len,
+            },
+            _ => FrameError::Io(e),
+        })?;
+    decode(&body)
+}
+
+async fn send(writer: &mut OwnedWriteHalf, message: &ServerMessage) -> Result<(), FrameError> {
+    writer.write_all(&encode(message)?).await?;
+    Ok(())
+}
+
+async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Result<(), FrameError> {
+    let peer_uid = stream.peer_cred().map(|c| c.uid()).ok();
+    let (mut reader, mut writer) = stream.into_split();
+    if peer_uid != Some(state.uid) {
+        tracing::warn!(?peer_uid, "refused a connection from another user");
+        let message = format!(
+            "permission denied: this dwd belongs to uid {}; start your own daemon",
+            state.uid
+        );
+        send(&mut writer, &ServerMessage::Refused { message }).await?;
+        return Ok(());
+    }
+
+    let hello = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_message::<ClientMessage>(&mut reader),
+    )
+    .await
+    {
+        Err(_) => return Ok(()),
+        Ok(Err(FrameError::Closed)) => return Ok(()),
+        Ok(Err(e)) => {
+            return bad_request(&mut writer, format!("could not read the handshake: {e}")).await
+        }
+        Ok(Ok(message)) => message,
+    };
+    match hello {
+        ClientMessage::Hello {
+            protocol_version,
+            client_version,
+        } if protocol_version == PROTOCOL_VERSION => {
+            let _ = client_version;
+        }
+        ClientMessage::Hello {
+            protocol_version,
+            client_version,
+        } => {
+            let message = format!(
+                "dwd {TOOL_VERSION} (protocol {PROTOCOL_VERSION}) is running, dwctl is {client_version} (protocol {protocol_version}): run `dwctl stop`, then retry"
+            );
+            send(&mut writer, &ServerMessage::Refused { message }).await?;
+            return Ok(());
+        }
+        other => {
+            return bad_request(
+                &mut writer,
+                format!("expected a hello first, got {}", request_name(&other)),
+            )
+            .await;
+        }
+    }
+    send(
+        &mut writer,
+        &ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            daemon_version: TOOL_VERSION.to_string(),
+            pid: std::process::id(),
+            device: state.device_name.clone(),
+        },
+    )
+    .await?;
+
+    let request = match read_message::<ClientMessage>(&mut reader).await {
+        Err(FrameError::Closed) => return Ok(()),
+        Err(e) => {
+            return bad_request(&mut writer, format!("could not read the request: {e}")).await
+        }
+        Ok(request) => request,
+    };
+    match request {
+        ClientMessage::Run(run) => serve_run(run, reader, writer, &state).await,
+        ClientMessage::Status => send(&mut writer, &ServerMessage::Status(status(&state))).await,
+        ClientMessage::Clear { model } => {
+            let cleared = state.cache.clear(model.as_deref());
+            tracing::info!(
+                unloaded = cleared.unloaded,
+                bytes_freed = cleared.bytes_freed,
+                "cleared the cache"
+            );
+            send(
+                &mut writer,
+                &ServerMessage::Cleared {
+                    unloaded: cleared.unloaded,
+                    bytes_freed: cleared.bytes_freed,
+                },
+            )
+            .await
+        }
+        ClientMessage::Cancel { job_id } => {
+            let cancelled = state.queue.cancel(job_id);
+            let message = match (&cancelled[..], job_id) {
+                ([], Some(id)) => format!("no job {id} is queued or running"),
+                ([], None) => "no job is queued or running".to_string(),
+                (ids, _) => format!(
+                    "cancelled job {}",
+                    ids.iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            send(
+                &mut writer,
+                &ServerMessage::CancelResult { cancelled, message },
+            )
+            .await
+        }
+        ClientMessage::Ping => {
+            let uptime_ms = state.started.elapsed().as_millis() as u64;
+            send(
+                &mut writer,
+                &ServerMessage::Pong {
+                    pid: std::process::id(),
+                    uptime_ms,
+                },
+            )
+            .await
+        }
+        ClientMessage::Shutdown => {
+            tracing::info!("shutdown requested by a client");
+            send(
+                &mut writer,
+                &ServerMessage::ShuttingDown {
+                    message: "dwd is shutting down".into(),
+                },
+            )
+            .await?;
+            let _ = state.shutdown.send(true);
+            Ok(())
+        }
+        ClientMessage::Hello { .. } => {
+            bad_request(&mut writer, "hello sent twice".to_string()).await
+        }
+    }
+}
+
+async fn bad_request(writer: &mut OwnedWriteHalf, message: String) -> Result<(), FrameError> {
+    tracing::debug!("bad request: {message}");
+    send(
+        writer,
+        &ServerMessage::Error {
+            kind: ErrorKind::BadRequest,
+            message,
+        },
+    )
+    .await
+}
+
+fn request_name(message: &ClientMessage) -> &'static str {
+    match message {
+        ClientMessage::Hello { .. } => "hello",
+        ClientMessage::Run(_) => "run",
+        ClientMessage::Status => "status",
+        ClientMessage::Clear { .. } => "clear",
+        ClientMessage::Cancel { .. } => "cancel",
+        ClientMessage::Ping => "ping",
+        ClientMessage::Shutdown => "shutdown",
+    }
+}
+
+/// Queues a run and streams its events until its `done`; cancels it if the client leaves.
+async fn serve_run(
+    request: RunRequest,
+    mut reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    state: &DaemonState,
+) -> Result<(), FrameError> {
+    let path = Path::new(&request.workflow_path);
+    let workflow = match Workflow::parse(path, &request.workflow_source, &request.overrides) {
+        Ok(workflow) => workflow,
+        Err(e) => {
+            let summary = RunSummary {
+                job_id: 0,
+                outcome: Outcome::Failed,
+                workflow: WorkflowInfo {
+                    id: String::new(),
+                    path: request.workflow_path.clone(),
+                    sha256: sha256_hex(request.workflow_source.as_bytes()),
+                },
+                timings: Default::default(),
+                cache: Default::default(),
+                error: Some(RunError {
+                    kind: ErrorKind::InvalidWorkflow,
+                    message: e.to_string(),
+                }),
+            };
+            return send(&mut writer, &ServerMessage::Done(summary)).await;
+        }
+    };
+    let workflow_id = workflow.id.clone();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let Ok((job_id, queue_position, cancel)) =
+        state.queue.submit(workflow, request.timeout_ms, events_tx)
+    else {
+        let message = "dwd is shutting down and accepts no new jobs".to_string();
+        return send(
+            &mut writer,
+            &ServerMessage::Error {
+                kind: ErrorKind::ShuttingDown,
+                message,
+            },
+        )
+        .await;
+    };
+    tracing::info!(job = job_id, workflow = %workflow_id, path = %request.workflow_path, "job accepted");
+    send(
+        &mut writer,
+        &ServerMessage::Accepted {
+            job_id,
+            queue_position,
+        },
+    )
+    .await
+    .inspect_err(|_| cancel.cancel(CancelReason::Client))?;
+
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(()) };
+                let done = matches!(event, JobEvent::Done(_));
+                if let JobEvent::Done(summary) = &event {
+                    tracing::info!(job = job_id, outcome = ?summary.outcome, run_ms = summary.timings.run_ms, load_ms = summary.timings.load_ms,
+                        error = summary.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""), "job done");
+                }
+                if client_gone {
+                    if done { return Ok(()); }
+                    continue;
+                }
+                if let Err(e) = send_event(&mut writer, job_id, event).await {
+                    tracing::info!(job = job_id, "client went away ({e}); cancelling its job");
+                    cancel.cancel(CancelReason::Client);
+                    client_gone = true;
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+            message = read_message::<ClientMessage>(&mut reader), if !client_gone => {
+                match message {
+                    Ok(ClientMessage::Cancel { .. }) => {
+                        tracing::info!(job = job_id, "cancel requested by its client");
+                        cancel.cancel(CancelReason::Client);
+                    }
+                    Ok(other) => tracing::debug!(job = job_id, "ignoring {} during a run", request_name(&other)),
+                    Err(e) => {
+                        tracing::info!(job = job_id, "client disconnected ({e}); cancelling its job");
+                        cancel.cancel(CancelReason::Client);
+                        client_gone = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send_event(
+    writer: &mut OwnedWriteHalf,
+    job_id: u64,
+    event: JobEvent,
+) -> Result<(), FrameError> {
+    let message = match event {
+        JobEvent::Log { level, message } => ServerMessage::Log {
+            job_id,
+            level,
+            message,
+        },
+        JobEvent::Progress { step, phase, i, n } => ServerMessage::Progress {
+            job_id,
+            step,
+            phase,
+            i,
+            n,
+        },
+        JobEvent::Done(summary) => ServerMessage::Done(summary),
+        JobEvent::Output {
+            descriptor,
+            segment,
+        } => {
+            let bytes = encode(&ServerMessage::Output(descriptor))?;
+            let socket: &UnixStream = writer.as_ref();
+            let sent = loop {
+                socket.writable().await?;
+                match socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_with_fd(socket.as_raw_fd(), &bytes, segment.fd())
+                }) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(FrameError::Io(e)),
+                }
+            };
+            writer.write_all(&bytes[sent..]).await?;
+            return Ok(());
+        }
+    };
+    send(writer, &message).await
+}
+
+fn status(state: &DaemonState) -> StatusReport {
+    StatusReport {
+        pid: std::process::id(),
+        version: TOOL_VERSION.to_string(),
+        device: state.device_name.clone(),
+        uptime_s: state.started.elapsed().as_secs(),
+        socket: state.paths.socket.display().to_string(),
+        log_file: state.paths.log.display().to_string(),
+        runs: state.queue.runs(),
+        queue: state.queue.snapshot(),
+        loaded: state.cache.report(),
+        memory: MemoryReport {
+            rss_bytes: resident_set_bytes(),
+            device_used_bytes: None,
+            device_total_bytes: None,
+        },
+    }
+}
+
+/// This process's resident set size, from /proc/self/statm.
+pub fn resident_set_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page_size).unwrap_or(4096)
+}
