@@ -1,1 +1,367 @@
-fn main(){}
+//! `dwctl`: the short-lived client of the dw daemon. It validates workflows, starts `dwd`
+//! when none is running, sends work to it and writes the outputs it hands back.
+
+mod connection;
+mod exit;
+mod files;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use protocol::message::{ClientMessage, ServerMessage, StatusReport};
+use protocol::paths::DaemonPaths;
+use protocol::workflow::Workflow;
+use serde_json::json;
+
+use connection::Connection;
+use exit::{Failure, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    done
+  1    the workflow failed while running (or an output could not be written)
+  2    bad usage, or an invalid workflow or variable
+  3    the daemon is unreachable, refused the connection, or died
+  130  cancelled (Ctrl-C)";
+
+/// Run diffusers-workflow JSON workflows on a warm dw daemon.
+///
+/// The first `dwctl run` starts `dwd`, which loads the pipeline and keeps it loaded; later
+/// runs of any workflow on the same model skip loading.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Daemon socket [default: $DWD_SOCKET, else $XDG_RUNTIME_DIR/dwd/dwd.sock, else
+    /// /tmp/dwd-$UID/dwd.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a workflow and write its outputs.
+    ///
+    /// Example: dwctl run examples/tiny-sd.json prompt="a red fox" -o renders
+    #[command(after_help = EXIT_CODES)]
+    Run {
+        /// The workflow file (diffusers-workflow JSON).
+        workflow: PathBuf,
+        /// Variable overrides, NAME=VALUE, converted to the type of the variable's default.
+        #[arg(value_name = "NAME=VALUE")]
+        assignments: Vec<String>,
+        /// Directory the outputs are written to (created if missing).
+        #[arg(short, long, default_value = "outputs", value_name = "DIR")]
+        output_dir: PathBuf,
+        /// Print one JSON object describing the run on stdout at the end.
+        #[arg(long)]
+        json: bool,
+        /// Cancel the run if it takes longer than this many seconds (exit 1).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Fail (exit 3) instead of starting a daemon when none is running.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Show the daemon: pid, version, device, uptime, socket, log, loaded models, queue.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unload every loaded model (or those of one model folder) and say how much was freed.
+    Clear {
+        /// Only unload components of this model (its folder path or folder name).
+        model: Option<String>,
+        /// Print JSON: {"unloaded", "bytes_freed"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemon (waits until it has exited and removed its socket).
+    Stop,
+    /// Check that the daemon answers, and how fast.
+    Ping,
+    /// Check a workflow file and its NAME=VALUE overrides without running it (no daemon).
+    #[command(after_help = EXIT_CODES)]
+    Validate {
+        workflow: PathBuf,
+        #[arg(value_name = "NAME=VALUE")]
+        assignments: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let paths = DaemonPaths::resolve(cli.socket.as_deref());
+    match dispatch(cli.command, &paths) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("dwctl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
+    match command {
+        Command::Run {
+            workflow,
+            assignments,
+            output_dir,
+            json,
+            timeout,
+            no_start,
+        } => {
+            let timeout = match timeout {
+                Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+                Some(secs) => {
+                    return Err(Failure::new(
+                        EXIT_INVALID,
+                        format!("--timeout must be a positive number of seconds, got {secs}"),
+                    ))
+                }
+                None => None,
+            };
+            run::run(
+                paths,
+                run::RunOptions {
+                    workflow,
+                    assignments,
+                    output_dir,
+                    json,
+                    timeout,
+                    start_daemon: !no_start,
+                },
+            )
+        }
+        Command::Status { json } => status(paths, json),
+        Command::Clear { model, json } => clear(paths, model, json),
+        Command::Stop => stop(paths),
+        Command::Ping => ping(paths),
+        Command::Validate {
+            workflow,
+            assignments,
+        } => validate(&workflow, &assignments),
+    }
+}
+
+fn unexpected(answer: ServerMessage) -> Failure {
+    match answer {
+        ServerMessage::Error { message, .. } | ServerMessage::Refused { message } => {
+            Failure::new(EXIT_FAILED, format!("dwd: {message}"))
+        }
+        other => Failure::new(
+            EXIT_FAILED,
+            format!("unexpected answer from dwd: {other:?}"),
+        ),
+    }
+}
+
+fn status(paths: &DaemonPaths, json: bool) -> Result<u8, Failure> {
+    let connection = Connection::open(paths, false)?;
+    let report = match connection.request(&ClientMessage::Status, paths)? {
+        ServerMessage::Status(report) => report,
+        other => return Err(unexpected(other)),
+    };
+    if json {
+        let value =
+            serde_json::to_value(&report).map_err(|e| Failure::new(EXIT_FAILED, e.to_string()))?;
+        println!("{value}");
+    } else {
+        print_status(&report);
+    }
+    Ok(EXIT_OK)
+}
+
+fn print_status(report: &StatusReport) {
+    println!(
+        "dwd {} (pid {}) on {}, up {}",
+        report.version,
+        report.pid,
+        report.device,
+        human_duration(report.uptime_s)
+    );
+    println!("socket  {}", report.socket);
+    println!("log     {}", report.log_file);
+    println!("memory  {} resident", human_bytes(report.memory.rss_bytes));
+    println!("runs    {} finished", report.runs);
+    if report.queue.is_empty() {
+        println!("queue   empty");
+    } else {
+        for job in &report.queue {
+            println!(
+                "queue   job {} ({}) {} #{}",
+                job.job_id, job.workflow_id, job.state, job.position
+            );
+        }
+    }
+    if report.loaded.is_empty() {
+        println!("loaded  nothing");
+        return;
+    }
+    let total: u64 = report.loaded.iter().map(|c| c.bytes).sum();
+    println!(
+        "loaded  {} component(s), {}:",
+        report.loaded.len(),
+        human_bytes(total)
+    );
+    println!(
+        "  {:<13} {:>10} {:>5} {:>6}  {:<9} MODEL",
+        "COMPONENT", "BYTES", "HITS", "DTYPE", "LAST USED"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for c in &report.loaded {
+        let ago = format!(
+            "{} ago",
+            human_duration(now.saturating_sub(c.last_used_unix))
+        );
+        println!(
+            "  {:<13} {:>10} {:>5} {:>6}  {:<9} {}",
+            c.component_type,
+            human_bytes(c.bytes),
+            c.hits,
+            c.dtype,
+            ago,
+            c.model
+        );
+    }
+}
+
+fn clear(paths: &DaemonPaths, model: Option<String>, json: bool) -> Result<u8, Failure> {
+    let connection = Connection::open(paths, false)?;
+    match connection.request(
+        &ClientMessage::Clear {
+            model: model.clone(),
+        },
+        paths,
+    )? {
+        ServerMessage::Cleared {
+            unloaded,
+            bytes_freed,
+        } => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"unloaded": unloaded, "bytes_freed": bytes_freed})
+                );
+            } else if unloaded == 0 {
+                println!(
+                    "nothing to unload{}",
+                    model.map(|m| format!(" for {m}")).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "unloaded {unloaded} component(s), freed {}",
+                    human_bytes(bytes_freed)
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn stop(paths: &DaemonPaths) -> Result<u8, Failure> {
+    let connection = match Connection::open(paths, false) {
+        Ok(connection) => connection,
+        Err(f) if f.code == EXIT_UNREACHABLE && !paths.socket.exists() => {
+            println!("dwd is not running ({})", paths.socket.display());
+            return Ok(EXIT_OK);
+        }
+        Err(f) => return Err(f),
+    };
+    let pid = connection.daemon_pid;
+    match connection.request(&ClientMessage::Shutdown, paths)? {
+        ServerMessage::ShuttingDown { .. } => {}
+        other => return Err(unexpected(other)),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while process_alive(pid) || paths.socket.exists() {
+        if Instant::now() > deadline {
+            return Err(Failure::new(
+                EXIT_FAILED,
+                format!("dwd (pid {pid}) did not exit within 60 s"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("dwd (pid {pid}) stopped");
+    Ok(EXIT_OK)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn ping(paths: &DaemonPaths) -> Result<u8, Failure> {
+    let started = Instant::now();
+    let connection = Connection::open(paths, false)?;
+    match connection.request(&ClientMessage::Ping, paths)? {
+        ServerMessage::Pong { pid, uptime_ms } => {
+            println!(
+                "pong from dwd (pid {pid}, up {}) in {:.1} ms",
+                human_duration(uptime_ms / 1000),
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            Ok(EXIT_OK)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn validate(path: &std::path::Path, assignments: &[String]) -> Result<u8, Failure> {
+    let workflow =
+        Workflow::load(path, assignments).map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
+    let steps: Vec<String> = workflow
+        .steps
+        .iter()
+        .map(|s| {
+            format!(
+                "{} ({} on {})",
+                s.name, s.pipeline.pipeline_type, s.pipeline.model_name
+            )
+        })
+        .collect();
+    println!(
+        "{}: ok: workflow `{}`, {} step(s): {}",
+        path.display(),
+        workflow.id,
+        steps.len(),
+        steps.join(", ")
+    );
+    Ok(EXIT_OK)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}

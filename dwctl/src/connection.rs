@@ -1,0 +1,202 @@
+//! Talking to the daemon: finding its socket, starting it when needed, the handshake, and
+//! one request per connection.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use protocol::fdpass::FdFrameReader;
+use protocol::frame::{encode, FrameError};
+use protocol::message::{ClientMessage, ServerMessage};
+use protocol::paths::DaemonPaths;
+use protocol::{PROTOCOL_VERSION, TOOL_VERSION};
+
+use crate::exit::{Failure, EXIT_UNREACHABLE};
+
+/// How long to wait for a daemon we started to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An open, greeted connection.
+pub struct Connection {
+    pub reader: FdFrameReader,
+    pub daemon_pid: u32,
+    pub daemon_device: String,
+}
+
+impl Connection {
+    /// Connects to the daemon on `paths.socket`; starts one first when none answers and
+    /// `start` is true.
+    pub fn open(paths: &DaemonPaths, start: bool) -> Result<Connection, Failure> {
+        let stream = match UnixStream::connect(&paths.socket) {
+            Ok(stream) => stream,
+            Err(e) if is_absent(&e) && start => start_daemon(paths)?,
+            Err(e) if is_absent(&e) => {
+                return Err(Failure::new(
+                    EXIT_UNREACHABLE,
+                    format!("no dwd is running on {} ({e})", paths.socket.display()),
+                ))
+            }
+            Err(e) => return Err(unreachable(paths, e)),
+        };
+        Connection::greet(stream, paths)
+    }
+
+    fn greet(stream: UnixStream, paths: &DaemonPaths) -> Result<Connection, Failure> {
+        let mut writer = stream.try_clone().map_err(|e| unreachable(paths, e))?;
+        let hello = ClientMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_version: TOOL_VERSION.to_string(),
+        };
+        write_message(&mut writer, &hello).map_err(|e| died(paths, e))?;
+        let mut reader = FdFrameReader::new(stream);
+        match reader
+            .read_message::<ServerMessage>()
+            .map_err(|e| died(paths, e))?
+        {
+            ServerMessage::Welcome { pid, device, .. } => Ok(Connection {
+                reader,
+                daemon_pid: pid,
+                daemon_device: device,
+            }),
+            ServerMessage::Refused { message } | ServerMessage::Error { message, .. } => {
+                Err(Failure::new(
+                    EXIT_UNREACHABLE,
+                    format!("dwd refused the connection: {message}"),
+                ))
+            }
+            other => Err(Failure::new(
+                EXIT_UNREACHABLE,
+                format!("unexpected handshake answer from dwd: {other:?}"),
+            )),
+        }
+    }
+
+    /// Sends one request.
+    pub fn send(&mut self, message: &ClientMessage) -> Result<(), FrameError> {
+        let mut stream = self.reader.stream();
+        write_message(&mut stream, message)
+    }
+
+    /// Reads the next message.
+    pub fn receive(&mut self) -> Result<ServerMessage, FrameError> {
+        self.reader.read_message()
+    }
+
+    /// Sends `request` and returns the single answer.
+    pub fn request(
+        mut self,
+        request: &ClientMessage,
+        paths: &DaemonPaths,
+    ) -> Result<ServerMessage, Failure> {
+        self.send(request).map_err(|e| died(paths, e))?;
+        self.receive().map_err(|e| died(paths, e))
+    }
+}
+
+fn write_message(writer: &mut impl Write, message: &ClientMessage) -> Result<(), FrameError> {
+    writer.write_all(&encode(message)?)?;
+    Ok(())
+}
+
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+fn unreachable(paths: &DaemonPaths, e: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        EXIT_UNREACHABLE,
+        format!("cannot reach dwd on {}: {e}", paths.socket.display()),
+    )
+}
+
+/// The daemon closed the connection or broke the protocol mid-conversation.
+pub fn died(paths: &DaemonPaths, e: FrameError) -> Failure {
+    let why = match e {
+        FrameError::Closed | FrameError::Truncated { .. } => {
+            "the daemon closed the connection (it stopped or died)".to_string()
+        }
+        FrameError::Io(ref io)
+            if io.kind() == std::io::ErrorKind::ConnectionReset
+                || io.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            "the daemon closed the connection (it stopped or died)".to_string()
+        }
+        other => other.to_string(),
+    };
+    Failure::new(
+        EXIT_UNREACHABLE,
+        format!("{why}; its log: {}", paths.log.display()),
+    )
+}
+
+/// The `dwd` binary: beside this executable first, then on PATH.
+pub fn daemon_binary() -> PathBuf {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("dwd")));
+    match beside {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from("dwd"),
+    }
+}
+
+/// Starts `dwd` for `paths.socket` and waits until it accepts a connection. Several
+/// clients may do this at once: the daemon's lock lets one win and the others exit saying
+/// so, and every client connects to the winner.
+fn start_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
+    let binary = daemon_binary();
+    eprintln!(
+        "dwctl: starting dwd ({}) on {}",
+        binary.display(),
+        paths.socket.display()
+    );
+    let output = Command::new(&binary)
+        .arg("--socket")
+        .arg(&paths.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| {
+            Failure::new(
+                EXIT_UNREACHABLE,
+                format!("cannot start {}: {e}", binary.display()),
+            )
+        })?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    if !output.status.success() && !stderr.contains("already running") {
+        return Err(Failure::new(
+            EXIT_UNREACHABLE,
+            format!("dwd failed to start: {stderr}"),
+        ));
+    }
+    wait_for_socket(&paths.socket, START_TIMEOUT).map_err(|e| {
+        Failure::new(
+            EXIT_UNREACHABLE,
+            format!(
+                "dwd did not start listening on {} within {} s ({e}); see {}",
+                paths.socket.display(),
+                START_TIMEOUT.as_secs(),
+                paths.log.display()
+            ),
+        )
+    })
+}
+
+fn wait_for_socket(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if is_absent(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Writing outputs: PNG (with the generation parameters in text chunks) or JPEG, always
+//! to a temporary name first and renamed into place, so no partial file ever carries the
+//! final name.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// An 8-bit RGB image borrowed from a mapped output.
+pub struct RgbView<'a> {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: &'a [u8],
+}
+
+/// The text chunks embedded in a PNG.
+pub struct PngText<'a> {
+    /// AUTOMATIC1111's `parameters` chunk.
+    pub parameters: &'a str,
+    /// Our `dw` chunk: resolved arguments, workflow id and sha256 (JSON).
+    pub dw: &'a str,
+}
+
+/// Encodes `image` as `content_type` into `path`, atomically.
+pub fn write_image(
+    path: &Path,
+    content_type: &str,
+    image: &RgbView<'_>,
+    text: Option<&PngText<'_>>,
+) -> Result<(), String> {
+    let expected = image.width as usize * image.height as usize * 3;
+    if image.pixels.len() != expected {
+        return Err(format!(
+            "image of {}x{} needs {expected} bytes, got {}",
+            image.width,
+            image.height,
+            image.pixels.len()
+        ));
+    }
+    write_atomically(path, |file| match content_type {
+        "image/jpeg" => encode_jpeg(file, image),
+        _ => encode_png(file, image, text),
+    })
+}
+
+/// Writes `path` through a temporary file in the same directory, renamed on success.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<(), String>,
+) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp: PathBuf = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let file =
+            File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
+        let mut writer = BufWriter::new(file);
+        write(&mut writer)?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| format!("cannot write {}: {}", temp.display(), e.error()))?;
+        file.sync_data()
+            .map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+        std::fs::rename(&temp, path).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                temp.display(),
+                path.display()
+            )
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn encode_png(
+    out: &mut impl Write,
+    image: &RgbView<'_>,
+    text: Option<&PngText<'_>>,
+) -> Result<(), String> {
+    let mut encoder = png::Encoder::new(out, image.width, image.height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if let Some(text) = text {
+        for (keyword, value) in [("parameters", text.parameters), ("dw", text.dw)] {
+            let added = if is_latin1(value) {
+                encoder.add_text_chunk(keyword.to_string(), value.to_string())
+            } else {
+                encoder.add_itxt_chunk(keyword.to_string(), value.to_string())
+            };
+            added.map_err(|e| format!("cannot add the `{keyword}` PNG chunk: {e}"))?;
+        }
+    }
+    let mut writer = encoder.write_header().map_err(|e| format!("PNG: {e}"))?;
+    writer
+        .write_image_data(image.pixels)
+        .map_err(|e| format!("PNG: {e}"))?;
+    writer.finish().map_err(|e| format!("PNG: {e}"))
+}
+
+fn encode_jpeg(out: &mut impl Write, image: &RgbView<'_>) -> Result<(), String> {
+    let (Ok(width), Ok(height)) = (u16::try_from(image.width), u16::try_from(image.height)) else {
+        return Err(format!(
+            "JPEG cannot hold {}x{} (at most 65535 per side)",
+            image.width, image.height
+        ));
+    };
+    let encoder = jpeg_encoder::Encoder::new(out, 92);
+    encoder
+        .encode(image.pixels, width, height, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| format!("JPEG: {e}"))
+}
+
+/// tEXt chunks hold Latin-1; anything else goes in an iTXt (UTF-8) chunk.
+fn is_latin1(text: &str) -> bool {
+    text.chars().all(|c| (c as u32) < 256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn red_2x1() -> Vec<u8> {
+        vec![255, 0, 0, 255, 0, 0]
+    }
+
+    #[test]
+    fn a_png_carries_both_text_chunks_and_the_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let pixels = red_2x1();
+        let image = RgbView {
+            width: 2,
+            height: 1,
+            pixels: &pixels,
+        };
+        let text = PngText {
+            parameters: "a fox\nSteps: 4",
+            dw: "{\"prompt\":\"ünïcødé 🦊\"}",
+        };
+        write_image(&path, "image/png", &image, Some(&text)).unwrap();
+
+        let decoder = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        assert_eq!(&buf[..6], &pixels[..]);
+        let info = reader.info();
+        let latin: Vec<_> = info
+            .uncompressed_latin1_text
+            .iter()
+            .map(|c| (c.keyword.clone(), c.text.clone()))
+            .collect();
+        assert!(latin.contains(&("parameters".to_string(), "a fox\nSteps: 4".to_string())));
+        let utf8 = info.utf8_text.iter().find(|c| c.keyword == "dw").unwrap();
+        assert_eq!(utf8.get_text().unwrap(), "{\"prompt\":\"ünïcødé 🦊\"}");
+    }
+
+    #[test]
+    fn a_jpeg_is_written_with_its_magic_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jpg");
+        let pixels = red_2x1();
+        write_image(
+            &path,
+            "image/jpeg",
+            &RgbView {
+                width: 2,
+                height: 1,
+                pixels: &pixels,
+            },
+            None,
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..2], &[0xFF, 0xD8]);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_file_under_either_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let err = write_atomically(&path, |_| Err("disk full".to_string())).unwrap_err();
+        assert_eq!(err, "disk full");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_named_in_the_error() {
+        let path = Path::new("/proc/definitely/not/here.png");
+        let pixels = red_2x1();
+        let err = write_image(
+            path,
+            "image/png",
+            &RgbView {
+                width: 2,
+                height: 1,
+                pixels: &pixels,
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("/proc/definitely/not"), "{err}");
+    }
+}

@@ -1,0 +1,358 @@
+//! `dwctl run`: validate the workflow here, send it to the daemon, show its progress, and
+//! write the outputs it hands over.
+
+use std::io::IsTerminal;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use protocol::frame::encode;
+use protocol::message::{
+    ClientMessage, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, RunRequest,
+    RunSummary, ServerMessage,
+};
+use protocol::paths::DaemonPaths;
+use protocol::shm::MappedOutput;
+use protocol::workflow::{extension_for, output_file_name, Workflow};
+use serde_json::json;
+
+use crate::connection::{died, Connection};
+use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
+use crate::files::{write_image, PngText, RgbView};
+
+/// What `run` was asked to do.
+pub struct RunOptions {
+    pub workflow: PathBuf,
+    pub assignments: Vec<String>,
+    pub output_dir: PathBuf,
+    pub json: bool,
+    pub timeout: Option<Duration>,
+    pub start_daemon: bool,
+}
+
+/// One written output.
+struct WrittenOutput {
+    step: String,
+    path: PathBuf,
+    content_type: String,
+    width: u64,
+    height: u64,
+}
+
+/// How progress is shown: a bar on a terminal, one plain line per event otherwise.
+enum Display {
+    Bar(ProgressBar),
+    Lines,
+    Quiet,
+}
+
+impl Display {
+    fn new(json: bool) -> Self {
+        if json {
+            Display::Quiet
+        } else if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:.bold} {msg:10} [{bar:30}] {pos}/{len} {elapsed}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(100));
+            Display::Bar(bar)
+        } else {
+            Display::Lines
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match self {
+            Display::Bar(bar) => bar.println(text),
+            Display::Lines => eprintln!("{text}"),
+            Display::Quiet => {}
+        }
+    }
+
+    fn progress(&self, step: &str, phase: &str, i: u32, n: u32) {
+        match self {
+            Display::Bar(bar) => {
+                bar.set_prefix(step.to_string());
+                bar.set_message(phase.to_string());
+                bar.set_length(u64::from(n));
+                bar.set_position(u64::from(i));
+            }
+            Display::Lines => eprintln!("[{step}] {phase} {i}/{n}"),
+            Display::Quiet => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Display::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs a workflow; returns the exit code.
+pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
+    let started = Instant::now();
+    let workflow_path = std::path::absolute(&options.workflow)
+        .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", options.workflow.display())))?;
+    let source = std::fs::read_to_string(&workflow_path).map_err(|e| {
+        Failure::new(
+            EXIT_INVALID,
+            format!(
+                "{}: cannot read the workflow file: {e}",
+                options.workflow.display()
+            ),
+        )
+    })?;
+    // Validate here first: errors come back at once, with the path as the user typed it.
+    let workflow = Workflow::parse(&options.workflow, &source, &options.assignments)
+        .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
+    std::fs::create_dir_all(&options.output_dir).map_err(|e| {
+        Failure::new(
+            EXIT_FAILED,
+            format!(
+                "cannot create the output directory {}: {e}",
+                options.output_dir.display()
+            ),
+        )
+    })?;
+
+    let mut connection = Connection::open(paths, options.start_daemon)?;
+    let request = RunRequest {
+        workflow_path: workflow_path.display().to_string(),
+        workflow_source: source,
+        overrides: options.assignments.clone(),
+        timeout_ms: options.timeout.map(|t| t.as_millis() as u64),
+    };
+    connection
+        .send(&ClientMessage::Run(request))
+        .map_err(|e| died(paths, e))?;
+    let interrupted = watch_for_interrupt(connection.reader.stream())?;
+
+    let display = Display::new(options.json);
+    display.line(&format!(
+        "running `{}` ({} step(s)) on dwd pid {} ({})",
+        workflow.id,
+        workflow.steps.len(),
+        connection.daemon_pid,
+        connection.daemon_device
+    ));
+    let mut outputs = Vec::new();
+    let mut job_id = 0;
+    let summary = loop {
+        let message = match connection.receive() {
+            Ok(message) => message,
+            Err(e) => {
+                display.finish();
+                if interrupted.load(Ordering::SeqCst) {
+                    return Err(Failure::new(EXIT_CANCELLED, "cancelled"));
+                }
+                return Err(died(paths, e));
+            }
+        };
+        match message {
+            ServerMessage::Accepted {
+                job_id: id,
+                queue_position,
+            } => {
+                job_id = id;
+                if queue_position > 0 {
+                    display.line(&format!("job {id} queued behind {queue_position} job(s)"));
+                }
+            }
+            ServerMessage::Log { level, message, .. } => {
+                let prefix = if level == LogLevel::Warn {
+                    "warning: "
+                } else {
+                    ""
+                };
+                display.line(&format!("dwd: {prefix}{message}"));
+            }
+            ServerMessage::Progress {
+                step, phase, i, n, ..
+            } => display.progress(&step, phase.as_str(), i, n),
+            ServerMessage::Output(descriptor) => {
+                let Some(fd) = connection.reader.take_fd() else {
+                    return Err(Failure::new(
+                        EXIT_FAILED,
+                        format!(
+                            "dwd sent output of step `{}` without its shared memory",
+                            descriptor.step
+                        ),
+                    ));
+                };
+                let written = write_output(&options.output_dir, &descriptor, fd)?;
+                display.line(&format!("wrote {}", written.path.display()));
+                outputs.push(written);
+            }
+            ServerMessage::Done(summary) => break summary,
+            ServerMessage::Error { kind, message } => {
+                display.finish();
+                let code = if kind == ErrorKind::ShuttingDown {
+                    EXIT_UNREACHABLE
+                } else {
+                    EXIT_FAILED
+                };
+                return Err(Failure::new(code, format!("dwd: {message}")));
+            }
+            other => display.line(&format!("dwd sent an unexpected message: {other:?}")),
+        }
+    };
+    display.finish();
+    let code = exit_code(&summary);
+    if options.json {
+        println!("{}", json_summary(&summary, &outputs, job_id));
+    } else {
+        report(&summary, &outputs, started.elapsed());
+    }
+    Ok(code)
+}
+
+/// Sends `cancel` on the first Ctrl-C (the daemon then ends the job and says so); a second
+/// Ctrl-C exits at once.
+fn watch_for_interrupt(stream: &UnixStream) -> Result<Arc<AtomicBool>, Failure> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| Failure::new(EXIT_UNREACHABLE, format!("socket: {e}")))?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT])
+        .map_err(|e| Failure::new(EXIT_FAILED, format!("cannot watch for Ctrl-C: {e}")))?;
+    let flag = interrupted.clone();
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            if flag.swap(true, Ordering::SeqCst) {
+                std::process::exit(i32::from(EXIT_CANCELLED));
+            }
+            eprintln!("\ndwctl: cancelling (Ctrl-C again to quit at once)");
+            if let Ok(frame) = encode(&ClientMessage::Cancel { job_id: None }) {
+                let _ = std::io::Write::write_all(&mut writer, &frame);
+            }
+        }
+    });
+    Ok(interrupted)
+}
+
+fn write_output(
+    dir: &Path,
+    descriptor: &OutputDescriptor,
+    fd: std::os::fd::OwnedFd,
+) -> Result<WrittenOutput, Failure> {
+    let failed = |message: String| Failure::new(EXIT_FAILED, message);
+    let [height, width, channels] = descriptor.shape[..] else {
+        return Err(failed(format!(
+            "output of step `{}` has shape {:?}; expected [height, width, 3]",
+            descriptor.step, descriptor.shape
+        )));
+    };
+    if descriptor.element_type != ElementType::U8 || channels != 3 {
+        return Err(failed(format!(
+            "output of step `{}` is not an 8-bit RGB image",
+            descriptor.step
+        )));
+    }
+    let mapped = MappedOutput::map(fd, descriptor.byte_len as usize).map_err(|e| {
+        failed(format!(
+            "cannot map the output of step `{}`: {e}",
+            descriptor.step
+        ))
+    })?;
+    let name = output_file_name(
+        &descriptor.file_base_name,
+        &descriptor.workflow_id,
+        &descriptor.step,
+        descriptor.step_index,
+        descriptor.result_index,
+        descriptor.artifact_index,
+        extension_for(&descriptor.content_type),
+    );
+    let path = dir.join(name);
+    let image = RgbView {
+        width: width as u32,
+        height: height as u32,
+        pixels: mapped.bytes(),
+    };
+    let text = PngText {
+        parameters: &descriptor.parameters,
+        dw: &descriptor.dw_metadata,
+    };
+    write_image(
+        &path,
+        &descriptor.content_type,
+        &image,
+        descriptor.embed_metadata.then_some(&text),
+    )
+    .map_err(failed)?;
+    Ok(WrittenOutput {
+        step: descriptor.step.clone(),
+        path,
+        content_type: descriptor.content_type.clone(),
+        width,
+        height,
+    })
+}
+
+fn exit_code(summary: &RunSummary) -> u8 {
+    match (summary.outcome, summary.error.as_ref().map(|e| e.kind)) {
+        (Outcome::Finished, _) => EXIT_OK,
+        (Outcome::Cancelled, _) => EXIT_CANCELLED,
+        (_, Some(ErrorKind::InvalidWorkflow)) => EXIT_INVALID,
+        (_, Some(ErrorKind::ShuttingDown)) => EXIT_UNREACHABLE,
+        _ => EXIT_FAILED,
+    }
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.2} s", ms as f64 / 1000.0)
+}
+
+fn report(summary: &RunSummary, outputs: &[WrittenOutput], wall: Duration) {
+    let t = summary.timings;
+    match summary.outcome {
+        Outcome::Finished => {
+            let reuse = if summary.cache.misses == 0 {
+                "reused the loaded pipeline, nothing loaded".to_string()
+            } else {
+                format!(
+                    "loaded {} component(s) in {}",
+                    summary.cache.misses,
+                    seconds(t.load_ms)
+                )
+            };
+            eprintln!(
+                "done: {} output(s) in {} (compute {}, denoise+decode {}); {reuse}",
+                outputs.len(),
+                seconds(wall.as_millis() as u64),
+                seconds(t.run_ms),
+                seconds(t.run_ms.saturating_sub(t.load_ms)),
+            );
+        }
+        Outcome::Cancelled => eprintln!("cancelled (job {})", summary.job_id),
+        Outcome::Failed => {
+            if let Some(error) = &summary.error {
+                eprintln!("error: {}", error.message);
+            }
+        }
+    }
+}
+
+fn json_summary(summary: &RunSummary, outputs: &[WrittenOutput], job_id: u64) -> serde_json::Value {
+    json!({
+        "ok": summary.outcome == Outcome::Finished,
+        "job_id": if summary.job_id != 0 { summary.job_id } else { job_id },
+        "workflow": {"id": summary.workflow.id, "path": summary.workflow.path, "sha256": summary.workflow.sha256},
+        "outputs": outputs.iter().map(|o| json!({
+            "step": o.step, "path": o.path.display().to_string(), "content_type": o.content_type,
+            "width": o.width, "height": o.height,
+        })).collect::<Vec<_>>(),
+        "timings": {"load_ms": summary.timings.load_ms, "run_ms": summary.timings.run_ms, "total_ms": summary.timings.total_ms},
+        "cache": {"hits": summary.cache.hits, "misses": summary.cache.misses},
+        "error": summary.error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message})),
+    })
+}
