@@ -54,8 +54,10 @@ impl DaemonPaths {
         Self::for_socket(socket)
     }
 
-    /// The lock and log files that go with `socket`.
+    /// The lock and log files that go with `socket`. A relative socket path is made
+    /// absolute, since the daemon changes to `/` once it daemonizes.
     pub fn for_socket(socket: PathBuf) -> Self {
+        let socket = std::path::absolute(&socket).unwrap_or(socket);
         let stem = socket
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -132,6 +134,14 @@ mod tests {
         let p = DaemonPaths::resolve_from(None, None, None, 1234);
         assert_eq!(p.socket, PathBuf::from("/tmp/dwd-1234/dwd.sock"));
         assert_eq!(p.lock, PathBuf::from("/tmp/dwd-1234/dwd.lock"));
+    }
+
+    #[test]
+    fn a_relative_socket_is_made_absolute() {
+        let p = DaemonPaths::for_socket(PathBuf::from("rel/d.sock"));
+        assert!(p.socket.is_absolute());
+        assert!(p.socket.ends_with("rel/d.sock"));
+        assert!(p.log.ends_with("rel/d.log"));
     }
 
     #[test]

@@ -1,1 +1,266 @@
+//! Helpers for the end-to-end tests: find the built `dwd` and `dwctl`, give each test its
+//! own daemon on a private socket, and clean it up afterwards.
+//!
+//! `cargo test --workspace` builds both binaries before any test runs (their packages have
+//! integration tests of their own), next to this test executable's `deps` folder. Set
+//! `DW_BIN_DIR` to test other builds.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The folder holding the `dwd` and `dwctl` binaries under test.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DW_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..")
+        .to_path_buf();
+    for name in ["dwd", "dwctl"] {
+        assert!(
+            dir.join(name).is_file(),
+            "{} is missing: build it with `cargo test --workspace` (or `cargo build`), or set DW_BIN_DIR",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// The bundled example workflow.
+pub fn example_workflow() -> PathBuf {
+    repo_root().join("examples/tiny-sd.json")
+}
+
+/// A private daemon for one test: its own socket directory, stopped (or killed) on drop.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+/// The result of one `dwctl` invocation.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// stdout parsed as one JSON object.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+impl Default for TestDaemon {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestDaemon {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("dw-e2e")
+            .tempdir()
+            .expect("temp dir");
+        let socket = dir.path().join("run/dwd.sock");
+        TestDaemon { dir, socket }
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.socket.with_file_name("dwd.log")
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.socket.with_file_name("dwd.lock")
+    }
+
+    /// A folder for outputs inside this test's directory.
+    pub fn output_dir(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// A `dwctl` command aimed at this daemon, run from the test directory.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin_dir().join("dwctl"));
+        command
+            .args(args)
+            .env("DWD_SOCKET", &self.socket)
+            .env_remove("NO_COLOR")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `dwctl` to completion.
+    pub fn dwctl(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().expect("run dwctl"))
+    }
+
+    /// Starts `dwctl` without waiting, with stdout and stderr piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dwctl")
+    }
+
+    /// `dwctl run` of the example with outputs in this test's folder, as JSON.
+    pub fn run_example(&self, extra: &[&str]) -> Run {
+        let workflow = example_workflow();
+        let out = self.output_dir();
+        let mut args = vec![
+            "run",
+            workflow.to_str().expect("utf-8 path"),
+            "-o",
+            out.to_str().expect("utf-8 path"),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        self.dwctl(&args)
+    }
+
+    /// The daemon's pid from its lock file, if it is running.
+    pub fn pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.lock_file()).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        process_alive(pid).then_some(pid)
+    }
+
+    /// `dwctl status --json`.
+    pub fn status(&self) -> Value {
+        let run = self.dwctl(&["status", "--json"]);
+        run.assert_code(0);
+        run.json()
+    }
+
+    /// The daemon's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        let _ = self.dwctl(&["stop"]);
+        if let Some(pid) = pid {
+            if process_alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie we could still see).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `condition` holds, or panics with `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The text chunks of a PNG file, keyword to text.
+pub fn png_text_chunks(path: &Path) -> Vec<(String, String)> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().expect("a valid PNG");
+    let info = reader.info();
+    let mut chunks: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    chunks.extend(
+        info.utf8_text
+            .iter()
+            .map(|c| (c.keyword.clone(), c.get_text().unwrap_or_default())),
+    );
+    chunks
+}
+
+/// Decoded RGB pixels and size of a PNG file.
+pub fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let mut reader = decoder.read_info().expect("a valid PNG");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("a frame");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// Pids of running `dwd` processes serving `socket`.
+pub fn daemons_on(socket: &Path) -> Vec<i32> {
+    let wanted = socket.as_os_str().as_encoded_bytes().to_vec();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"dwd"))
+                && args.contains(&wanted.as_slice())
+                && process_alive(*pid)
+        })
+        .collect()
+}

@@ -1,0 +1,137 @@
+//! End-to-end: a long run can be cancelled by Ctrl-C, by its client going away, by its
+//! timeout, or by the daemon shutting down, and the daemon keeps its models afterwards
+//! (except when it is the one stopping).
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::time::Duration;
+
+use dw_tests::{example_workflow, process_alive, wait_until, TestDaemon};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Far more denoising steps than any test waits for.
+const LONG: &str = "num_inference_steps=500";
+
+/// Starts a long run and returns once it is denoising; the caller waits for the child.
+#[allow(clippy::zombie_processes)]
+fn start_long_run(
+    daemon: &TestDaemon,
+    extra: &[&str],
+) -> (Child, BufReader<std::process::ChildStderr>) {
+    let workflow = example_workflow();
+    let out = daemon.output_dir();
+    let mut args = vec![
+        "run",
+        workflow.to_str().unwrap(),
+        LONG,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut child = daemon.spawn(&args);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "dwctl ended before denoising; log:\n{}",
+            daemon.log()
+        );
+        if line.contains("denoising 1/500") {
+            return (child, stderr);
+        }
+    }
+}
+
+fn rest(mut stderr: BufReader<std::process::ChildStderr>) -> String {
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+    text
+}
+
+fn signal(child: &Child, signal: Signal) {
+    kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+}
+
+#[test]
+fn ctrl_c_cancels_the_job_exits_130_and_the_models_stay_loaded() {
+    let daemon = TestDaemon::new();
+    let (mut child, stderr) = start_long_run(&daemon, &[]);
+    signal(&child, Signal::SIGINT);
+    let status = child.wait().unwrap();
+    let text = rest(stderr);
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("cancelled"), "{text}");
+    let status = daemon.status();
+    assert_eq!(status["queue"], serde_json::json!([]));
+    assert_eq!(status["loaded"].as_array().unwrap().len(), 4);
+    let next = daemon.run_example(&[]);
+    next.assert_code(0);
+    assert_eq!(next.json()["cache"]["misses"], 0);
+}
+
+#[test]
+fn a_killed_client_cancels_its_job_and_the_next_run_starts_at_once() {
+    let daemon = TestDaemon::new();
+    let (mut child, _stderr) = start_long_run(&daemon, &[]);
+    signal(&child, Signal::SIGKILL);
+    child.wait().unwrap();
+    wait_until(
+        "the orphaned job is cancelled",
+        Duration::from_secs(30),
+        || daemon.status()["queue"] == serde_json::json!([]),
+    );
+    assert!(
+        daemon.log().contains("cancelling its job"),
+        "{}",
+        daemon.log()
+    );
+    let next = daemon.run_example(&[]);
+    next.assert_code(0);
+    assert_eq!(next.json()["cache"]["misses"], 0);
+}
+
+#[test]
+fn a_run_past_its_timeout_is_cancelled_with_exit_1_and_says_so() {
+    let daemon = TestDaemon::new();
+    let workflow = example_workflow();
+    let run = daemon.dwctl(&[
+        "run",
+        workflow.to_str().unwrap(),
+        LONG,
+        "--timeout",
+        "2",
+        "--json",
+    ]);
+    run.assert_code(1);
+    let summary = run.json();
+    assert_eq!(summary["error"]["kind"], "timeout");
+    assert!(
+        summary["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 2 s"),
+        "{}",
+        run.stdout
+    );
+    daemon.dwctl(&["ping"]).assert_code(0);
+}
+
+#[test]
+fn sigterm_to_the_daemon_mid_run_tells_the_client_exit_3_and_removes_the_socket() {
+    let daemon = TestDaemon::new();
+    let (mut child, stderr) = start_long_run(&daemon, &[]);
+    let pid = daemon.pid().expect("daemon running");
+    kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let text = rest(stderr);
+    assert_eq!(status.code(), Some(3), "{text}");
+    assert!(text.contains("shutting down"), "{text}");
+    wait_until("the daemon exits", Duration::from_secs(30), || {
+        !process_alive(pid)
+    });
+    assert!(!daemon.socket.exists());
+    assert!(daemon.log().contains("dwd stopped"), "{}", daemon.log());
+}
