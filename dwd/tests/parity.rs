@@ -176,13 +176,13 @@ fn ddim_timesteps_match() {
     assert_eq!(config.class_name.as_deref(), Some("PNDMScheduler"));
     let mut scheduler = build_scheduler("DDIMScheduler", &config).unwrap();
     scheduler.set_timesteps(4).unwrap();
-    let want: Vec<usize> = expected_json()["pipelines"]["pipe_image_DDIMScheduler"]["timesteps"]
+    let want: Vec<f64> = expected_json()["pipelines"]["pipe_image_DDIMScheduler"]["timesteps"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t.as_u64().unwrap() as usize)
+        .map(|t| t.as_f64().unwrap())
         .collect();
-    assert_eq!(want, [751, 501, 251, 1]);
+    assert_eq!(want, [751.0, 501.0, 251.0, 1.0]);
     assert_eq!(scheduler.timesteps(), want.as_slice());
 }
 
@@ -246,21 +246,27 @@ fn unknown_scheduler_lists_supported_names() {
         "{message}"
     );
     assert!(message.contains("NoSuchScheduler"), "{message}");
-    assert!(message.contains("DDIMScheduler"), "{message}");
+    for name in dwd::pipelines::SUPPORTED_SCHEDULERS {
+        assert!(message.contains(name), "{name} missing from: {message}");
+    }
 
-    // The checkpoint's own PNDM scheduler is not implemented: the default request fails
-    // before any work is done, naming it.
+    // An unknown name in a request fails before any work is done, naming it.
     let args = GenerateArgs {
-        scheduler_type: None,
+        scheduler_type: Some("NoSuchScheduler".to_string()),
         ..reference_args()
     };
+    let mut calls = 0;
     let error = pipeline()
-        .generate(&args, &mut no_progress())
+        .generate(&args, &mut |_| {
+            calls += 1;
+            Ok(())
+        })
         .err()
         .unwrap();
     let message = error.to_string();
+    assert!(message.contains("NoSuchScheduler"), "{message}");
     assert!(message.contains("PNDMScheduler"), "{message}");
-    assert!(message.contains("DDIMScheduler"), "{message}");
+    assert_eq!(calls, 0);
 }
 
 #[test]
@@ -273,13 +279,13 @@ fn scheduler_overrides_apply() {
     assert_eq!(overridden.other, config.other);
     let mut scheduler = build_scheduler("DDIMScheduler", &overridden).unwrap();
     scheduler.set_timesteps(4).unwrap();
-    assert_eq!(scheduler.timesteps(), [999, 749, 499, 249]);
+    assert_eq!(scheduler.timesteps(), [999.0, 749.0, 499.0, 249.0]);
 
     overrides.insert("timestep_spacing".to_string(), json!("linspace"));
     let mut scheduler =
         build_scheduler("DDIMScheduler", &config.with_overrides(&overrides).unwrap()).unwrap();
     scheduler.set_timesteps(4).unwrap();
-    assert_eq!(scheduler.timesteps(), [999, 666, 333, 0]);
+    assert_eq!(scheduler.timesteps(), [999.0, 666.0, 333.0, 0.0]);
 
     overrides.insert("prediction_type".to_string(), json!("flow"));
     let error = build_scheduler("DDIMScheduler", &config.with_overrides(&overrides).unwrap())

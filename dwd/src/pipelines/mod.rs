@@ -1,10 +1,12 @@
-//! Diffusion pipelines: Stable Diffusion 1.x on candle, loaded from a diffusers folder.
+//! Diffusion pipelines: Stable Diffusion 1.x and 2.x on candle, loaded from a diffusers
+//! folder.
 //!
 //! Each component (tokenizer, text encoder, UNet, VAE, scheduler) has its own module and
 //! loader taking that component's folder, so a cache can key and keep them separately;
 //! [`StableDiffusionPipeline`] ties them together. This module holds what they share: the
 //! error type, reading `config.json` files and finding and mapping weight files.
 
+pub mod noise;
 pub mod scheduler;
 pub mod stable_diffusion;
 pub mod text_encoder;
@@ -19,8 +21,11 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
+pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 pub use scheduler::{
-    build_scheduler, DdimScheduler, Scheduler, SchedulerConfig, SUPPORTED_SCHEDULERS,
+    build_scheduler, DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, LcmScheduler, PndmScheduler, PredictionType, Scheduler,
+    SchedulerConfig, TimestepSpacing, UniPcMultistepScheduler, SUPPORTED_SCHEDULERS,
 };
 pub use stable_diffusion::{
     images_to_rgb8, GenerateArgs, Phase, Progress, RgbImage, StableDiffusionPipeline,
@@ -28,7 +33,7 @@ pub use stable_diffusion::{
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{Unet, UnetConfig};
-pub use vae::{Vae, VaeConfig};
+pub use vae::{LatentDistribution, Vae, VaeConfig};
 
 /// Everything that can go wrong while loading or running a pipeline.
 #[derive(Debug, thiserror::Error)]

@@ -1,20 +1,24 @@
-//! The Stable Diffusion 1.x text-to-image loop, as diffusers' `StableDiffusionPipeline`:
-//! encode the prompts (and negative prompts for classifier-free guidance), denoise seeded
-//! latents with the chosen scheduler, decode them with the VAE.
+//! The Stable Diffusion 1.x/2.x loop, as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionImg2ImgPipeline`: encode the prompts (and negative prompts for
+//! classifier-free guidance), start from seeded noise or from a noised encoding of an
+//! input image, denoise with the chosen scheduler, decode with the VAE (or return the
+//! latents).
 //!
 //! Components are held in `Arc`s so a cache can share them between pipelines; the
-//! scheduler is built per request from the checkpoint's config plus overrides.
+//! scheduler is built per request from the checkpoint's config plus overrides. The text
+//! encoder, UNet and VAE run in the pipeline's dtype; latents and all scheduler arithmetic
+//! stay in f32, converted at the model boundaries. Random draws come from a
+//! [`NoiseSource`] in diffusers' order: initial latents (or, for image-to-image, the VAE's
+//! latent sample and then the noise added to it), then any noise the scheduler draws.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 
-use super::scheduler::{build_scheduler, SchedulerConfig};
+use super::noise::{NoiseSource, SeededNoise};
+use super::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
 use super::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
 
 const COMPONENT: &str = "pipeline";
@@ -34,7 +38,7 @@ pub struct StableDiffusionPipeline {
     pub dtype: DType,
 }
 
-/// One text-to-image request.
+/// One text-to-image or image-to-image request.
 #[derive(Debug, Clone)]
 pub struct GenerateArgs {
     pub prompts: Vec<String>,
@@ -47,14 +51,23 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub num_images_per_prompt: usize,
-    /// Seeds the initial latents when `latents` is `None`.
+    /// Seeds every random draw [`StableDiffusionPipeline::generate`] makes.
     pub seed: u64,
     /// Initial latents (prompts * images per prompt, channels, height / scale, width / scale).
+    /// Not allowed together with `init_image`.
     pub latents: Option<Tensor>,
     /// Scheduler class name; `None` uses the checkpoint's.
     pub scheduler_type: Option<String>,
     /// Scheduler config keys to override.
     pub scheduler_overrides: Map<String, Value>,
+    /// Image-to-image: f32 images (1 or one per prompt, 3, H, W) in [0, 1]. The output has
+    /// their size; `height` and `width`, if given, must match it.
+    pub init_image: Option<Tensor>,
+    /// Image-to-image: how much of the schedule to run, in [0, 1] (1 starts from pure
+    /// noise, small values keep more of the image).
+    pub strength: f64,
+    /// Return the final latents (N, latent channels, h, w) instead of decoded images.
+    pub output_latents: bool,
 }
 
 impl Default for GenerateArgs {
@@ -71,6 +84,9 @@ impl Default for GenerateArgs {
             latents: None,
             scheduler_type: None,
             scheduler_overrides: Map::new(),
+            init_image: None,
+            strength: 0.8,
+            output_latents: false,
         }
     }
 }
@@ -128,12 +144,32 @@ impl StableDiffusionPipeline {
     pub fn latent_shape(&self, args: &GenerateArgs) -> Result<[usize; 4], PipelineError> {
         let scale = self.vae.scale_factor();
         let default_side = self.unet.sample_size() * scale;
+        let image_size = match &args.init_image {
+            Some(image) => {
+                let (_, _, height, width) = image.dims4().in_component(COMPONENT)?;
+                Some([height, width])
+            }
+            None => None,
+        };
         let mut sides = [0; 2];
-        for (side, (name, requested)) in sides
+        for (index, (side, (name, requested))) in sides
             .iter_mut()
             .zip([("height", args.height), ("width", args.width)])
+            .enumerate()
         {
-            let value = requested.unwrap_or(default_side);
+            let value = match (image_size, requested) {
+                (Some(image), Some(requested)) if image[index] != requested => {
+                    return Err(PipelineError::invalid(
+                        name,
+                        format!(
+                            "{requested} differs from the init image's {}; leave it unset",
+                            image[index]
+                        ),
+                    ))
+                }
+                (Some(image), _) => image[index],
+                (None, requested) => requested.unwrap_or(default_side),
+            };
             if value == 0 || value % scale != 0 {
                 return Err(PipelineError::invalid(
                     name,
@@ -146,18 +182,120 @@ impl StableDiffusionPipeline {
         Ok([images, self.unet.in_channels(), sides[0], sides[1]])
     }
 
-    /// Runs the whole pipeline. Returns f32 images (N, 3, H, W) in [0, 1] on the CPU, N
-    /// being prompts times images per prompt (each prompt's images together).
+    /// Runs the whole pipeline with noise seeded from `args.seed`. Returns f32 images
+    /// (N, 3, H, W) in [0, 1] on the CPU, N being prompts times images per prompt (each
+    /// prompt's images together), or with `output_latents` the final latents
+    /// (N, latent channels, H / scale, W / scale), f32 on the CPU.
     ///
-    /// `on_progress` is called once before encoding, before every denoising step and once
-    /// before decoding; an error it returns stops the run and is returned as is.
+    /// `on_progress` is called once before encoding, before every denoising step and, unless
+    /// latents are returned, once before decoding; an error it returns stops the run and is
+    /// returned as is. Image-to-image reports only the steps it runs.
     pub fn generate(
         &self,
         args: &GenerateArgs,
         on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
     ) -> Result<Tensor, PipelineError> {
+        let mut noise = SeededNoise::new(args.seed);
+        self.generate_with_noise(args, &mut noise, on_progress)
+    }
+
+    /// [`StableDiffusionPipeline::generate`] drawing every random tensor from `noise`
+    /// instead of from `args.seed`.
+    pub fn generate_with_noise(
+        &self,
+        args: &GenerateArgs,
+        noise: &mut dyn NoiseSource,
+        on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
         self.validate(args)?;
         let latent_shape = self.latent_shape(args)?;
+        let mut scheduler = self.scheduler_for(args)?;
+        scheduler.set_timesteps(args.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let first_step = match &args.init_image {
+            Some(_) => self.first_img2img_step(args, scheduler.as_ref())?,
+            None => 0,
+        };
+        // Text-to-image starts from the given latents or from the first draw.
+        let initial_latents = match (&args.init_image, &args.latents) {
+            (Some(_), _) => None,
+            (None, Some(latents)) => Some(checked_latents(latents, latent_shape)?),
+            (None, None) => Some(noise.next(&latent_shape)?),
+        };
+
+        on_progress(Progress {
+            phase: Phase::Encoding,
+            step: 0,
+            total: 1,
+        })?;
+        let guided = args.guidance_scale > 1.0;
+        let text_embeddings = self.encode_prompts(args, guided)?;
+
+        let mut latents = match (initial_latents, &args.init_image) {
+            (Some(initial), _) => (initial * scheduler.init_noise_sigma())
+                .and_then(|latents| latents.to_device(&self.device))
+                .in_component(COMPONENT)?,
+            (None, Some(image)) => self.noised_image_latents(
+                image,
+                latent_shape,
+                scheduler.as_ref(),
+                first_step,
+                noise,
+            )?,
+            (None, None) => {
+                return Err(PipelineError::invalid(
+                    "init_image",
+                    "neither initial latents nor an image to start from",
+                ))
+            }
+        };
+
+        let total = timesteps.len() - first_step;
+        for (step_index, &timestep) in timesteps.iter().enumerate().skip(first_step) {
+            on_progress(Progress {
+                phase: Phase::Denoising,
+                step: step_index - first_step,
+                total,
+            })?;
+            let model_input = if guided {
+                Tensor::cat(&[&latents, &latents], 0).in_component(COMPONENT)?
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler
+                .scale_model_input(model_input, step_index)?
+                .to_dtype(self.dtype)
+                .in_component(COMPONENT)?;
+            let prediction = self
+                .unet
+                .forward(&model_input, timestep, &text_embeddings)?
+                .to_dtype(DType::F32)
+                .in_component(COMPONENT)?;
+            let prediction = if guided {
+                apply_guidance(&prediction, args.guidance_scale).in_component(COMPONENT)?
+            } else {
+                prediction
+            };
+            latents = scheduler.step(&prediction, step_index, &latents, noise)?;
+        }
+
+        if args.output_latents {
+            return latents.to_device(&Device::Cpu).in_component(COMPONENT);
+        }
+        on_progress(Progress {
+            phase: Phase::Decoding,
+            step: 0,
+            total: 1,
+        })?;
+        let scaled = (latents / self.vae.scaling_factor())
+            .and_then(|scaled| scaled.to_dtype(self.dtype))
+            .in_component(COMPONENT)?;
+        let decoded = self.vae.decode(&scaled)?;
+        to_unit_range(&decoded).in_component("vae")
+    }
+
+    /// The requested scheduler built from the checkpoint's config and the overrides.
+    fn scheduler_for(&self, args: &GenerateArgs) -> Result<Box<dyn Scheduler>, PipelineError> {
         let class_name = match (&args.scheduler_type, &self.scheduler.class_name) {
             (Some(requested), _) => requested.as_str(),
             (None, Some(shipped)) => shipped.as_str(),
@@ -169,52 +307,28 @@ impl StableDiffusionPipeline {
             }
         };
         let scheduler_config = self.scheduler.with_overrides(&args.scheduler_overrides)?;
-        let mut scheduler = build_scheduler(class_name, &scheduler_config)?;
-        scheduler.set_timesteps(args.num_inference_steps)?;
-        let initial_latents = self.initial_latents(args, latent_shape)?;
+        build_scheduler(class_name, &scheduler_config)
+    }
 
-        on_progress(Progress {
-            phase: Phase::Encoding,
-            step: 0,
-            total: 1,
-        })?;
-        let guided = args.guidance_scale > 1.0;
-        let text_embeddings = self.encode_prompts(args, guided)?;
-
-        let mut latents =
-            (initial_latents * scheduler.init_noise_sigma()).in_component(COMPONENT)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        for (step, &timestep) in timesteps.iter().enumerate() {
-            on_progress(Progress {
-                phase: Phase::Denoising,
-                step,
-                total: timesteps.len(),
-            })?;
-            let model_input = if guided {
-                Tensor::cat(&[&latents, &latents], 0).in_component(COMPONENT)?
-            } else {
-                latents.clone()
-            };
-            let model_input = scheduler.scale_model_input(model_input, timestep)?;
-            let prediction = self
-                .unet
-                .forward(&model_input, timestep as f64, &text_embeddings)?;
-            let prediction = if guided {
-                apply_guidance(&prediction, args.guidance_scale).in_component(COMPONENT)?
-            } else {
-                prediction
-            };
-            latents = scheduler.step(&prediction, timestep, &latents)?;
+    /// The index of the first timestep image-to-image runs (diffusers' `get_timesteps`).
+    fn first_img2img_step(
+        &self,
+        args: &GenerateArgs,
+        scheduler: &dyn Scheduler,
+    ) -> Result<usize, PipelineError> {
+        let steps = args.num_inference_steps;
+        let kept = ((steps as f64 * args.strength) as usize).min(steps);
+        let first = (steps - kept) * scheduler.order();
+        if first >= scheduler.timesteps().len() {
+            return Err(PipelineError::invalid(
+                "strength",
+                format!(
+                    "{} keeps none of the {steps} steps; raise strength or num_inference_steps",
+                    args.strength
+                ),
+            ));
         }
-
-        on_progress(Progress {
-            phase: Phase::Decoding,
-            step: 0,
-            total: 1,
-        })?;
-        let scaled = (latents / self.vae.scaling_factor()).in_component(COMPONENT)?;
-        let decoded = self.vae.decode(&scaled)?;
-        to_unit_range(&decoded).in_component("vae")
+        Ok(first)
     }
 
     fn validate(&self, args: &GenerateArgs) -> Result<(), PipelineError> {
@@ -239,39 +353,81 @@ impl StableDiffusionPipeline {
                 format!("{} is not a finite number", args.guidance_scale),
             ));
         }
+        if let Some(image) = &args.init_image {
+            if !(0.0..=1.0).contains(&args.strength) {
+                return Err(PipelineError::invalid(
+                    "strength",
+                    format!("{} is not between 0 and 1", args.strength),
+                ));
+            }
+            if args.latents.is_some() {
+                return Err(PipelineError::invalid(
+                    "latents",
+                    "cannot be given together with init_image",
+                ));
+            }
+            let count = match image.dims() {
+                [count, 3, _, _] => *count,
+                dims => {
+                    return Err(PipelineError::invalid(
+                        "init_image",
+                        format!("expected shape [images, 3, height, width], got {dims:?}"),
+                    ))
+                }
+            };
+            if count != 1 && count != args.prompts.len() {
+                return Err(PipelineError::invalid(
+                    "init_image",
+                    format!(
+                        "{count} images for {} prompts; give one image or one per prompt",
+                        args.prompts.len()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The given latents checked against the expected shape, or seeded standard normal
-    /// noise drawn on the CPU (so a seed gives the same image on every device).
-    fn initial_latents(
+    /// Image-to-image's starting latents: the VAE's latent sample of each image, scaled,
+    /// repeated for each image of its prompt, and noised to the first kept timestep.
+    fn noised_image_latents(
         &self,
-        args: &GenerateArgs,
+        image: &Tensor,
         shape: [usize; 4],
+        scheduler: &dyn Scheduler,
+        first_step: usize,
+        noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, PipelineError> {
-        let latents = match &args.latents {
-            Some(latents) => {
-                if latents.dims() != shape {
-                    return Err(PipelineError::invalid(
-                        "latents",
-                        format!("expected shape {shape:?}, got {:?}", latents.dims()),
-                    ));
-                }
-                latents.clone()
-            }
-            None => {
-                let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-                let count = shape.iter().product();
-                let noise: Vec<f32> = (0..count)
-                    .map(|_| StandardNormal.sample(&mut rng))
-                    .collect();
-                Tensor::from_vec(noise, shape.as_slice(), &Device::Cpu).in_component(COMPONENT)?
-            }
+        // VaeImageProcessor: [0, 1] to [-1, 1].
+        let pixels = image
+            .to_dtype(DType::F32)
+            .and_then(|image| image.affine(2.0, -1.0))
+            .and_then(|image| image.to_device(&self.device))
+            .and_then(|image| image.to_dtype(self.dtype))
+            .in_component(COMPONENT)?;
+        let distribution = self.vae.encode(&pixels)?;
+        let sample_noise = noise.next(distribution.mean.dims())?;
+        let encoded = (distribution.sample(&sample_noise)? * self.vae.scaling_factor())
+            .in_component(COMPONENT)?;
+        let images = encoded.dim(0).in_component(COMPONENT)?;
+        let repeat = shape[0] / images;
+        let encoded = if repeat > 1 {
+            let repeat_rows = || -> candle_core::Result<Tensor> {
+                let (_, channels, height, width) = encoded.dims4()?;
+                encoded
+                    .unsqueeze(1)?
+                    .repeat((1, repeat, 1, 1, 1))?
+                    .reshape((images * repeat, channels, height, width))
+            };
+            repeat_rows().in_component(COMPONENT)?
+        } else {
+            encoded
         };
-        latents
+        let added_noise = noise
+            .next(encoded.dims())?
             .to_device(&self.device)
-            .and_then(|latents| latents.to_dtype(self.dtype))
-            .in_component(COMPONENT)
+            .in_component(COMPONENT)?;
+        scheduler.add_noise(&encoded, &added_noise, first_step)
     }
 
     /// Text embeddings in UNet batch order: with guidance, all negative rows first, then all
@@ -301,6 +457,17 @@ impl StableDiffusionPipeline {
         };
         repeat_rows().in_component("text encoder")
     }
+}
+
+/// The caller's initial latents as f32, checked against the expected shape.
+fn checked_latents(latents: &Tensor, shape: [usize; 4]) -> Result<Tensor, PipelineError> {
+    if latents.dims() != shape {
+        return Err(PipelineError::invalid(
+            "latents",
+            format!("expected shape {shape:?}, got {:?}", latents.dims()),
+        ));
+    }
+    latents.to_dtype(DType::F32).in_component(COMPONENT)
 }
 
 /// `uncond + scale * (text - uncond)` on a prediction batch holding the unconditional half

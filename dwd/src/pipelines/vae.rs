@@ -253,6 +253,41 @@ impl Decoder {
     }
 }
 
+/// diffusers clamps the encoder's log-variance to this range.
+const LOG_VARIANCE_MIN: f32 = -30.0;
+const LOG_VARIANCE_MAX: f32 = 20.0;
+
+/// The encoder's diagonal Gaussian over latents (diffusers' `DiagonalGaussianDistribution`),
+/// in the VAE's dtype and before the scaling factor.
+#[derive(Debug, Clone)]
+pub struct LatentDistribution {
+    pub mean: Tensor,
+    /// Log-variance, clamped to [-30, 20] as diffusers does.
+    pub log_variance: Tensor,
+}
+
+impl LatentDistribution {
+    /// Standard deviation `exp(log_variance / 2)`.
+    pub fn std(&self) -> Result<Tensor, PipelineError> {
+        (&self.log_variance * 0.5)
+            .and_then(|half| half.exp())
+            .in_component(COMPONENT)
+    }
+
+    /// `mean + std * noise`, computed in f32; `noise` is standard normal noise shaped like
+    /// the mean.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor, PipelineError> {
+        let std = self.std()?;
+        let sample = || -> candle_core::Result<Tensor> {
+            let mean = self.mean.to_dtype(DType::F32)?;
+            let std = std.to_dtype(DType::F32)?;
+            let noise = noise.to_dtype(DType::F32)?.to_device(mean.device())?;
+            mean + (std * noise)?
+        };
+        sample().in_component(COMPONENT)
+    }
+}
+
 /// The VAE with its scaling constants.
 #[derive(Debug)]
 pub struct Vae {
@@ -326,6 +361,12 @@ impl Vae {
     /// Mean of the latent distribution (before the scaling factor) for images
     /// (batch, in_channels, h, w) in [-1, 1]; h and w must be multiples of the scale factor.
     pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor, PipelineError> {
+        Ok(self.encode(images)?.mean)
+    }
+
+    /// The diagonal Gaussian latent distribution (before the scaling factor) for images
+    /// (batch, in_channels, h, w) in [-1, 1]; h and w must be multiples of the scale factor.
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution, PipelineError> {
         self.check_channels("images", images, self.config.in_channels)?;
         let (_, _, height, width) = images.dims4().in_component(COMPONENT)?;
         let scale = self.scale_factor();
@@ -335,13 +376,19 @@ impl Vae {
                 format!("height {height} and width {width} must be multiples of {scale}"),
             ));
         }
-        let encode = || -> candle_core::Result<Tensor> {
+        let encode = || -> candle_core::Result<LatentDistribution> {
             let moments = self.encoder.forward(images)?;
             let moments = match &self.quant_conv {
                 Some(conv) => conv.forward(&moments)?,
                 None => moments,
             };
-            moments.narrow(1, 0, self.config.latent_channels)
+            let latent = self.config.latent_channels;
+            Ok(LatentDistribution {
+                mean: moments.narrow(1, 0, latent)?,
+                log_variance: moments
+                    .narrow(1, latent, latent)?
+                    .clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)?,
+            })
         };
         encode().in_component(COMPONENT)
     }
