@@ -1,27 +1,88 @@
-//! The arguments a `StableDiffusionPipeline` step accepts, typed and checked.
+//! The arguments Stable Diffusion steps accept, typed and checked.
 //!
-//! Names and defaults follow diffusers' `StableDiffusionPipeline.__call__`. An argument we do
-//! not support is refused by name with the list of accepted ones, never silently ignored.
+//! Names and defaults follow diffusers' `StableDiffusionPipeline.__call__` and
+//! `StableDiffusionImg2ImgPipeline.__call__`. An argument we do not support is refused by
+//! name with the list of accepted ones, never silently ignored.
 
 use serde_json::{Map, Value};
 
-/// Accepted argument names, in the order the README documents them.
-pub const ACCEPTED_ARGUMENTS: &[&str] = &[
+/// Arguments both pipelines accept.
+const COMMON_ARGUMENTS: &[&str] = &[
     "prompt",
     "negative_prompt",
     "num_inference_steps",
     "guidance_scale",
-    "height",
-    "width",
     "num_images_per_prompt",
     "output_type",
 ];
+/// Only text-to-image.
+const TXT2IMG_ARGUMENTS: &[&str] = &["height", "width", "latents"];
+/// Only image-to-image.
+const IMG2IMG_ARGUMENTS: &[&str] = &["image", "strength"];
+
+/// Which pipeline a step runs, as named by `configuration.pipeline_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    TextToImage,
+    ImageToImage,
+}
+
+impl PipelineKind {
+    /// The pipeline types that run, by their diffusers class names.
+    pub const SUPPORTED: &'static [&'static str] =
+        &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
+
+    pub fn from_type(pipeline_type: &str) -> Option<Self> {
+        match pipeline_type {
+            "StableDiffusionPipeline" => Some(PipelineKind::TextToImage),
+            "StableDiffusionImg2ImgPipeline" => Some(PipelineKind::ImageToImage),
+            _ => None,
+        }
+    }
+
+    /// Argument names this pipeline accepts.
+    pub fn accepted_arguments(self) -> Vec<&'static str> {
+        let specific = match self {
+            PipelineKind::TextToImage => TXT2IMG_ARGUMENTS,
+            PipelineKind::ImageToImage => IMG2IMG_ARGUMENTS,
+        };
+        COMMON_ARGUMENTS.iter().chain(specific).copied().collect()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PipelineKind::TextToImage => "StableDiffusionPipeline",
+            PipelineKind::ImageToImage => "StableDiffusionImg2ImgPipeline",
+        }
+    }
+}
 
 /// One prompt or several; diffusers accepts both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompts(pub Vec<String>);
 
-/// Typed `StableDiffusionPipeline` arguments.
+/// What the pipeline returns: decoded images, or the final latents (`"latent"`), which are
+/// written as a `.safetensors` file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    Image,
+    Latent,
+}
+
+/// Where an input image comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A file, as written (relative paths resolve against the workflow file), optionally
+    /// resized to `size` (diffusers-workflow's `{"location": ..., "size": {...}}`).
+    File {
+        location: String,
+        size: Option<(u32, u32)>,
+    },
+    /// The images an earlier step produced.
+    PreviousResult { step: String },
+}
+
+/// Typed Stable Diffusion arguments (text-to-image and image-to-image).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StableDiffusionArguments {
     pub prompt: Prompts,
@@ -31,6 +92,13 @@ pub struct StableDiffusionArguments {
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub num_images_per_prompt: usize,
+    pub output_type: OutputType,
+    /// A `.safetensors` file with the initial noise (one tensor, or one named `latents`).
+    pub latents: Option<String>,
+    /// The image to start from (image-to-image only).
+    pub image: Option<ImageSource>,
+    /// How much of the image to replace, 0..=1 (image-to-image; diffusers' default 0.8).
+    pub strength: f64,
 }
 
 /// A bad argument: which key, and what is wrong with it.
@@ -40,58 +108,54 @@ pub struct ArgumentError {
     pub message: String,
 }
 
-/// A value that refers to an earlier step's output.
+/// A `"previous_result:step[.property]"` reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ArgumentValue {
-    PreviousResult {
-        step: String,
-        property: Option<String>,
-    },
+pub struct PreviousResult {
+    pub step: String,
+    pub property: Option<String>,
 }
 
-impl ArgumentValue {
+impl PreviousResult {
     /// Recognises `"previous_result:step"` and `"previous_result:step.prop"`.
-    pub fn parse_reference(value: &Value) -> Option<ArgumentValue> {
+    pub fn parse(value: &Value) -> Option<PreviousResult> {
         let reference = value.as_str()?.strip_prefix("previous_result:")?;
         let (step, property) = match reference.split_once('.') {
             Some((step, prop)) => (step.to_string(), Some(prop.to_string())),
             None => (reference.to_string(), None),
         };
-        Some(ArgumentValue::PreviousResult { step, property })
+        Some(PreviousResult { step, property })
     }
 }
 
 impl StableDiffusionArguments {
-    /// Checks `arguments` (variables already substituted). `earlier_steps` are the names of
-    /// the steps before this one, which `previous_result:` may refer to.
+    /// Checks `arguments` (variables already substituted) for `kind`. `earlier_steps` are
+    /// the names of the steps before this one, which `previous_result:` may refer to.
     pub fn from_json(
         arguments: &Map<String, Value>,
+        kind: PipelineKind,
         earlier_steps: &[&str],
     ) -> Result<Self, ArgumentError> {
+        let accepted = kind.accepted_arguments();
         for (key, value) in arguments {
-            if !ACCEPTED_ARGUMENTS.contains(&key.as_str()) {
-                return Err(err(key, format!(
-                    "unknown or unsupported argument `{key}` for StableDiffusionPipeline; accepted: {}",
-                    ACCEPTED_ARGUMENTS.join(", ")
-                )));
+            if !accepted.contains(&key.as_str()) {
+                return Err(err(
+                    key,
+                    format!(
+                        "unknown or unsupported argument `{key}` for {}; accepted: {}",
+                        kind.name(),
+                        accepted.join(", ")
+                    ),
+                ));
             }
-            if let Some(ArgumentValue::PreviousResult { step, .. }) =
-                ArgumentValue::parse_reference(value)
-            {
-                if !earlier_steps.contains(&step.as_str()) {
-                    let earlier = if earlier_steps.is_empty() {
-                        "none".to_string()
-                    } else {
-                        earlier_steps.join(", ")
-                    };
+            if let Some(reference) = PreviousResult::parse(value) {
+                check_reference(key, &reference, earlier_steps)?;
+                if key != "image" {
                     return Err(err(key, format!(
-                        "`previous_result:{step}` refers to no earlier step; steps before this one: {earlier}"
+                        "`{key}` cannot take `previous_result:{}`: step results are images, and `{key}` takes {}",
+                        reference.step,
+                        expected_type(key)
                     )));
                 }
-                return Err(err(key, format!(
-                    "`{key}` cannot take `previous_result:{step}`: step results are images, and `{key}` takes {}",
-                    expected_type(key)
-                )));
             }
         }
         let prompt = match arguments.get("prompt") {
@@ -130,32 +194,35 @@ impl StableDiffusionArguments {
             }
         };
         let num_inference_steps = integer(arguments, "num_inference_steps", 1, 1000)?.unwrap_or(50);
-        let guidance_scale = match arguments.get("guidance_scale") {
-            None => 7.5,
-            Some(v) => v
-                .as_f64()
-                .filter(|g| g.is_finite() && *g >= 0.0)
-                .ok_or_else(|| {
-                    err(
-                        "guidance_scale",
-                        format!("`guidance_scale` must be a number >= 0, found {v}"),
-                    )
-                })?,
-        };
+        let guidance_scale = number(arguments, "guidance_scale", 0.0, f64::MAX)?.unwrap_or(7.5);
         let height = integer(arguments, "height", 8, 16384)?;
         let width = integer(arguments, "width", 8, 16384)?;
         let num_images_per_prompt =
             integer(arguments, "num_images_per_prompt", 1, 64)?.unwrap_or(1);
-        match arguments.get("output_type") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "pil" => {}
+        let output_type = match arguments.get("output_type") {
+            None | Some(Value::Null) => OutputType::Image,
+            Some(Value::String(s)) if s == "pil" || s == "np" => OutputType::Image,
+            Some(Value::String(s)) if s == "latent" => OutputType::Latent,
+            Some(other) => return Err(err("output_type", format!("unsupported `output_type` {other}; accepted: \"pil\", \"np\" (both write images), \"latent\" (writes .safetensors)"))),
+        };
+        let latents = match arguments.get("latents") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
             Some(other) => {
                 return Err(err(
-                    "output_type",
-                    format!("unsupported `output_type` {other}; accepted: \"pil\""),
+                    "latents",
+                    format!("`latents` must be the path of a .safetensors file, found {other}"),
                 ))
             }
+        };
+        let image = match arguments.get("image") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(image_source(value)?),
+        };
+        if kind == PipelineKind::ImageToImage && image.is_none() {
+            return Err(err("", "StableDiffusionImg2ImgPipeline needs an `image`: a file path, {\"location\": path}, or \"previous_result:step\""));
         }
+        let strength = number(arguments, "strength", 0.0, 1.0)?.unwrap_or(0.8);
         Ok(StableDiffusionArguments {
             prompt,
             negative_prompt,
@@ -164,8 +231,77 @@ impl StableDiffusionArguments {
             height,
             width,
             num_images_per_prompt,
+            output_type,
+            latents,
+            image,
+            strength,
         })
     }
+}
+
+fn check_reference(
+    key: &str,
+    reference: &PreviousResult,
+    earlier_steps: &[&str],
+) -> Result<(), ArgumentError> {
+    if !earlier_steps.contains(&reference.step.as_str()) {
+        let earlier = if earlier_steps.is_empty() {
+            "none".to_string()
+        } else {
+            earlier_steps.join(", ")
+        };
+        return Err(err(
+            key,
+            format!(
+                "`previous_result:{}` refers to no earlier step; steps before this one: {earlier}",
+                reference.step
+            ),
+        ));
+    }
+    match reference.property.as_deref() {
+        None | Some("images") => Ok(()),
+        Some(other) => Err(err(key, format!("`previous_result:{}.{other}`: a step's result has no property `{other}`; use `previous_result:{}` or `.images`", reference.step, reference.step))),
+    }
+}
+
+fn image_source(value: &Value) -> Result<ImageSource, ArgumentError> {
+    if let Some(reference) = PreviousResult::parse(value) {
+        return Ok(ImageSource::PreviousResult {
+            step: reference.step,
+        });
+    }
+    let (location, size) = match value {
+        Value::String(s) => (s.clone(), None),
+        Value::Object(map) => {
+            for key in map.keys() {
+                if key != "location" && key != "size" {
+                    return Err(err("image", format!("unknown key `{key}` in `image`; accepted: location, size")));
+                }
+            }
+            let location = map
+                .get("location")
+                .and_then(Value::as_str)
+                .ok_or_else(|| err("image", "`image` needs a `location` string (a file path)"))?
+                .to_string();
+            let size = match map.get("size") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(size)) => {
+                    let side = |name: &str| size.get(name).and_then(Value::as_u64).filter(|n| (8..=16384).contains(n)).map(|n| n as u32);
+                    match (side("width"), side("height")) {
+                        (Some(w), Some(h)) => Some((w, h)),
+                        _ => return Err(err("image", format!("`image.size` needs whole-number `width` and `height` from 8 to 16384, found {}", Value::Object(size.clone())))),
+                    }
+                }
+                Some(other) => return Err(err("image", format!("`image.size` must be {{\"width\": W, \"height\": H}}, found {other}"))),
+            };
+            (location, size)
+        }
+        other => return Err(err("image", format!("`image` must be a file path, {{\"location\": path}} or \"previous_result:step\", found {other}"))),
+    };
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Err(err("image", format!("`image` {location:?} is a URL; dw never downloads: save the image and give its path")));
+    }
+    Ok(ImageSource::File { location, size })
 }
 
 fn err(key: &str, message: impl Into<String>) -> ArgumentError {
@@ -179,7 +315,8 @@ fn expected_type(key: &str) -> &'static str {
     match key {
         "prompt" => "text or a list of texts",
         "negative_prompt" | "output_type" => "text",
-        "guidance_scale" => "a number",
+        "latents" => "the path of a .safetensors file",
+        "guidance_scale" | "strength" => "a number",
         _ => "a whole number",
     }
 }
@@ -201,6 +338,29 @@ fn integer(
                     key,
                     format!("`{key}` must be a whole number from {min} to {max}, found {v}"),
                 )
+            }),
+    }
+}
+
+fn number(
+    arguments: &Map<String, Value>,
+    key: &str,
+    min: f64,
+    max: f64,
+) -> Result<Option<f64>, ArgumentError> {
+    match arguments.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|n| n.is_finite() && (min..=max).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                let range = if max == f64::MAX {
+                    format!(">= {min}")
+                } else {
+                    format!("from {min} to {max}")
+                };
+                err(key, format!("`{key}` must be a number {range}, found {v}"))
             }),
     }
 }

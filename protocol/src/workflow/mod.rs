@@ -20,11 +20,13 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-pub use arguments::{ArgumentValue, Prompts, StableDiffusionArguments};
+pub use arguments::{
+    ImageSource, OutputType, PipelineKind, PreviousResult, Prompts, StableDiffusionArguments,
+};
 pub use positions::{pointer_segment, Position, Positions};
 
 /// Pipelines that can run.
-pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline"];
+pub const SUPPORTED_PIPELINES: &[&str] = PipelineKind::SUPPORTED;
 /// Content types a step's result can be written as.
 pub const SUPPORTED_CONTENT_TYPES: &[&str] = &["image/png", "image/jpeg"];
 /// `torch_dtype` values and what they mean.
@@ -106,6 +108,7 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub struct PipelineStep {
     pub pipeline_type: String,
+    pub kind: PipelineKind,
     /// `model_name` as written: a folder (relative to the workflow file) or a hub id.
     pub model_name: String,
     /// Where `model_name` is written, for errors found when the model is resolved.
@@ -622,7 +625,7 @@ impl<'a> Parser<'a> {
                 ))
             }
         };
-        if !SUPPORTED_PIPELINES.contains(&pipeline_type.as_str()) {
+        let Some(kind) = PipelineKind::from_type(&pipeline_type) else {
             return Err(self.at_value(
                 &format!("{config_ptr}/pipeline_type"),
                 format!(
@@ -630,7 +633,7 @@ impl<'a> Parser<'a> {
                     SUPPORTED_PIPELINES.join(", ")
                 ),
             ));
-        }
+        };
 
         let fp_ptr = format!("{pointer}/from_pretrained_arguments");
         let from_pretrained = pipeline.get("from_pretrained_arguments").ok_or_else(|| {
@@ -691,6 +694,7 @@ impl<'a> Parser<'a> {
         };
         let arguments = StableDiffusionArguments::from_json(
             &arguments_json,
+            kind,
             earlier
                 .iter()
                 .map(|s| s.name.as_str())
@@ -707,6 +711,7 @@ impl<'a> Parser<'a> {
         let model_name_at = self.positions.value(&format!("{fp_ptr}/model_name"));
         Ok(PipelineStep {
             pipeline_type,
+            kind,
             model_name,
             model_name_at,
             torch_dtype,

@@ -231,3 +231,95 @@ fn output_names_follow_diffusers_workflow() {
         "run1_w-s.2-0.3.jpg"
     );
 }
+
+const TWO_STEPS: &str = r#"{
+  "id": "refine",
+  "steps": [
+    {"name": "base", "pipeline": {
+      "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+      "from_pretrained_arguments": {"model_name": "m"},
+      "arguments": {"prompt": "a fox", "output_type": "pil"}}},
+    {"name": "refine", "pipeline": {
+      "configuration": {"pipeline_type": "StableDiffusionImg2ImgPipeline"},
+      "from_pretrained_arguments": {"model_name": "m"},
+      "arguments": {"prompt": "a fox, detailed", "image": "previous_result:base", "strength": 0.5}}}
+  ]
+}"#;
+
+#[test]
+fn an_img2img_step_takes_an_earlier_steps_images_and_a_strength() {
+    let wf = parse(TWO_STEPS, &[]).unwrap();
+    let refine = &wf.steps[1].pipeline;
+    assert_eq!(refine.kind, PipelineKind::ImageToImage);
+    assert_eq!(
+        refine.arguments.image,
+        Some(ImageSource::PreviousResult {
+            step: "base".into()
+        })
+    );
+    assert_eq!(refine.arguments.strength, 0.5);
+    assert_eq!(
+        wf.steps[0].pipeline.arguments.strength, 0.8,
+        "diffusers' default"
+    );
+}
+
+#[test]
+fn an_img2img_step_needs_an_image_and_refuses_txt2img_only_arguments() {
+    let src = TWO_STEPS.replace("\"image\": \"previous_result:base\", ", "");
+    assert!(error(&src, &[]).contains("StableDiffusionImg2ImgPipeline needs an `image`"));
+    let src = TWO_STEPS.replace("\"strength\": 0.5", "\"strength\": 0.5, \"height\": 64");
+    let e = error(&src, &[]);
+    assert!(
+        e.contains("unknown or unsupported argument `height` for StableDiffusionImg2ImgPipeline"),
+        "{e}"
+    );
+    let src = TWO_STEPS.replace("\"strength\": 0.5", "\"strength\": 1.5");
+    assert!(error(&src, &[]).contains("`strength` must be a number from 0 to 1, found 1.5"));
+}
+
+#[test]
+fn an_image_can_be_a_path_or_a_location_with_a_size_but_not_a_url() {
+    let with = |image: &str| TWO_STEPS.replace("\"previous_result:base\"", image);
+    let wf = parse(&with("\"in.png\""), &[]).unwrap();
+    assert_eq!(
+        wf.steps[1].pipeline.arguments.image,
+        Some(ImageSource::File {
+            location: "in.png".into(),
+            size: None
+        })
+    );
+    let wf = parse(
+        &with(r#"{"location": "in.png", "size": {"width": 64, "height": 48}}"#),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        wf.steps[1].pipeline.arguments.image,
+        Some(ImageSource::File {
+            location: "in.png".into(),
+            size: Some((64, 48))
+        })
+    );
+    let e = error(&with("\"https://example.com/x.png\""), &[]);
+    assert!(e.contains("is a URL; dw never downloads"), "{e}");
+    let e = error(&with("\"previous_result:refine\""), &[]);
+    assert!(
+        e.contains("refers to no earlier step; steps before this one: base"),
+        "{e}"
+    );
+}
+
+#[test]
+fn latent_output_and_a_latents_file_are_accepted_for_text_to_image() {
+    let src = TWO_STEPS.replace(
+        "\"output_type\": \"pil\"",
+        "\"output_type\": \"latent\", \"latents\": \"noise.safetensors\"",
+    );
+    let wf = parse(&src, &[]).unwrap();
+    let args = &wf.steps[0].pipeline.arguments;
+    assert_eq!(args.output_type, OutputType::Latent);
+    assert_eq!(args.latents.as_deref(), Some("noise.safetensors"));
+    let src = TWO_STEPS.replace("\"output_type\": \"pil\"", "\"output_type\": \"tensor\"");
+    assert!(error(&src, &[]).contains("unsupported `output_type` \"tensor\""));
+}
