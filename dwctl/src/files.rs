@@ -78,6 +78,28 @@ pub fn write_atomically(
     result
 }
 
+/// Writes one f32 tensor (little-endian bytes) as a `.safetensors` file, atomically, with an
+/// optional metadata entry.
+pub fn write_tensor(
+    path: &Path,
+    name: &str,
+    shape: &[u64],
+    bytes: &[u8],
+    metadata: Option<(&str, &str)>,
+) -> Result<(), String> {
+    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, bytes)
+        .map_err(|e| format!("tensor {name}: {e}"))?;
+    let metadata =
+        metadata.map(|(k, v)| std::collections::HashMap::from([(k.to_string(), v.to_string())]));
+    let serialized = safetensors::tensor::serialize([(name, view)], metadata)
+        .map_err(|e| format!("safetensors: {e}"))?;
+    write_atomically(path, |file| {
+        file.write_all(&serialized)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    })
+}
+
 fn encode_png(
     out: &mut impl Write,
     image: &RgbView<'_>,
@@ -159,6 +181,24 @@ mod tests {
         assert!(latin.contains(&("parameters".to_string(), "a fox\nSteps: 4".to_string())));
         let utf8 = info.utf8_text.iter().find(|c| c.keyword == "dw").unwrap();
         assert_eq!(utf8.get_text().unwrap(), "{\"prompt\":\"ünïcødé 🦊\"}");
+    }
+
+    #[test]
+    fn a_tensor_is_written_as_safetensors_with_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let values: Vec<u8> = [1.0f32, -2.5, 3.0, 0.5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        write_tensor(&path, "latents", &[1, 1, 2, 2], &values, Some(("dw", "{}"))).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["dw"], "{}");
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = tensors.tensor("latents").unwrap();
+        assert_eq!(t.shape(), &[1, 1, 2, 2]);
+        assert_eq!(t.data(), &values[..]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::connection::{died, Connection};
 use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
-use crate::files::{write_image, PngText, RgbView};
+use crate::files::{write_image, write_tensor, PngText, RgbView};
 
 /// What `run` was asked to do.
 pub struct RunOptions {
@@ -245,16 +245,12 @@ fn write_output(
     fd: std::os::fd::OwnedFd,
 ) -> Result<WrittenOutput, Failure> {
     let failed = |message: String| Failure::new(EXIT_FAILED, message);
-    let [height, width, channels] = descriptor.shape[..] else {
+    let expected_len =
+        descriptor.shape.iter().product::<u64>() * descriptor.element_type.size() as u64;
+    if expected_len != descriptor.byte_len {
         return Err(failed(format!(
-            "output of step `{}` has shape {:?}; expected [height, width, 3]",
-            descriptor.step, descriptor.shape
-        )));
-    };
-    if descriptor.element_type != ElementType::U8 || channels != 3 {
-        return Err(failed(format!(
-            "output of step `{}` is not an 8-bit RGB image",
-            descriptor.step
+            "output of step `{}` announces {} bytes for shape {:?}; expected {expected_len}",
+            descriptor.step, descriptor.byte_len, descriptor.shape
         )));
     }
     let mapped = MappedOutput::map(fd, descriptor.byte_len as usize).map_err(|e| {
@@ -273,22 +269,47 @@ fn write_output(
         extension_for(&descriptor.content_type),
     );
     let path = dir.join(name);
-    let image = RgbView {
-        width: width as u32,
-        height: height as u32,
-        pixels: mapped.bytes(),
+    let (width, height) = match (descriptor.element_type, &descriptor.shape[..]) {
+        (ElementType::U8, [height, width, 3]) => {
+            let image = RgbView {
+                width: *width as u32,
+                height: *height as u32,
+                pixels: mapped.bytes(),
+            };
+            let text = PngText {
+                parameters: &descriptor.parameters,
+                dw: &descriptor.dw_metadata,
+            };
+            write_image(
+                &path,
+                &descriptor.content_type,
+                &image,
+                descriptor.embed_metadata.then_some(&text),
+            )
+            .map_err(failed)?;
+            (*width, *height)
+        }
+        (ElementType::F32, [.., height, width]) => {
+            let metadata = descriptor
+                .embed_metadata
+                .then_some(("dw", descriptor.dw_metadata.as_str()));
+            write_tensor(
+                &path,
+                "latents",
+                &descriptor.shape,
+                mapped.bytes(),
+                metadata,
+            )
+            .map_err(failed)?;
+            (*width, *height)
+        }
+        _ => {
+            return Err(failed(format!(
+                "output of step `{}` is a {:?} tensor of shape {:?}, which dwctl cannot write",
+                descriptor.step, descriptor.element_type, descriptor.shape
+            )))
+        }
     };
-    let text = PngText {
-        parameters: &descriptor.parameters,
-        dw: &descriptor.dw_metadata,
-    };
-    write_image(
-        &path,
-        &descriptor.content_type,
-        &image,
-        descriptor.embed_metadata.then_some(&text),
-    )
-    .map_err(failed)?;
     Ok(WrittenOutput {
         step: descriptor.step.clone(),
         path,

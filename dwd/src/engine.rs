@@ -9,15 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use protocol::message::{
     CacheCounts, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, RunError,
     RunSummary, Timings,
 };
-use protocol::workflow::{PipelineStep, Step, WorkflowError};
+use protocol::workflow::{OutputType, PipelineStep, Step, WorkflowError};
 use serde_json::json;
 
 use crate::cache::{ComponentCache, ComponentKey, FileIdentity, Lookup};
+use crate::inputs::{
+    images_to_tensor, load_images, load_latents, resolve_path, InputError, StepResults,
+};
 use crate::models::{hub_cache_dir, resolve_model};
 use crate::output::segment_with;
 use crate::pipelines::{
@@ -69,13 +72,14 @@ impl Engine {
     pub fn run(&self, job: &Job) -> RunSummary {
         let started = Instant::now();
         let mut counters = RunCounters::default();
+        let mut results = StepResults::default();
         let mut result = Ok(());
         for step in &job.workflow.steps {
             if let Some(reason) = job.cancel.reason() {
                 result = Err(StepError::Cancelled(reason));
                 break;
             }
-            result = self.run_step(job, step, &mut counters);
+            result = self.run_step(job, step, &mut counters, &mut results);
             if result.is_err() {
                 break;
             }
@@ -126,8 +130,33 @@ impl Engine {
         job: &Job,
         step: &Step,
         counters: &mut RunCounters,
+        results: &mut StepResults,
     ) -> Result<(), StepError> {
         let spec = &step.pipeline;
+        let args = &spec.arguments;
+        let invalid_input = |e: InputError| {
+            StepError::Invalid(format!(
+                "{}: step `{}`: {e}",
+                job.workflow.path.display(),
+                step.name
+            ))
+        };
+        let base_dir = job.workflow.base_dir();
+        // Inputs first: a bad file fails the step before anything is loaded.
+        let latents = args
+            .latents
+            .as_deref()
+            .map(|p| load_latents(&resolve_path(base_dir, p)))
+            .transpose()
+            .map_err(invalid_input)?;
+        let init_image = match &args.image {
+            Some(source) => Some(
+                images_to_tensor(&load_images(source, base_dir, results).map_err(invalid_input)?)
+                    .map_err(invalid_input)?,
+            ),
+            None => None,
+        };
+
         let prepared = self.prepare(job, step, counters)?;
         let seed = spec.seed.unwrap_or_else(rand::random);
         if spec.seed.is_none() {
@@ -136,7 +165,6 @@ impl Engine {
                 message: format!("step `{}`: no seed given, using {seed}", step.name),
             });
         }
-        let args = &spec.arguments;
         let generate = GenerateArgs {
             prompts: args.prompt.0.clone(),
             negative_prompt: args.negative_prompt.clone(),
@@ -146,13 +174,16 @@ impl Engine {
             width: args.width,
             num_images_per_prompt: args.num_images_per_prompt,
             seed,
-            latents: None,
+            latents,
             scheduler_type: spec.scheduler.as_ref().map(|s| s.scheduler_type.clone()),
             scheduler_overrides: spec
                 .scheduler
                 .as_ref()
                 .map(|s| s.from_config_args.clone())
                 .unwrap_or_default(),
+            init_image,
+            strength: args.strength,
+            output_latents: args.output_type == OutputType::Latent,
         };
         let scheduler_type = generate
             .scheduler_type
@@ -177,34 +208,35 @@ impl Engine {
             });
             Ok(())
         };
-        let images = prepared
+        let output = prepared
             .pipeline
             .generate(&generate, &mut on_progress)
             .map_err(|e| pipeline_error(job, e, &step.name))?;
-        let images = images_to_rgb8(&images).map_err(|e| pipeline_error(job, e, &step.name))?;
 
-        let dw_metadata = json!({
-            "workflow_id": job.workflow.id,
-            "workflow_sha256": job.workflow.sha256,
-            "step": step.name,
-            "model": spec.model_name,
-            "model_dir": prepared.model_dir.display().to_string(),
-            "pipeline_type": spec.pipeline_type,
-            "scheduler": scheduler_type,
-            "seed": seed,
-            "arguments": spec.arguments_json,
-        })
-        .to_string();
-        for (artifact_index, image) in images.iter().enumerate() {
-            self.send_image(
-                job,
-                step,
-                artifact_index,
-                image,
-                &scheduler_type,
-                seed,
-                &dw_metadata,
-            )?;
+        let metadata = OutputMetadata {
+            scheduler_type: &scheduler_type,
+            seed,
+            dw: json!({
+                "workflow_id": job.workflow.id,
+                "workflow_sha256": job.workflow.sha256,
+                "step": step.name,
+                "model": spec.model_name,
+                "model_dir": prepared.model_dir.display().to_string(),
+                "pipeline_type": spec.pipeline_type,
+                "scheduler": scheduler_type,
+                "seed": seed,
+                "arguments": spec.arguments_json,
+            })
+            .to_string(),
+        };
+        if generate.output_latents {
+            self.send_latents(job, step, &output, &metadata)?;
+        } else {
+            let images = images_to_rgb8(&output).map_err(|e| pipeline_error(job, e, &step.name))?;
+            for (artifact_index, image) in images.iter().enumerate() {
+                self.send_image(job, step, artifact_index, image, &metadata)?;
+            }
+            results.record_images(&step.name, images);
         }
         Ok(())
     }
@@ -400,19 +432,14 @@ impl Engine {
         asked
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn send_image(
         &self,
         job: &Job,
         step: &Step,
         artifact_index: usize,
         image: &RgbImage,
-        scheduler_type: &str,
-        seed: u64,
-        dw_metadata: &str,
+        metadata: &OutputMetadata<'_>,
     ) -> Result<(), StepError> {
-        let segment = segment_with(&image.pixels)
-            .map_err(|e| StepError::Failed(format!("cannot create the output segment: {e}")))?;
         let args = &step.pipeline.arguments;
         let prompt = args
             .prompt
@@ -424,27 +451,83 @@ impl Engine {
             &prompt,
             args.negative_prompt.as_deref().unwrap_or(""),
             args.num_inference_steps,
-            scheduler_type,
+            metadata.scheduler_type,
             args.guidance_scale,
-            seed,
+            metadata.seed,
             image,
             &step.pipeline.model_name,
         );
+        let shape = vec![image.height as u64, image.width as u64, 3];
+        let output = Output {
+            artifact_index,
+            content_type: step.result.content_type.clone(),
+            element_type: ElementType::U8,
+            shape,
+            parameters,
+        };
+        self.send_output(job, step, output, &image.pixels, metadata)
+    }
+
+    /// Final latents (`output_type: "latent"`), written by the client as `.safetensors`.
+    fn send_latents(
+        &self,
+        job: &Job,
+        step: &Step,
+        latents: &Tensor,
+        metadata: &OutputMetadata<'_>,
+    ) -> Result<(), StepError> {
+        let failed = |e: candle_core::Error| {
+            StepError::Failed(format!(
+                "step `{}`: cannot read the latents back: {e}",
+                step.name
+            ))
+        };
+        let latents = latents
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_device(&Device::Cpu))
+            .and_then(|t| t.contiguous())
+            .map_err(failed)?;
+        let values = latents
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(failed)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = latents.dims().iter().map(|&d| d as u64).collect();
+        let output = Output {
+            artifact_index: 0,
+            content_type: "application/x-safetensors".to_string(),
+            element_type: ElementType::F32,
+            shape,
+            parameters: String::new(),
+        };
+        self.send_output(job, step, output, &bytes, metadata)
+    }
+
+    fn send_output(
+        &self,
+        job: &Job,
+        step: &Step,
+        output: Output,
+        bytes: &[u8],
+        metadata: &OutputMetadata<'_>,
+    ) -> Result<(), StepError> {
+        let segment = segment_with(bytes)
+            .map_err(|e| StepError::Failed(format!("cannot create the output segment: {e}")))?;
         let descriptor = OutputDescriptor {
             job_id: job.id,
             workflow_id: job.workflow.id.clone(),
             step: step.name.clone(),
             step_index: step.index as u32,
             result_index: 0,
-            artifact_index: artifact_index as u32,
+            artifact_index: output.artifact_index as u32,
             file_base_name: step.result.file_base_name.clone(),
-            content_type: step.result.content_type.clone(),
-            element_type: ElementType::U8,
-            shape: vec![image.height as u64, image.width as u64, 3],
-            byte_len: image.pixels.len() as u64,
+            content_type: output.content_type,
+            element_type: output.element_type,
+            shape: output.shape,
+            byte_len: bytes.len() as u64,
             embed_metadata: step.result.embed_metadata,
-            parameters,
-            dw_metadata: dw_metadata.to_string(),
+            parameters: output.parameters,
+            dw_metadata: metadata.dw.clone(),
         };
         job.send(JobEvent::Output {
             descriptor,
@@ -452,6 +535,23 @@ impl Engine {
         });
         Ok(())
     }
+}
+
+/// What every output of a step records about how it was made.
+struct OutputMetadata<'a> {
+    scheduler_type: &'a str,
+    seed: u64,
+    /// The `dw` JSON: workflow id and sha256, step, model, scheduler, seed, arguments.
+    dw: String,
+}
+
+/// One output before it is handed over.
+struct Output {
+    artifact_index: usize,
+    content_type: String,
+    element_type: ElementType,
+    shape: Vec<u64>,
+    parameters: String,
 }
 
 /// A component's weight files plus its `config.json`, which also shapes the weights.

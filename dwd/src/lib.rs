@@ -3,11 +3,13 @@
 //! The path a job takes is visible in the module names: [`server`] (accept, handshake,
 //! per-connection task) -> [`queue`] (jobs, cancellation) -> [`engine`] (workflow: steps,
 //! results) -> [`pipelines`] (stable diffusion, schedulers, tokenizer) with [`cache`]
-//! (loaded components) and [`models`] (where a model's folder is) beside it -> [`output`]
+//! (loaded components), [`models`] (where a model's folder is) and [`inputs`] (latents and
+//! images a step reads) beside it -> [`output`]
 //! (shared-memory handoff).
 
 pub mod cache;
 pub mod engine;
+pub mod inputs;
 pub mod models;
 pub mod output;
 pub mod pipelines;

@@ -1,0 +1,222 @@
+//! A step's inputs from disk or from earlier steps: initial latents from a `.safetensors`
+//! file, and images from PNG/JPEG files or from an earlier step's outputs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use protocol::workflow::ImageSource;
+
+use crate::pipelines::RgbImage;
+
+/// A problem with a step's input, phrased for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(String);
+
+/// What earlier steps of the running job produced, by step name.
+#[derive(Default)]
+pub struct StepResults {
+    images: HashMap<String, Vec<RgbImage>>,
+}
+
+impl StepResults {
+    pub fn record_images(&mut self, step: &str, images: Vec<RgbImage>) {
+        self.images.insert(step.to_string(), images);
+    }
+
+    fn images(&self, step: &str) -> Result<&[RgbImage], InputError> {
+        match self.images.get(step) {
+            Some(images) if !images.is_empty() => Ok(images),
+            Some(_) => Err(InputError(format!("step `{step}` produced no images to use as `image`"))),
+            None => Err(InputError(format!("step `{step}` produced latents, not images; `image` needs images (drop its `output_type: \"latent\"`)"))),
+        }
+    }
+}
+
+/// Resolves a path written in a workflow against the workflow's folder.
+pub fn resolve_path(base_dir: &Path, written: &str) -> PathBuf {
+    let path = Path::new(written);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+/// Loads initial latents: the only tensor in the file, or the one named `latents`, as f32.
+pub fn load_latents(path: &Path) -> Result<Tensor, InputError> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| InputError(format!("cannot read latents from {}: {e}", path.display())))?;
+    let tensor = if let Some(t) = tensors.get("latents") {
+        t.clone()
+    } else if tensors.len() == 1 {
+        tensors
+            .into_values()
+            .next()
+            .ok_or_else(|| InputError(format!("{} holds no tensor", path.display())))?
+    } else {
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        return Err(InputError(format!(
+            "{} holds {} tensors ({}); it needs exactly one, or one named `latents`",
+            path.display(),
+            names.len(),
+            names
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    tensor
+        .to_dtype(DType::F32)
+        .map_err(|e| InputError(format!("latents in {}: {e}", path.display())))
+}
+
+/// Loads the images `source` names, as RGB.
+pub fn load_images(
+    source: &ImageSource,
+    base_dir: &Path,
+    results: &StepResults,
+) -> Result<Vec<RgbImage>, InputError> {
+    match source {
+        ImageSource::PreviousResult { step } => Ok(results.images(step)?.to_vec()),
+        ImageSource::File { location, size } => {
+            let path = resolve_path(base_dir, location);
+            let decoded = image::ImageReader::open(&path)
+                .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?
+                .with_guessed_format()
+                .map_err(|e| InputError(format!("cannot read image {}: {e}", path.display())))?
+                .decode()
+                .map_err(|e| {
+                    InputError(format!(
+                        "cannot decode image {} (PNG and JPEG are supported): {e}",
+                        path.display()
+                    ))
+                })?;
+            let decoded = match size {
+                Some((width, height)) => {
+                    decoded.resize_exact(*width, *height, image::imageops::FilterType::Lanczos3)
+                }
+                None => decoded,
+            };
+            let rgb = decoded.to_rgb8();
+            Ok(vec![RgbImage {
+                width: rgb.width() as usize,
+                height: rgb.height() as usize,
+                pixels: rgb.into_raw(),
+            }])
+        }
+    }
+}
+
+/// Images as one f32 tensor (N, 3, H, W) in [0, 1]; all must share one size.
+pub fn images_to_tensor(images: &[RgbImage]) -> Result<Tensor, InputError> {
+    let first = images
+        .first()
+        .ok_or_else(|| InputError("no input image".to_string()))?;
+    if let Some(other) = images
+        .iter()
+        .find(|i| (i.width, i.height) != (first.width, first.height))
+    {
+        return Err(InputError(format!(
+            "input images differ in size ({}x{} and {}x{}); give them one size",
+            first.width, first.height, other.width, other.height
+        )));
+    }
+    let data: Vec<u8> = images
+        .iter()
+        .flat_map(|i| i.pixels.iter().copied())
+        .collect();
+    let tensor = Tensor::from_vec(
+        data,
+        (images.len(), first.height, first.width, 3),
+        &Device::Cpu,
+    )
+    .and_then(|t| t.permute((0, 3, 1, 2)))
+    .and_then(|t| t.to_dtype(DType::F32))
+    .and_then(|t| t / 255.0)
+    .map_err(|e| InputError(format!("cannot convert the input image: {e}")))?;
+    Ok(tensor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latents_load_from_a_file_with_one_tensor_or_one_named_latents() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = dir.path().join("one.safetensors");
+        let t = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("noise".to_string(), t.clone())]), &one)
+            .unwrap();
+        assert_eq!(load_latents(&one).unwrap().dims(), &[1, 4, 2, 2]);
+
+        let two = dir.path().join("two.safetensors");
+        candle_core::safetensors::save(
+            &HashMap::from([("a".to_string(), t.clone()), ("b".to_string(), t.clone())]),
+            &two,
+        )
+        .unwrap();
+        let e = load_latents(&two).unwrap_err().to_string();
+        assert!(e.contains("holds 2 tensors (a, b)"), "{e}");
+        candle_core::safetensors::save(
+            &HashMap::from([("latents".to_string(), t.clone()), ("b".to_string(), t)]),
+            &two,
+        )
+        .unwrap();
+        assert!(load_latents(&two).is_ok());
+    }
+
+    #[test]
+    fn a_truncated_latents_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.safetensors");
+        std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"").unwrap();
+        let e = load_latents(&path).unwrap_err().to_string();
+        assert!(e.contains("cut.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn an_image_file_loads_as_rgb_and_can_be_resized() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd15");
+        let source = ImageSource::File {
+            location: "expected_DDIMScheduler.png".into(),
+            size: None,
+        };
+        let images = load_images(&source, &fixture, &StepResults::default()).unwrap();
+        assert_eq!(
+            (images[0].width, images[0].height, images[0].pixels.len()),
+            (64, 64, 64 * 64 * 3)
+        );
+        let resized = ImageSource::File {
+            location: "expected_DDIMScheduler.png".into(),
+            size: Some((32, 16)),
+        };
+        let images = load_images(&resized, &fixture, &StepResults::default()).unwrap();
+        assert_eq!((images[0].width, images[0].height), (32, 16));
+        let tensor = images_to_tensor(&images).unwrap();
+        assert_eq!(tensor.dims(), &[1, 3, 16, 32]);
+    }
+
+    #[test]
+    fn a_missing_image_or_step_result_is_named() {
+        let source = ImageSource::File {
+            location: "nope.png".into(),
+            size: None,
+        };
+        let e = load_images(&source, Path::new("/tmp"), &StepResults::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/tmp/nope.png"), "{e}");
+        let source = ImageSource::PreviousResult {
+            step: "base".into(),
+        };
+        let e = load_images(&source, Path::new("/tmp"), &StepResults::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step `base`"), "{e}");
+    }
+}
