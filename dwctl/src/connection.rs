@@ -18,6 +18,14 @@ use crate::exit::{Failure, EXIT_UNREACHABLE};
 /// How long to wait for a daemon we started to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Why a handshake did not complete.
+enum Greeting {
+    /// The daemon closed the connection before answering (it is stopping or died).
+    Closed(Failure),
+    /// It answered with a refusal, or something else went wrong.
+    Refused(Failure),
+}
+
 /// An open, greeted connection.
 pub struct Connection {
     pub reader: FdFrameReader,
@@ -27,49 +35,60 @@ pub struct Connection {
 
 impl Connection {
     /// Connects to the daemon on `paths.socket`; starts one first when none answers and
-    /// `start` is true.
+    /// `start` is true. A daemon that dies while we connect (its socket still open for a
+    /// moment) is treated like no daemon: with `start`, a fresh one is started.
     pub fn open(paths: &DaemonPaths, start: bool) -> Result<Connection, Failure> {
-        let stream = match UnixStream::connect(&paths.socket) {
-            Ok(stream) => stream,
-            Err(e) if is_absent(&e) && start => start_daemon(paths)?,
-            Err(e) if is_absent(&e) => {
-                return Err(Failure::new(
-                    EXIT_UNREACHABLE,
-                    format!("no dwd is running on {} ({e})", paths.socket.display()),
-                ))
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let stream = match UnixStream::connect(&paths.socket) {
+                Ok(stream) => stream,
+                Err(e) if is_absent(&e) && start => start_daemon(paths)?,
+                Err(e) if is_absent(&e) => {
+                    return Err(Failure::new(
+                        EXIT_UNREACHABLE,
+                        format!("no dwd is running on {} ({e})", paths.socket.display()),
+                    ))
+                }
+                Err(e) => return Err(unreachable(paths, e)),
+            };
+            match Connection::greet(stream, paths) {
+                Err(Greeting::Closed(_)) if start && attempts < 3 => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(Greeting::Closed(failure) | Greeting::Refused(failure)) => return Err(failure),
+                Ok(connection) => return Ok(connection),
             }
-            Err(e) => return Err(unreachable(paths, e)),
-        };
-        Connection::greet(stream, paths)
+        }
     }
 
-    fn greet(stream: UnixStream, paths: &DaemonPaths) -> Result<Connection, Failure> {
-        let mut writer = stream.try_clone().map_err(|e| unreachable(paths, e))?;
+    fn greet(stream: UnixStream, paths: &DaemonPaths) -> Result<Connection, Greeting> {
+        let closed = |e| Greeting::Closed(died(paths, e));
+        let mut writer = stream
+            .try_clone()
+            .map_err(|e| Greeting::Refused(unreachable(paths, e)))?;
         let hello = ClientMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_version: TOOL_VERSION.to_string(),
         };
-        write_message(&mut writer, &hello).map_err(|e| died(paths, e))?;
+        write_message(&mut writer, &hello).map_err(closed)?;
         let mut reader = FdFrameReader::new(stream);
-        match reader
-            .read_message::<ServerMessage>()
-            .map_err(|e| died(paths, e))?
-        {
+        match reader.read_message::<ServerMessage>().map_err(closed)? {
             ServerMessage::Welcome { pid, device, .. } => Ok(Connection {
                 reader,
                 daemon_pid: pid,
                 daemon_device: device,
             }),
             ServerMessage::Refused { message } | ServerMessage::Error { message, .. } => {
-                Err(Failure::new(
+                Err(Greeting::Refused(Failure::new(
                     EXIT_UNREACHABLE,
                     format!("dwd refused the connection: {message}"),
-                ))
+                )))
             }
-            other => Err(Failure::new(
+            other => Err(Greeting::Refused(Failure::new(
                 EXIT_UNREACHABLE,
                 format!("unexpected handshake answer from dwd: {other:?}"),
-            )),
+            ))),
         }
     }
 

@@ -193,15 +193,22 @@ impl Drop for TestDaemon {
     }
 }
 
-/// Whether a process exists (and is not a zombie we could still see).
+/// Whether a process still exists. A killed multi-threaded process can show its main
+/// thread as a zombie while other threads are still exiting and holding its files (the
+/// socket among them), so it counts as gone only once no thread of it is left running.
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let state = stat
             .rsplit(')')
             .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+            .map(str::trim_start)
+            .and_then(|rest| rest.chars().next());
+        matches!(state, Some(s) if s != 'Z' && s != 'X')
+    })
 }
 
 /// Waits until `condition` holds, or panics with `what` after `timeout`.
