@@ -79,7 +79,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             paths.dir().display()
         )
     })?;
-    let device = select_device(&args.device)?;
+    // Only parse the choice here: a CUDA context does not survive the fork below, so the
+    // device is opened in the daemon process itself.
+    let device_choice = DeviceChoice::parse(&args.device)?;
 
     let lock = take_lock(&paths)?;
     if paths.socket.exists() {
@@ -109,6 +111,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let lock = write_pid(lock)?;
     init_logging(log_file, args.foreground, args.log_level.as_deref());
+    let device = device_choice
+        .open()
+        .inspect_err(|e| tracing::error!("{e:#}"))?;
     std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -124,35 +129,56 @@ fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn select_device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                if let Ok(device) = Device::new_cuda(0) {
-                    return Ok(device);
+/// Where pipelines run, as chosen on the command line.
+#[derive(Debug, Clone, Copy)]
+enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            other => {
+                let Some(index) = other
+                    .strip_prefix("cuda")
+                    .map(|rest| rest.trim_start_matches(':'))
+                else {
+                    bail!("unknown device `{other}`; use auto, cpu or cuda:N");
+                };
+                let index = if index.is_empty() {
+                    0
+                } else {
+                    index
+                        .parse()
+                        .with_context(|| format!("bad CUDA device index in `{other}`"))?
+                };
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("`{other}` asked for, but this dwd was built without CUDA support: rebuild with `--features cuda` (see scripts/build-cuda.sh)");
                 }
+                Ok(DeviceChoice::Cuda(index))
             }
-            Ok(Device::Cpu)
         }
-        other => {
-            let Some(index) = other
-                .strip_prefix("cuda")
-                .map(|rest| rest.trim_start_matches(':'))
-            else {
-                bail!("unknown device `{other}`; use auto, cpu or cuda:N");
-            };
-            let index: usize = if index.is_empty() {
-                0
-            } else {
-                index
-                    .parse()
-                    .with_context(|| format!("bad CUDA device index in `{other}`"))?
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!("`{other}` asked for, but this dwd was built without CUDA support: rebuild with `--features cuda` (see scripts/build-cuda.sh)");
+    }
+
+    fn open(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    match Device::new_cuda(0) {
+                        Ok(device) => return Ok(device),
+                        Err(e) => tracing::warn!("no usable CUDA device ({e}); running on the CPU"),
+                    }
+                }
+                Ok(Device::Cpu)
             }
-            Device::new_cuda(index).with_context(|| format!("cannot open CUDA device {index}"))
+            DeviceChoice::Cuda(index) => {
+                Device::new_cuda(index).with_context(|| format!("cannot open CUDA device {index}"))
+            }
         }
     }
 }

@@ -101,7 +101,19 @@ pub(crate) trait InComponent<T> {
 
 impl<T> InComponent<T> for candle_core::Result<T> {
     fn in_component(self, component: &'static str) -> Result<T, PipelineError> {
-        self.map_err(|source| PipelineError::Candle { component, source })
+        self.map_err(|source| PipelineError::Candle {
+            component,
+            source: without_backtrace(source),
+        })
+    }
+}
+
+/// candle attaches a backtrace to errors when RUST_BACKTRACE is set; users get the error
+/// itself, and the backtrace stays out of their messages.
+fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
     }
 }
 
