@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Checks dwd on a CUDA GPU: the tiny reference pipeline on cuda:0 in float32 and float16,
+# compared with diffusers' images, cold and warm, with device memory before and after.
+#
+# Run it on the GPU machine from the repository root, with the binaries built here first:
+#   scripts/build-cuda.sh && cargo build --release -p dwctl
+#   mkdir -p gpu-bin && cp target/cuda/release/dwd target/release/dwctl gpu-bin/
+#   (on the GPU machine)  scripts/gpu-check.sh gpu-bin
+# The machine needs the NVIDIA driver and the CUDA 13 runtime libraries, which PyTorch's
+# nvidia wheels carry (found through python3). It writes a report to $OUT (or ./gpu-check).
+set -uo pipefail
+bin=${1:-gpu-bin}
+report=${OUT:-gpu-check}/gpu-check.txt
+mkdir -p "$(dirname "$report")"
+exec > >(tee "$report") 2>&1
+
+libs=$(python3 - <<'PY'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except ImportError:
+    roots = []
+print(":".join(sorted({os.path.dirname(p) for r in roots for p in glob.glob(os.path.join(r, "**", "lib*.so*"), recursive=True)})))
+PY
+)
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+missing=$(ldd "$bin/dwd" | grep 'not found' || true)
+if [ -n "$missing" ]; then echo "missing libraries:"; echo "$missing"; exit 1; fi
+
+dir=$(mktemp -d)
+export DWD_SOCKET=$dir/dwd.sock
+"$bin/dwd" --device cuda:0 --socket "$DWD_SOCKET" || { cat "$dir/dwd.log"; exit 1; }
+trap '"$bin/dwctl" stop; echo "== daemon log"; tail -n 30 "$dir/dwd.log"; rm -rf "$dir"' EXIT
+
+compare() {  # compare IMAGE REFERENCE: largest 8-bit difference
+    python3 - "$1" "$2" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+a = np.asarray(Image.open(sys.argv[1]).convert("RGB"), dtype=np.int16)
+b = np.asarray(Image.open(sys.argv[2]).convert("RGB"), dtype=np.int16)
+print(f"max difference from diffusers: {int(np.abs(a - b).max())} levels")
+PY
+}
+
+memory() { nvidia-smi --query-gpu=memory.used --format=csv,noheader; }
+echo "== device memory before any load: $(memory)"
+for dtype in torch.float32 torch.float16; do
+  for scheduler in DDIMScheduler EulerDiscreteScheduler DPMSolverMultistepScheduler; do
+    sed "s/\"torch.float32\"/\"$dtype\"/" examples/tiny-sd-reference.json > "$dir/flow.json"
+    sed -i "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" "$dir/flow.json"
+    for attempt in cold warm; do
+      start=$(date +%s%N)
+      "$bin/dwctl" run "$dir/flow.json" scheduler=$scheduler -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
+      end=$(date +%s%N)
+      python3 -c "import json,sys; s=json.load(open('$dir/run.json')); print('$dtype $scheduler $attempt: wall', ($end-$start)//1000000, 'ms, load', s['timings']['load_ms'], 'ms, run', s['timings']['run_ms'], 'ms, misses', s['cache']['misses'])"
+    done
+    compare "$dir/out/tiny_sd_reference-main.0-0.0.png" "tests/fixtures/tiny-sd15/expected_$scheduler.png"
+  done
+  echo "== device memory after $dtype runs: $(memory)"
+done
+"$bin/dwctl" status
+"$bin/dwctl" clear
+echo "== device memory after clear: $(memory)"
