@@ -265,6 +265,7 @@ impl Engine {
             )
         })?;
         let dtype = self.dtype_for(job, spec);
+        let variant = spec.variant.as_deref();
         let dtype_name = format!("{dtype:?}").to_lowercase();
         let load = |i: u32| -> Result<(), StepError> {
             if let Some(reason) = job.cancel.reason() {
@@ -314,11 +315,11 @@ impl Engine {
                     "text_encoder",
                     &model_dir,
                     &dtype_name,
-                    with_config(&te_dir)?,
+                    with_config(&te_dir, variant).map_err(failed)?,
                 )
                 .map_err(failed)?,
                 || {
-                    TextEncoder::load(&te_dir, dtype, &self.device).map(|m| {
+                    TextEncoder::load_variant(&te_dir, variant, dtype, &self.device).map(|m| {
                         let b = m.bytes();
                         (m, b)
                     })
@@ -331,10 +332,15 @@ impl Engine {
         let unet: Arc<Unet> = self
             .component(
                 counters,
-                self.key("unet", &model_dir, &dtype_name, with_config(&unet_dir)?)
-                    .map_err(failed)?,
+                self.key(
+                    "unet",
+                    &model_dir,
+                    &dtype_name,
+                    with_config(&unet_dir, variant).map_err(failed)?,
+                )
+                .map_err(failed)?,
                 || {
-                    Unet::load(&unet_dir, dtype, &self.device).map(|m| {
+                    Unet::load_variant(&unet_dir, variant, dtype, &self.device).map(|m| {
                         let b = m.bytes();
                         (m, b)
                     })
@@ -347,10 +353,15 @@ impl Engine {
         let vae: Arc<Vae> = self
             .component(
                 counters,
-                self.key("vae", &model_dir, &dtype_name, with_config(&vae_dir)?)
-                    .map_err(failed)?,
+                self.key(
+                    "vae",
+                    &model_dir,
+                    &dtype_name,
+                    with_config(&vae_dir, variant).map_err(failed)?,
+                )
+                .map_err(failed)?,
                 || {
-                    Vae::load(&vae_dir, dtype, &self.device).map(|m| {
+                    Vae::load_variant(&vae_dir, variant, dtype, &self.device).map(|m| {
                         let b = m.bytes();
                         (m, b)
                     })
@@ -555,8 +566,8 @@ struct Output {
 }
 
 /// A component's weight files plus its `config.json`, which also shapes the weights.
-fn with_config(dir: &Path) -> Result<Vec<PathBuf>, StepError> {
-    let mut files = pipelines::weight_files(dir).map_err(|e| StepError::Failed(e.to_string()))?;
+fn with_config(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>, PipelineError> {
+    let mut files = pipelines::weight_files_variant(dir, variant)?;
     files.push(dir.join("config.json"));
     Ok(files)
 }

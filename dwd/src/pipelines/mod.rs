@@ -123,18 +123,40 @@ const WEIGHT_FILE_NAMES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "mo
 /// The safetensors files a component's weights live in: the single file diffusers or
 /// transformers writes, or the shards listed by its `*.safetensors.index.json`.
 pub fn weight_files(component_dir: &Path) -> Result<Vec<PathBuf>, PipelineError> {
+    weight_files_variant(component_dir, None)
+}
+
+/// Like [`weight_files`], for a `variant` such as `fp16`: diffusers names those files
+/// `diffusion_pytorch_model.fp16.safetensors`, or shards them under
+/// `diffusion_pytorch_model.safetensors.index.fp16.json`. A missing variant is an error
+/// naming the files looked for; it never falls back to other weights silently.
+pub fn weight_files_variant(
+    component_dir: &Path,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>, PipelineError> {
+    let mut looked_for = Vec::new();
     for name in WEIGHT_FILE_NAMES {
-        let single = component_dir.join(name);
-        if single.is_file() {
-            return Ok(vec![single]);
+        let (single, index) = match variant {
+            None => (name.to_string(), format!("{name}.index.json")),
+            Some(v) => {
+                let stem = name.trim_end_matches(".safetensors");
+                (
+                    format!("{stem}.{v}.safetensors"),
+                    format!("{name}.index.{v}.json"),
+                )
+            }
+        };
+        if component_dir.join(&single).is_file() {
+            return Ok(vec![component_dir.join(single)]);
         }
-        let index = component_dir.join(format!("{name}.index.json"));
-        if index.is_file() {
-            return sharded_weight_files(component_dir, &index);
+        if component_dir.join(&index).is_file() {
+            return sharded_weight_files(component_dir, &component_dir.join(index));
         }
+        looked_for.push(single);
+        looked_for.push(index);
     }
     Err(PipelineError::MissingFile {
-        file: WEIGHT_FILE_NAMES.join(" or "),
+        file: looked_for.join(" or "),
         dir: component_dir.to_path_buf(),
     })
 }
@@ -172,11 +194,12 @@ fn sharded_weight_files(component_dir: &Path, index: &Path) -> Result<Vec<PathBu
 /// tensors take once loaded as `dtype`.
 pub(crate) fn mmap_weights(
     component_dir: &Path,
+    variant: Option<&str>,
     dtype: DType,
     device: &Device,
     component: &'static str,
 ) -> Result<(VarBuilder<'static>, u64), PipelineError> {
-    let files = weight_files(component_dir)?;
+    let files = weight_files_variant(component_dir, variant)?;
     // SAFETY: the files are memory-mapped read-only; like every loader of mmapped
     // checkpoints we rely on nobody truncating them while the tensors are being read.
     let tensors = unsafe { MmapedSafetensors::multi(&files) }.in_component(component)?;

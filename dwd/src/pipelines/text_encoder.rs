@@ -187,8 +187,18 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads `config.json` and `model.safetensors` from a `text_encoder` folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        Self::load_variant(dir, None, dtype, device)
+    }
+
+    /// Like `load`, with the weights of a `variant` such as `fp16`.
+    pub fn load_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
         let config = TextEncoderConfig::load(dir)?;
-        let (vb, bytes) = mmap_weights(dir, dtype, device, COMPONENT)?;
+        let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
         let mut encoder = Self::new(vb, config).in_component(COMPONENT)?;
         encoder.bytes = bytes;
         Ok(encoder)

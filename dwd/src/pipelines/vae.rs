@@ -302,8 +302,18 @@ pub struct Vae {
 impl Vae {
     /// Loads `config.json` and `diffusion_pytorch_model.safetensors` from a `vae` folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        Self::load_variant(dir, None, dtype, device)
+    }
+
+    /// Like `load`, with the weights of a `variant` such as `fp16`.
+    pub fn load_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
         let config = VaeConfig::load(dir)?;
-        let (vb, bytes) = mmap_weights(dir, dtype, device, COMPONENT)?;
+        let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
         let mut vae = Self::new(vb, config).in_component(COMPONENT)?;
         vae.bytes = bytes;
         Ok(vae)
