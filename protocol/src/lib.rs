@@ -5,6 +5,7 @@
 //! - [`paths`]: where the socket, lock and log files live.
 //! - [`fdpass`]: sending and receiving frames that carry a file descriptor (SCM_RIGHTS).
 //! - [`shm`]: sealed memfd segments that carry output tensors from the daemon to the client.
+//! - [`units`]: durations and sizes as users type them (keep-alive, memory budget).
 //! - [`workflow`]: the diffusers-workflow JSON format, parsed and validated the same way on
 //!   both sides, so `dwctl validate` needs no daemon.
 
@@ -13,6 +14,7 @@ pub mod frame;
 pub mod message;
 pub mod paths;
 pub mod shm;
+pub mod units;
 pub mod workflow;
 
 /// Bumped whenever a message changes in a way an older peer cannot read.

@@ -42,6 +42,13 @@ pub struct RunRequest {
     /// Cancel the job if it has not finished this long after it was accepted.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// How long the components this run uses stay loaded once it ends: `None` for the
+    /// daemon's `--keep-alive`, a negative value for forever, 0 to unload right away.
+    #[serde(default)]
+    pub keep_alive_ms: Option<i64>,
+    /// Say what would be loaded and evicted, and whether it fits, without running.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// Everything the daemon can send.
@@ -97,6 +104,8 @@ pub enum ServerMessage {
     },
     /// Describes the memfd that travels with this frame.
     Output(OutputDescriptor),
+    /// The answer to a dry run.
+    Plan(RunPlan),
     Done(RunSummary),
 }
 
@@ -122,6 +131,8 @@ pub enum ErrorKind {
     VersionMismatch,
     /// The peer is another user.
     PermissionDenied,
+    /// The models a run needs do not fit in the memory budget, even alone (dwctl exits 1).
+    OverBudget,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +291,15 @@ pub struct LoadedComponent {
     pub bytes: u64,
     pub hits: u64,
     pub last_used_unix: u64,
+    /// When it is unloaded if unused until then; `None`: kept until cleared.
+    #[serde(default)]
+    pub keep_until_unix: Option<u64>,
+    /// Whether a running job holds it (it cannot be evicted then).
+    #[serde(default)]
+    pub in_use: bool,
+    /// The workflows (`id:step`) that have used it.
+    #[serde(default)]
+    pub users: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,4 +307,43 @@ pub struct MemoryReport {
     pub rss_bytes: u64,
     pub device_used_bytes: Option<u64>,
     pub device_total_bytes: Option<u64>,
+    /// Bytes loaded components may take (`--memory-budget`).
+    #[serde(default)]
+    pub budget_bytes: u64,
+    /// Bytes the loaded components take.
+    #[serde(default)]
+    pub loaded_bytes: u64,
+    /// Process memory (device memory on a GPU) measured right after the last load; runs
+    /// are compared with it to warn about growth.
+    #[serde(default)]
+    pub baseline_bytes: Option<u64>,
+}
+
+/// What a run would load and evict (`dwctl run --dry-run`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunPlan {
+    pub workflow: WorkflowInfo,
+    pub components: Vec<PlannedComponent>,
+    /// Bytes that would be loaded.
+    pub load_bytes: u64,
+    /// Idle components that would be unloaded first to make room, least recently used first.
+    pub evict: Vec<PlannedComponent>,
+    pub budget_bytes: u64,
+    /// Bytes loaded now.
+    pub loaded_bytes: u64,
+    pub fits: bool,
+    /// Why it does not fit, when it does not.
+    pub message: Option<String>,
+}
+
+/// One component of a plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedComponent {
+    pub step: String,
+    pub model: String,
+    pub component_type: String,
+    pub dtype: String,
+    pub bytes: u64,
+    /// Already loaded (nothing to do).
+    pub loaded: bool,
 }

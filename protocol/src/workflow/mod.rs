@@ -49,7 +49,12 @@ const PIPELINE_KEYS: &[&str] = &[
     "scheduler",
     "arguments",
     "seed",
+    "shared_components",
+    "reused_components",
 ];
+/// Components a pipeline can share with later steps (`shared_components`) or take from an
+/// earlier one (`reused_components`).
+pub const SHAREABLE_COMPONENTS: &[&str] = &["tokenizer", "text_encoder", "unet", "vae"];
 const CONFIGURATION_KEYS: &[&str] = &["pipeline_type"];
 const FROM_PRETRAINED_KEYS: &[&str] = &["model_name", "torch_dtype", "variant", "use_safetensors"];
 const SCHEDULER_KEYS: &[&str] = &["configuration", "from_config_args"];
@@ -121,6 +126,10 @@ pub struct PipelineStep {
     pub arguments: StableDiffusionArguments,
     /// The arguments as JSON after variable substitution (recorded in output metadata).
     pub arguments_json: Map<String, Value>,
+    /// Components this step offers to later steps (`shared_components`).
+    pub shared_components: Vec<String>,
+    /// Components taken from the earlier step that shared them: (component, step name).
+    pub reused_components: Vec<(String, String)>,
 }
 
 /// A scheduler chosen in the workflow, built from the checkpoint's config with overrides.
@@ -708,8 +717,40 @@ impl<'a> Parser<'a> {
             )
         })?;
 
+        let shared_components = self.component_list(
+            pipeline.get("shared_components"),
+            &format!("{pointer}/shared_components"),
+        )?;
+        let mut reused_components = Vec::new();
+        let reused_ptr = format!("{pointer}/reused_components");
+        for name in self.component_list(pipeline.get("reused_components"), &reused_ptr)? {
+            let Some(sharer) = earlier
+                .iter()
+                .rev()
+                .find(|s| s.pipeline.shared_components.contains(&name))
+            else {
+                let sharing: Vec<String> = earlier
+                    .iter()
+                    .flat_map(|s| {
+                        s.pipeline
+                            .shared_components
+                            .iter()
+                            .map(move |c| format!("{c} (from `{}`)", s.name))
+                    })
+                    .collect();
+                let sharing = if sharing.is_empty() {
+                    "none".to_string()
+                } else {
+                    sharing.join(", ")
+                };
+                return Err(self.at_value(&reused_ptr, format!("`reused_components` names `{name}`, which no earlier step lists in `shared_components`; shared so far: {sharing}")));
+            };
+            reused_components.push((name, sharer.name.clone()));
+        }
         let model_name_at = self.positions.value(&format!("{fp_ptr}/model_name"));
         Ok(PipelineStep {
+            shared_components,
+            reused_components,
             pipeline_type,
             kind,
             model_name,
@@ -721,6 +762,36 @@ impl<'a> Parser<'a> {
             arguments,
             arguments_json,
         })
+    }
+
+    fn component_list(
+        &self,
+        value: Option<&Value>,
+        pointer: &str,
+    ) -> Result<Vec<String>, WorkflowError> {
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        let items = value.as_array().ok_or_else(|| {
+            self.at_value(
+                pointer,
+                format!("must be a list of component names, found {value}"),
+            )
+        })?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item.as_str() {
+                Some(name) if SHAREABLE_COMPONENTS.contains(&name) => Ok(name.to_string()),
+                _ => Err(self.at_value(
+                    &format!("{pointer}/{i}"),
+                    format!(
+                        "unknown component {item}; these can be shared: {}",
+                        SHAREABLE_COMPONENTS.join(", ")
+                    ),
+                )),
+            })
+            .collect()
     }
 
     fn scheduler(&self, value: &Value, pointer: &str) -> Result<SchedulerSpec, WorkflowError> {

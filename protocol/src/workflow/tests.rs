@@ -323,3 +323,30 @@ fn latent_output_and_a_latents_file_are_accepted_for_text_to_image() {
     let src = TWO_STEPS.replace("\"output_type\": \"pil\"", "\"output_type\": \"tensor\"");
     assert!(error(&src, &[]).contains("unsupported `output_type` \"tensor\""));
 }
+
+#[test]
+fn a_step_can_reuse_components_an_earlier_step_shares() {
+    let src = TWO_STEPS
+        .replace("\"arguments\": {\"prompt\": \"a fox\", \"output_type\": \"pil\"}", "\"shared_components\": [\"vae\", \"text_encoder\"], \"arguments\": {\"prompt\": \"a fox\"}")
+        .replace("\"arguments\": {\"prompt\": \"a fox, detailed\"", "\"reused_components\": [\"vae\"], \"arguments\": {\"prompt\": \"a fox, detailed\"");
+    let wf = parse(&src, &[]).unwrap();
+    assert_eq!(
+        wf.steps[0].pipeline.shared_components,
+        ["vae", "text_encoder"]
+    );
+    assert_eq!(
+        wf.steps[1].pipeline.reused_components,
+        [("vae".to_string(), "base".to_string())]
+    );
+
+    let unshared = src.replace(
+        "\"reused_components\": [\"vae\"]",
+        "\"reused_components\": [\"unet\"]",
+    );
+    let e = error(&unshared, &[]);
+    assert!(e.contains("names `unet`, which no earlier step lists in `shared_components`; shared so far: vae (from `base`), text_encoder (from `base`)"), "{e}");
+    let unknown = src.replace("[\"vae\", \"text_encoder\"]", "[\"vea\"]");
+    assert!(error(&unknown, &[]).contains(
+        "unknown component \"vea\"; these can be shared: tokenizer, text_encoder, unet, vae"
+    ));
+}
