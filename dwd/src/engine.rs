@@ -5,27 +5,32 @@
 //! honouring cancellation, and hands every output image to the client through a sealed
 //! memfd. It returns the run's summary: outcome, timings and cache hits and misses.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use protocol::message::{
     CacheCounts, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, RunError,
-    RunSummary, Timings,
+    RunPlan, RunSummary, Timings,
 };
-use protocol::workflow::{OutputType, PipelineStep, Step, WorkflowError};
+use protocol::units::KeepAlive;
+use protocol::workflow::{OutputType, Step, Workflow};
 use serde_json::json;
 
-use crate::cache::{ComponentCache, ComponentKey, FileIdentity, Lookup};
+use crate::cache::{ComponentCache, ComponentKey};
 use crate::inputs::{
     images_to_tensor, load_images, load_latents, resolve_path, InputError, StepResults,
 };
-use crate::models::{hub_cache_dir, resolve_model};
+use crate::loading::{
+    all_keys, evicted_component, load_pipeline, missing, plan_step, planned_component, LoadCounts,
+    LoadError, StepPlan,
+};
+use crate::memory::{human_bytes, measured_bytes, Baseline};
 use crate::output::segment_with;
 use crate::pipelines::{
-    self, images_to_rgb8, ClipTokenizer, GenerateArgs, PipelineError, RgbImage, SchedulerConfig,
-    StableDiffusionPipeline, TextEncoder, Unet, Vae,
+    self, images_to_rgb8, GenerateArgs, PipelineError, RgbImage, StableDiffusionPipeline,
 };
 use crate::queue::{CancelReason, Job, JobEvent};
 
@@ -34,7 +39,35 @@ use crate::queue::{CancelReason, Job, JobEvent};
 enum StepError {
     Invalid(String),
     Failed(String),
+    OverBudget(String),
     Cancelled(CancelReason),
+}
+
+impl From<LoadError> for StepError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Invalid(message) => StepError::Invalid(message),
+            LoadError::Failed(message) => StepError::Failed(message),
+        }
+    }
+}
+
+/// How the daemon treats memory, from its flags.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryPolicy {
+    /// How long components stay after their last use, unless a run says otherwise.
+    pub keep_alive: KeepAlive,
+    /// Warn when memory after a run exceeds the post-load baseline by more than this.
+    pub growth_warn_bytes: u64,
+}
+
+impl Default for MemoryPolicy {
+    fn default() -> Self {
+        MemoryPolicy {
+            keep_alive: KeepAlive::For(std::time::Duration::from_secs(30 * 60)),
+            growth_warn_bytes: 256 << 20,
+        }
+    }
 }
 
 /// Runs jobs on one device with the daemon's component cache.
@@ -42,6 +75,9 @@ pub struct Engine {
     pub cache: ComponentCache,
     pub device: Device,
     pub device_name: String,
+    pub policy: MemoryPolicy,
+    /// Memory right after the last load.
+    pub baseline: Arc<Baseline>,
 }
 
 /// Counters of one run.
@@ -49,6 +85,10 @@ pub struct Engine {
 struct RunCounters {
     load_ms: u64,
     cache: CacheCounts,
+    /// Every component the run used, for its keep-alive.
+    used: Vec<ComponentKey>,
+    /// Model folders of finished steps, for `reused_components`.
+    model_dirs: HashMap<String, PathBuf>,
 }
 
 /// A pipeline assembled for one step, and how it was configured.
@@ -58,13 +98,59 @@ struct PreparedPipeline {
 }
 
 impl Engine {
-    pub fn new(cache: ComponentCache, device: Device) -> Self {
+    pub fn new(cache: ComponentCache, device: Device, policy: MemoryPolicy) -> Self {
         let device_name = device_name(&device);
         Engine {
             cache,
             device,
             device_name,
+            policy,
+            baseline: Arc::default(),
         }
+    }
+
+    /// What running `workflow` would load and evict, and whether it fits; loads nothing.
+    pub fn plan(&self, workflow: &Workflow) -> Result<RunPlan, String> {
+        let mut model_dirs = HashMap::new();
+        let mut plans: Vec<(String, StepPlan)> = Vec::new();
+        for step in &workflow.steps {
+            let plan = plan_step(workflow, step, &self.device, &self.device_name, &model_dirs)
+                .map_err(|e| match e {
+                    LoadError::Invalid(m) | LoadError::Failed(m) => m,
+                })?;
+            model_dirs.insert(step.name.clone(), plan.model_dir.clone());
+            plans.push((step.name.clone(), plan));
+        }
+        let refs: Vec<&StepPlan> = plans.iter().map(|(_, p)| p).collect();
+        let (_, load_bytes) = missing(&refs, &self.cache);
+        let mut seen = Vec::new();
+        let mut components = Vec::new();
+        for (step, plan) in &plans {
+            for load in &plan.components {
+                if !seen.contains(&load.key) {
+                    seen.push(load.key.clone());
+                    components.push(planned_component(step, load, &self.cache));
+                }
+            }
+        }
+        let (evict, fits, message) = match self.cache.plan_room(load_bytes, &all_keys(&refs)) {
+            Ok(evict) => (evict.iter().map(evicted_component).collect(), true, None),
+            Err(over) => (Vec::new(), false, Some(over.to_string())),
+        };
+        Ok(RunPlan {
+            workflow: protocol::message::WorkflowInfo {
+                id: workflow.id.clone(),
+                path: workflow.path.display().to_string(),
+                sha256: workflow.sha256.clone(),
+            },
+            components,
+            load_bytes,
+            evict,
+            budget_bytes: self.cache.budget(),
+            loaded_bytes: self.cache.loaded_bytes(),
+            fits,
+            message,
+        })
     }
 
     /// Runs every step of `job` and returns its summary. Cancellation is checked before
@@ -84,6 +170,7 @@ impl Engine {
                 break;
             }
         }
+        self.after_run(job, &counters.used);
         let run_ms = started.elapsed().as_millis() as u64;
         let timings = Timings {
             load_ms: counters.load_ms,
@@ -111,6 +198,13 @@ impl Engine {
                 Outcome::Failed,
                 Some(RunError {
                     kind: ErrorKind::Failed,
+                    message,
+                }),
+            ),
+            Err(StepError::OverBudget(message)) => (
+                Outcome::Failed,
+                Some(RunError {
+                    kind: ErrorKind::OverBudget,
                     message,
                 }),
             ),
@@ -241,206 +335,137 @@ impl Engine {
         Ok(())
     }
 
-    /// Resolves the step's model and takes each component from the cache.
+    /// Resolves the step's model, makes room for what is missing (or refuses before
+    /// loading anything), and takes each component from the cache.
     fn prepare(
         &self,
         job: &Job,
         step: &Step,
         counters: &mut RunCounters,
     ) -> Result<PreparedPipeline, StepError> {
-        let spec = &step.pipeline;
-        let model_dir = resolve_model(
-            job.workflow.base_dir(),
-            &spec.model_name,
-            hub_cache_dir().as_deref(),
-        )
-        .map_err(|e| {
-            StepError::Invalid(
-                WorkflowError {
-                    file: job.workflow.path.clone(),
-                    position: Some(spec.model_name_at),
-                    message: e.to_string(),
-                }
-                .to_string(),
-            )
-        })?;
-        let dtype = self.dtype_for(job, spec);
-        let variant = spec.variant.as_deref();
-        let dtype_name = format!("{dtype:?}").to_lowercase();
-        let load = |i: u32| -> Result<(), StepError> {
-            if let Some(reason) = job.cancel.reason() {
-                return Err(StepError::Cancelled(reason));
+        let plan = plan_step(
+            &job.workflow,
+            step,
+            &self.device,
+            &self.device_name,
+            &counters.model_dirs,
+        )?;
+        if let Some(notice) = &plan.dtype_notice {
+            job.send(JobEvent::Log {
+                level: LogLevel::Warn,
+                message: notice.clone(),
+            });
+        }
+        let (missing_keys, needed) = missing(&[&plan], &self.cache);
+        if !missing_keys.is_empty() {
+            let evicted = self
+                .cache
+                .make_room(needed, &all_keys(&[&plan]))
+                .map_err(|over| StepError::OverBudget(format!("step `{}`: {over}", step.name)))?;
+            for e in evicted {
+                job.send(JobEvent::Log {
+                    level: LogLevel::Info,
+                    message: format!(
+                        "unloaded {} of {} ({}) to make room",
+                        e.key.component_type,
+                        e.key.model.display(),
+                        human_bytes(e.bytes)
+                    ),
+                });
+            }
+        }
+        let user = format!("{}:{}", job.workflow.id, step.name);
+        let mut counts = LoadCounts::default();
+        let mut before_each = |i: usize| -> Result<(), LoadError> {
+            if job.cancel.reason().is_some() {
+                return Err(LoadError::Failed("cancelled".to_string()));
             }
             job.send(JobEvent::Progress {
                 step: step.name.clone(),
                 phase: Phase::Loading,
-                i,
+                i: i as u32,
                 n: 4,
             });
             Ok(())
         };
-        let failed = |e: PipelineError| {
-            StepError::Failed(format!(
-                "step `{}`: loading {}: {e}",
-                step.name,
-                model_dir.display()
-            ))
-        };
-
-        load(0)?;
-        let tokenizer_dir = model_dir.join("tokenizer");
-        let tokenizer: Arc<ClipTokenizer> = self
-            .component(
-                counters,
-                self.key(
-                    "tokenizer",
-                    &model_dir,
-                    "-",
-                    vec![
-                        tokenizer_dir.join("vocab.json"),
-                        tokenizer_dir.join("merges.txt"),
-                    ],
-                )
-                .map_err(failed)?,
-                || ClipTokenizer::load(&tokenizer_dir).map(|t| (t, 0)),
-            )
-            .map_err(failed)?;
-
-        load(1)?;
-        let te_dir = model_dir.join("text_encoder");
-        let text_encoder: Arc<TextEncoder> = self
-            .component(
-                counters,
-                self.key(
-                    "text_encoder",
-                    &model_dir,
-                    &dtype_name,
-                    with_config(&te_dir, variant).map_err(failed)?,
-                )
-                .map_err(failed)?,
-                || {
-                    TextEncoder::load_variant(&te_dir, variant, dtype, &self.device).map(|m| {
-                        let b = m.bytes();
-                        (m, b)
-                    })
-                },
-            )
-            .map_err(failed)?;
-
-        load(2)?;
-        let unet_dir = model_dir.join("unet");
-        let unet: Arc<Unet> = self
-            .component(
-                counters,
-                self.key(
-                    "unet",
-                    &model_dir,
-                    &dtype_name,
-                    with_config(&unet_dir, variant).map_err(failed)?,
-                )
-                .map_err(failed)?,
-                || {
-                    Unet::load_variant(&unet_dir, variant, dtype, &self.device).map(|m| {
-                        let b = m.bytes();
-                        (m, b)
-                    })
-                },
-            )
-            .map_err(failed)?;
-
-        load(3)?;
-        let vae_dir = model_dir.join("vae");
-        let vae: Arc<Vae> = self
-            .component(
-                counters,
-                self.key(
-                    "vae",
-                    &model_dir,
-                    &dtype_name,
-                    with_config(&vae_dir, variant).map_err(failed)?,
-                )
-                .map_err(failed)?,
-                || {
-                    Vae::load_variant(&vae_dir, variant, dtype, &self.device).map(|m| {
-                        let b = m.bytes();
-                        (m, b)
-                    })
-                },
-            )
-            .map_err(failed)?;
-
-        let scheduler = SchedulerConfig::load(&model_dir.join("scheduler")).map_err(failed)?;
-        Ok(PreparedPipeline {
-            pipeline: StableDiffusionPipeline {
-                tokenizer,
-                text_encoder,
-                unet,
-                vae,
-                scheduler,
-                device: self.device.clone(),
-                dtype,
-            },
-            model_dir,
-        })
-    }
-
-    fn key(
-        &self,
-        component_type: &'static str,
-        model: &Path,
-        dtype: &str,
-        files: Vec<PathBuf>,
-    ) -> Result<ComponentKey, PipelineError> {
-        let files = files
-            .iter()
-            .map(|p| FileIdentity::of(p).map_err(|e| missing_or_io(p, e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ComponentKey {
-            component_type,
-            model: model.to_path_buf(),
-            dtype: dtype.to_string(),
-            device: self.device_name.clone(),
-            files,
-        })
-    }
-
-    fn component<T: Send + Sync + 'static>(
-        &self,
-        counters: &mut RunCounters,
-        key: ComponentKey,
-        load: impl FnOnce() -> Result<(T, u64), PipelineError>,
-    ) -> Result<Arc<T>, PipelineError> {
-        let started = Instant::now();
-        let (value, lookup) = self.cache.get_or_load(key, load)?;
-        match lookup {
-            Lookup::Hit => counters.cache.hits += 1,
-            Lookup::Miss => {
-                counters.cache.misses += 1;
-                counters.load_ms += started.elapsed().as_millis() as u64;
+        let loaded = load_pipeline(
+            &plan,
+            &self.cache,
+            &self.device,
+            step.pipeline.variant.as_deref(),
+            &user,
+            &mut counts,
+            &mut before_each,
+        );
+        counters.cache.hits += counts.hits;
+        counters.cache.misses += counts.misses;
+        counters.load_ms += counts.load_ms;
+        counters
+            .used
+            .extend(plan.components.iter().map(|c| c.key.clone()));
+        counters
+            .model_dirs
+            .insert(step.name.clone(), plan.model_dir.clone());
+        let pipeline = match loaded {
+            Ok(pipeline) => pipeline,
+            Err(_) if job.cancel.reason().is_some() => {
+                return Err(StepError::Cancelled(
+                    job.cancel.reason().unwrap_or(CancelReason::Client),
+                ))
             }
+            Err(e) => {
+                return Err(match StepError::from(e) {
+                    StepError::Failed(message) => {
+                        StepError::Failed(format!("step `{}`: {message}", step.name))
+                    }
+                    other => other,
+                })
+            }
+        };
+        if counts.misses > 0 {
+            self.baseline.set(measured_bytes(&self.device));
         }
-        Ok(value)
+        Ok(PreparedPipeline {
+            pipeline,
+            model_dir: plan.model_dir,
+        })
     }
 
-    /// The dtype a step runs in: its `torch_dtype`, or f32 where this device does not run
-    /// half precision well (with a notice in the run's events).
-    fn dtype_for(&self, job: &Job, spec: &PipelineStep) -> DType {
-        let asked = match spec.torch_dtype.as_str() {
-            "torch.float16" => DType::F16,
-            "torch.bfloat16" => DType::BF16,
-            _ => DType::F32,
-        };
-        if asked != DType::F32 && self.device.is_cpu() {
+    /// After a run, whatever its outcome: apply its keep-alive to what it used, and warn if
+    /// memory grew past the post-load baseline.
+    fn after_run(&self, job: &Job, used: &[ComponentKey]) {
+        let keep_alive = job
+            .keep_alive_ms
+            .map(KeepAlive::from_ms)
+            .unwrap_or(self.policy.keep_alive);
+        let cleared = self.cache.keep_alive(used, keep_alive);
+        if cleared.unloaded > 0 {
             job.send(JobEvent::Log {
-                level: LogLevel::Warn,
+                level: LogLevel::Info,
                 message: format!(
-                    "{} is slow or unsupported on the CPU; running in float32 instead",
-                    spec.torch_dtype
+                    "keep-alive 0: unloaded {} component(s), {}",
+                    cleared.unloaded,
+                    human_bytes(cleared.bytes_freed)
                 ),
             });
-            return DType::F32;
         }
-        asked
+        if let Some(baseline) = self.baseline.get() {
+            let now = measured_bytes(&self.device);
+            if now > baseline.saturating_add(self.policy.growth_warn_bytes) {
+                let message = format!(
+                    "memory grew by {} since the models were loaded ({} then, {} now; --growth-warn {})",
+                    human_bytes(now - baseline),
+                    human_bytes(baseline),
+                    human_bytes(now),
+                    human_bytes(self.policy.growth_warn_bytes)
+                );
+                tracing::warn!("{message}");
+                job.send(JobEvent::Log {
+                    level: LogLevel::Warn,
+                    message,
+                });
+            }
+        }
     }
 
     fn send_image(
@@ -563,30 +588,6 @@ struct Output {
     element_type: ElementType,
     shape: Vec<u64>,
     parameters: String,
-}
-
-/// A component's weight files plus its `config.json`, which also shapes the weights.
-fn with_config(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>, PipelineError> {
-    let mut files = pipelines::weight_files_variant(dir, variant)?;
-    files.push(dir.join("config.json"));
-    Ok(files)
-}
-
-fn missing_or_io(path: &Path, e: std::io::Error) -> PipelineError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        PipelineError::MissingFile {
-            file: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        }
-    } else {
-        PipelineError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-    }
 }
 
 fn pipeline_error(job: &Job, e: PipelineError, step: &str) -> StepError {

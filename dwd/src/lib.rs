@@ -7,9 +7,12 @@
 //! images a step reads) beside it -> [`output`]
 //! (shared-memory handoff).
 
+pub mod budget;
 pub mod cache;
 pub mod engine;
 pub mod inputs;
+pub mod loading;
+pub mod memory;
 pub mod models;
 pub mod output;
 pub mod pipelines;

@@ -19,11 +19,14 @@ use candle_core::Device;
 use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
 use protocol::paths::{ensure_private_dir, DaemonPaths};
+use protocol::units::{KeepAlive, SizeLimit};
 use tokio::sync::watch;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use dwd::cache::ComponentCache;
-use dwd::engine::Engine;
+use dwd::cache::EXPIRY_CHECK_INTERVAL;
+use dwd::engine::{Engine, MemoryPolicy};
+use dwd::memory::{device_memory, human_bytes, total_ram_bytes};
 use dwd::queue::{run_executor, JobQueue};
 use dwd::server::{serve, DaemonState};
 
@@ -55,6 +58,24 @@ struct Args {
     /// Log filter, e.g. info, debug, dwd=trace [default: $DWD_LOG, else info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+
+    /// How long loaded components stay after the last run that used them: 30m, 1h, 90s,
+    /// 0 (unload right after each run), or forever (also any negative value). `dwctl run
+    /// --keep-alive` overrides it per run.
+    #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = KeepAlive::parse)]
+    keep_alive: KeepAlive,
+
+    /// Most memory loaded components may take: bytes (6GiB, 512MiB) or a share of the
+    /// device's memory (of RAM on the CPU), like 80%. Idle components are unloaded, least
+    /// recently used first, to make room; a run that cannot fit even alone fails before
+    /// loading anything.
+    #[arg(long, default_value = "90%", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    memory_budget: SizeLimit,
+
+    /// Warn in a run's output when memory after it exceeds what it was right after the
+    /// models were loaded by more than this.
+    #[arg(long, default_value = "256MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    growth_warn: SizeLimit,
 }
 
 fn main() -> ExitCode {
@@ -122,7 +143,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("dwd-io")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve_until_stopped(listener, paths.clone(), device));
+    let total = device_memory(&device)
+        .map(|(_, total)| total)
+        .unwrap_or_else(total_ram_bytes);
+    let budget = args.memory_budget.of(total);
+    let policy = MemoryPolicy {
+        keep_alive: args.keep_alive,
+        growth_warn_bytes: args.growth_warn.of(total),
+    };
+    tracing::info!(budget = %human_bytes(budget), keep_alive = ?policy.keep_alive, "memory policy");
+    let engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
+    let result = runtime.block_on(serve_until_stopped(listener, paths.clone(), engine));
     let _ = std::fs::remove_file(&paths.socket);
     tracing::info!("dwd stopped");
     drop(lock);
@@ -240,17 +271,16 @@ fn init_logging(log_file: File, foreground: bool, filter: Option<&str>) {
 async fn serve_until_stopped(
     listener: StdUnixListener,
     paths: DaemonPaths,
-    device: Device,
+    engine: Engine,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let (shutdown, _) = watch::channel(false);
     let queue = JobQueue::default();
-    let cache = ComponentCache::default();
-    let engine = Engine::new(cache.clone(), device);
+    let engine = Arc::new(engine);
     let state = Arc::new(DaemonState {
         queue: queue.clone(),
-        cache,
+        engine: engine.clone(),
         paths,
         device_name: engine.device_name.clone(),
         started: Instant::now(),
@@ -261,10 +291,30 @@ async fn serve_until_stopped(
         socket = %state.paths.socket.display(), "dwd started");
 
     let executor_queue = queue.clone();
+    let executor_engine = engine.clone();
     let executor = std::thread::Builder::new()
         .name("dwd-executor".into())
-        .spawn(move || run_executor(executor_queue, |job| engine.run(job)))
+        .spawn(move || run_executor(executor_queue, |job| executor_engine.run(job)))
         .context("cannot start the executor thread")?;
+
+    // Unload components whose keep-alive ran out.
+    let expiry = {
+        let cache = engine.cache.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                let cleared = cache.expire(Instant::now());
+                if cleared.unloaded > 0 {
+                    tracing::info!(
+                        unloaded = cleared.unloaded,
+                        bytes_freed = cleared.bytes_freed,
+                        "keep-alive ran out"
+                    );
+                }
+            }
+        })
+    };
 
     let signals = {
         let state = state.clone();
@@ -286,6 +336,7 @@ async fn serve_until_stopped(
 
     serve(listener, state.clone()).await;
     signals.abort();
+    expiry.abort();
     tracing::info!("shutting down: no new connections; cancelling jobs");
     let _ = std::fs::remove_file(&state.paths.socket);
     queue.close();

@@ -111,6 +111,16 @@ pub struct Job {
     pub accepted_at: Instant,
     pub events: UnboundedSender<JobEvent>,
     pub timeout_ms: Option<u64>,
+    /// How long what the job used stays loaded (milliseconds, negative: forever); `None`
+    /// for the daemon's default.
+    pub keep_alive_ms: Option<i64>,
+}
+
+/// What a client asked of a job besides its workflow.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobOptions {
+    pub timeout_ms: Option<u64>,
+    pub keep_alive_ms: Option<i64>,
 }
 
 impl Job {
@@ -193,9 +203,13 @@ impl JobQueue {
     pub fn submit(
         &self,
         workflow: Workflow,
-        timeout_ms: Option<u64>,
+        options: JobOptions,
         events: UnboundedSender<JobEvent>,
     ) -> Result<(u64, u32, CancelToken), QueueClosed> {
+        let JobOptions {
+            timeout_ms,
+            keep_alive_ms,
+        } = options;
         let mut state = self.state();
         if state.closed {
             return Err(QueueClosed);
@@ -213,6 +227,7 @@ impl JobQueue {
             accepted_at,
             events,
             timeout_ms,
+            keep_alive_ms,
         });
         drop(state);
         self.inner.1.notify_one();
@@ -366,7 +381,7 @@ mod tests {
         let mut receivers = Vec::new();
         for expected_position in 0..3 {
             let (tx, rx) = unbounded_channel();
-            let (_, position, _) = queue.submit(workflow(), None, tx).unwrap();
+            let (_, position, _) = queue.submit(workflow(), JobOptions::default(), tx).unwrap();
             assert_eq!(position, expected_position);
             receivers.push(rx);
         }
@@ -388,8 +403,12 @@ mod tests {
         let queue = JobQueue::default();
         let (tx1, mut rx1) = unbounded_channel();
         let (tx2, mut rx2) = unbounded_channel();
-        queue.submit(workflow(), None, tx1).unwrap();
-        queue.submit(workflow(), None, tx2).unwrap();
+        queue
+            .submit(workflow(), JobOptions::default(), tx1)
+            .unwrap();
+        queue
+            .submit(workflow(), JobOptions::default(), tx2)
+            .unwrap();
         queue.close_after_drain_for_test();
         run_executor(queue, |job| {
             if job.id == 1 {
@@ -416,7 +435,7 @@ mod tests {
     fn a_job_cancelled_while_queued_never_runs() {
         let queue = JobQueue::default();
         let (tx, mut rx) = unbounded_channel();
-        let (id, _, _) = queue.submit(workflow(), None, tx).unwrap();
+        let (id, _, _) = queue.submit(workflow(), JobOptions::default(), tx).unwrap();
         assert_eq!(queue.cancel(None), vec![id]);
         queue.close_after_drain_for_test();
         run_executor(queue, |_| panic!("a cancelled job must not run"));
@@ -439,7 +458,7 @@ mod tests {
         let queue = JobQueue::default();
         queue.close();
         let (tx, _rx) = unbounded_channel();
-        assert!(queue.submit(workflow(), None, tx).is_err());
+        assert!(queue.submit(workflow(), JobOptions::default(), tx).is_err());
     }
 
     impl JobQueue {

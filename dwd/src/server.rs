@@ -26,8 +26,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::cache::ComponentCache;
-use crate::queue::{CancelReason, JobEvent, JobQueue};
+use crate::engine::Engine;
+use crate::memory::{device_memory, resident_set_bytes};
+use crate::queue::{CancelReason, JobEvent, JobOptions, JobQueue};
 
 /// How long a new connection may take to say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +36,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every connection task shares.
 pub struct DaemonState {
     pub queue: JobQueue,
-    pub cache: ComponentCache,
+    /// Shared with the executor: its cache, device and memory policy.
+    pub engine: Arc<Engine>,
     pub paths: DaemonPaths,
     pub device_name: String,
     pub started: Instant,
@@ -178,7 +180,7 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
         ClientMessage::Run(run) => serve_run(run, reader, writer, &state).await,
         ClientMessage::Status => send(&mut writer, &ServerMessage::Status(status(&state))).await,
         ClientMessage::Clear { model } => {
-            let cleared = state.cache.clear(model.as_deref());
+            let cleared = state.engine.cache.clear(model.as_deref());
             tracing::info!(
                 unloaded = cleared.unloaded,
                 bytes_freed = cleared.bytes_freed,
@@ -294,10 +296,23 @@ async fn serve_run(
             return send(&mut writer, &ServerMessage::Done(summary)).await;
         }
     };
+    if request.dry_run {
+        let message = match state.engine.plan(&workflow) {
+            Ok(plan) => ServerMessage::Plan(plan),
+            Err(message) => ServerMessage::Error {
+                kind: ErrorKind::InvalidWorkflow,
+                message,
+            },
+        };
+        return send(&mut writer, &message).await;
+    }
     let workflow_id = workflow.id.clone();
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let Ok((job_id, queue_position, cancel)) =
-        state.queue.submit(workflow, request.timeout_ms, events_tx)
+    let options = JobOptions {
+        timeout_ms: request.timeout_ms,
+        keep_alive_ms: request.keep_alive_ms,
+    };
+    let Ok((job_id, queue_position, cancel)) = state.queue.submit(workflow, options, events_tx)
     else {
         let message = "dwd is shutting down and accepts no new jobs".to_string();
         return send(
@@ -404,6 +419,8 @@ async fn send_event(
 }
 
 fn status(state: &DaemonState) -> StatusReport {
+    let engine = &state.engine;
+    let device = device_memory(&engine.device);
     StatusReport {
         pid: std::process::id(),
         version: TOOL_VERSION.to_string(),
@@ -413,26 +430,14 @@ fn status(state: &DaemonState) -> StatusReport {
         log_file: state.paths.log.display().to_string(),
         runs: state.queue.runs(),
         queue: state.queue.snapshot(),
-        loaded: state.cache.report(),
+        loaded: engine.cache.report(),
         memory: MemoryReport {
             rss_bytes: resident_set_bytes(),
-            device_used_bytes: None,
-            device_total_bytes: None,
+            device_used_bytes: device.map(|(used, _)| used),
+            device_total_bytes: device.map(|(_, total)| total),
+            budget_bytes: engine.cache.budget(),
+            loaded_bytes: engine.cache.loaded_bytes(),
+            baseline_bytes: engine.baseline.get(),
         },
     }
-}
-
-/// This process's resident set size, from /proc/self/statm.
-pub fn resident_set_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page_size).unwrap_or(4096)
 }

@@ -1,0 +1,116 @@
+//! How much memory the process and the device use, the budget loaded components must fit
+//! in, and the baseline that later runs are compared with to warn about growth.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::Device;
+
+/// This process's resident set size, from /proc/self/statm.
+pub fn resident_set_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page_size).unwrap_or(4096)
+}
+
+/// Total RAM, from /proc/meminfo.
+pub fn total_ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// Used and total bytes of the device's memory, from the driver; `None` on the CPU.
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        // The device's context must be current on this thread for the driver to answer.
+        let _ = cuda.cuda_stream().context().bind_to_thread();
+        return mem_get_info()
+            .ok()
+            .map(|(free, total)| ((total - free) as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
+/// Gives freed heap memory back to the system, so unloading shows in the RSS.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap structures.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The memory that matters for a device: the device's own on a GPU, the process's on the CPU.
+pub fn measured_bytes(device: &Device) -> u64 {
+    device_memory(device)
+        .map(|(used, _)| used)
+        .unwrap_or_else(resident_set_bytes)
+}
+
+/// The memory measured right after the last load, shared between the engine and status.
+#[derive(Debug, Default)]
+pub struct Baseline(AtomicU64);
+
+impl Baseline {
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            bytes => Some(bytes),
+        }
+    }
+}
+
+/// `1.5 GiB`, `300.0 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_resident_set_and_the_machine_has_ram() {
+        assert!(resident_set_bytes() > 0);
+        assert!(total_ram_bytes() > resident_set_bytes());
+        assert_eq!(device_memory(&Device::Cpu), None);
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+}
