@@ -4,6 +4,7 @@
 mod connection;
 mod exit;
 mod files;
+mod human;
 mod run;
 
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ use serde_json::json;
 
 use connection::Connection;
 use exit::{Failure, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
+use human::{human_bytes, human_duration};
+use protocol::units::KeepAlive;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -67,6 +70,14 @@ enum Command {
         /// Fail (exit 3) instead of starting a daemon when none is running.
         #[arg(long)]
         no_start: bool,
+        /// How long this run's models stay loaded after it: 30m, 90s, 0 (unload right
+        /// after), forever [default: the daemon's --keep-alive].
+        #[arg(long, value_name = "DURATION", value_parser = KeepAlive::parse)]
+        keep_alive: Option<KeepAlive>,
+        /// Say what would be loaded (with sizes), what would be unloaded to make room, and
+        /// whether it fits the memory budget; load and run nothing. Exit 0 if it fits, 1 if not.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show the daemon: pid, version, device, uptime, socket, log, loaded models, queue.
     Status {
@@ -116,6 +127,8 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             json,
             timeout,
             no_start,
+            keep_alive,
+            dry_run,
         } => {
             let timeout = match timeout {
                 Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
@@ -136,6 +149,8 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
                     json,
                     timeout,
                     start_daemon: !no_start,
+                    keep_alive,
+                    dry_run,
                 },
             )
         }
@@ -179,6 +194,7 @@ fn status(paths: &DaemonPaths, json: bool) -> Result<u8, Failure> {
 }
 
 fn print_status(report: &StatusReport) {
+    let memory = &report.memory;
     println!(
         "dwd {} (pid {}) on {}, up {}",
         report.version,
@@ -188,7 +204,26 @@ fn print_status(report: &StatusReport) {
     );
     println!("socket  {}", report.socket);
     println!("log     {}", report.log_file);
-    println!("memory  {} resident", human_bytes(report.memory.rss_bytes));
+    let mut line = format!("memory  {} resident", human_bytes(memory.rss_bytes));
+    if let (Some(used), Some(total)) = (memory.device_used_bytes, memory.device_total_bytes) {
+        line.push_str(&format!(
+            "; device {} used of {}",
+            human_bytes(used),
+            human_bytes(total)
+        ));
+    }
+    line.push_str(&format!(
+        "; models {} of a {} budget",
+        human_bytes(memory.loaded_bytes),
+        human_bytes(memory.budget_bytes)
+    ));
+    if let Some(baseline) = memory.baseline_bytes {
+        line.push_str(&format!(
+            "; {} right after the last load",
+            human_bytes(baseline)
+        ));
+    }
+    println!("{line}");
     println!("runs    {} finished", report.runs);
     if report.queue.is_empty() {
         println!("queue   empty");
@@ -204,15 +239,14 @@ fn print_status(report: &StatusReport) {
         println!("loaded  nothing");
         return;
     }
-    let total: u64 = report.loaded.iter().map(|c| c.bytes).sum();
     println!(
         "loaded  {} component(s), {}:",
         report.loaded.len(),
-        human_bytes(total)
+        human_bytes(memory.loaded_bytes)
     );
     println!(
-        "  {:<13} {:>10} {:>5} {:>6}  {:<9} MODEL",
-        "COMPONENT", "BYTES", "HITS", "DTYPE", "LAST USED"
+        "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} MODEL",
+        "COMPONENT", "BYTES", "HITS", "DTYPE", "LAST USED", "STAYS", "USED BY"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -223,13 +257,20 @@ fn print_status(report: &StatusReport) {
             "{} ago",
             human_duration(now.saturating_sub(c.last_used_unix))
         );
+        let stays = match (c.in_use, c.keep_until_unix) {
+            (true, _) => "in use".to_string(),
+            (false, None) => "until cleared".to_string(),
+            (false, Some(until)) => format!("{} more", human_duration(until.saturating_sub(now))),
+        };
         println!(
-            "  {:<13} {:>10} {:>5} {:>6}  {:<9} {}",
+            "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} {}",
             c.component_type,
             human_bytes(c.bytes),
             c.hits,
             c.dtype,
             ago,
+            stays,
+            c.users.join(","),
             c.model
         );
     }
@@ -341,27 +382,4 @@ fn validate(path: &std::path::Path, assignments: &[String]) -> Result<u8, Failur
         steps.join(", ")
     );
     Ok(EXIT_OK)
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-fn human_duration(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
-        s => format!("{}h {}m", s / 3600, (s % 3600) / 60),
-    }
 }

@@ -11,17 +11,19 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::frame::encode;
 use protocol::message::{
-    ClientMessage, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, RunRequest,
-    RunSummary, ServerMessage,
+    ClientMessage, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, RunPlan,
+    RunRequest, RunSummary, ServerMessage,
 };
 use protocol::paths::DaemonPaths;
 use protocol::shm::MappedOutput;
+use protocol::units::KeepAlive;
 use protocol::workflow::{extension_for, output_file_name, Workflow};
 use serde_json::json;
 
 use crate::connection::{died, Connection};
 use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
 use crate::files::{write_image, write_tensor, PngText, RgbView};
+use crate::human::human_bytes;
 
 /// What `run` was asked to do.
 pub struct RunOptions {
@@ -31,6 +33,8 @@ pub struct RunOptions {
     pub json: bool,
     pub timeout: Option<Duration>,
     pub start_daemon: bool,
+    pub keep_alive: Option<KeepAlive>,
+    pub dry_run: bool,
 }
 
 /// One written output.
@@ -130,10 +134,24 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
         workflow_source: source,
         overrides: options.assignments.clone(),
         timeout_ms: options.timeout.map(|t| t.as_millis() as u64),
+        keep_alive_ms: options.keep_alive.map(KeepAlive::to_ms),
+        dry_run: options.dry_run,
     };
     connection
         .send(&ClientMessage::Run(request))
         .map_err(|e| died(paths, e))?;
+    if options.dry_run {
+        return match connection.receive().map_err(|e| died(paths, e))? {
+            ServerMessage::Plan(plan) => Ok(report_plan(&plan, options.json)),
+            ServerMessage::Error { message, .. } | ServerMessage::Refused { message } => {
+                Err(Failure::new(EXIT_INVALID, message))
+            }
+            other => Err(Failure::new(
+                EXIT_FAILED,
+                format!("unexpected answer to a dry run: {other:?}"),
+            )),
+        };
+    }
     let interrupted = watch_for_interrupt(connection.reader.stream())?;
 
     let display = Display::new(options.json);
@@ -376,4 +394,58 @@ fn json_summary(summary: &RunSummary, outputs: &[WrittenOutput], job_id: u64) ->
         "cache": {"hits": summary.cache.hits, "misses": summary.cache.misses},
         "error": summary.error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message})),
     })
+}
+
+/// Prints a dry run's plan; exit 0 when it fits, 1 when it does not.
+fn report_plan(plan: &RunPlan, json: bool) -> u8 {
+    if json {
+        match serde_json::to_value(plan) {
+            Ok(value) => println!("{value}"),
+            Err(e) => eprintln!("dwctl: {e}"),
+        }
+    } else {
+        println!(
+            "dry run of `{}` ({}): nothing is loaded or run",
+            plan.workflow.id, plan.workflow.path
+        );
+        println!(
+            "  {:<12} {:<13} {:>6} {:>10}  {:<6} MODEL",
+            "STEP", "COMPONENT", "DTYPE", "BYTES", "STATE"
+        );
+        for c in &plan.components {
+            let state = if c.loaded { "loaded" } else { "load" };
+            println!(
+                "  {:<12} {:<13} {:>6} {:>10}  {:<6} {}",
+                c.step,
+                c.component_type,
+                c.dtype,
+                human_bytes(c.bytes),
+                state,
+                c.model
+            );
+        }
+        println!(
+            "would load {}; loaded now {}; budget {}",
+            human_bytes(plan.load_bytes),
+            human_bytes(plan.loaded_bytes),
+            human_bytes(plan.budget_bytes)
+        );
+        for e in &plan.evict {
+            println!(
+                "would first unload {} of {} ({}), idle and least recently used",
+                e.component_type,
+                e.model,
+                human_bytes(e.bytes)
+            );
+        }
+        match &plan.message {
+            None => println!("fits"),
+            Some(message) => println!("does not fit: {message}"),
+        }
+    }
+    if plan.fits {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
 }
