@@ -117,6 +117,23 @@ impl TestDaemon {
         self.dir.path().join("out")
     }
 
+    /// Starts this test's daemon by hand with extra flags (e.g. `--keep-alive 1s`); it
+    /// daemonizes and is listening when this returns.
+    pub fn start(&self, flags: &[&str]) {
+        let output = Command::new(bin_dir().join("dwd"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(flags)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dwd");
+        assert!(
+            output.status.success(),
+            "dwd {flags:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// A `dwctl` command aimed at this daemon, run from the test directory.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(bin_dir().join("dwctl"));
