@@ -71,9 +71,16 @@ impl Connection {
             protocol_version: PROTOCOL_VERSION,
             client_version: TOOL_VERSION.to_string(),
         };
-        write_message(&mut writer, &hello).map_err(closed)?;
+        // A daemon that refuses us may answer and close before our hello is written, so a
+        // failed write still reads the answer it may have left.
+        let written = write_message(&mut writer, &hello);
         let mut reader = FdFrameReader::new(stream);
-        match reader.read_message::<ServerMessage>().map_err(closed)? {
+        let answer = match (reader.read_message::<ServerMessage>(), written) {
+            (Ok(answer), _) => answer,
+            (Err(_), Err(write_error)) => return Err(closed(write_error)),
+            (Err(read_error), Ok(())) => return Err(closed(read_error)),
+        };
+        match answer {
             ServerMessage::Welcome { pid, device, .. } => Ok(Connection {
                 reader,
                 daemon_pid: pid,

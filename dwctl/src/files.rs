@@ -58,7 +58,7 @@ pub fn write_atomically(
         let file =
             File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
         let mut writer = BufWriter::new(file);
-        write(&mut writer)?;
+        write(&mut writer).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         let file = writer
             .into_inner()
             .map_err(|e| format!("cannot write {}: {}", temp.display(), e.error()))?;
@@ -95,8 +95,7 @@ pub fn write_tensor(
     let serialized = safetensors::tensor::serialize([(name, view)], metadata)
         .map_err(|e| format!("safetensors: {e}"))?;
     write_atomically(path, |file| {
-        file.write_all(&serialized)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        file.write_all(&serialized).map_err(|e| e.to_string())
     })
 }
 
@@ -226,7 +225,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.png");
         let err = write_atomically(&path, |_| Err("disk full".to_string())).unwrap_err();
-        assert_eq!(err, "disk full");
+        assert!(
+            err.starts_with("cannot write ") && err.contains("x.png: disk full"),
+            "{err}"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 

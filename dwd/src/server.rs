@@ -117,6 +117,13 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
             state.uid
         );
         send(&mut writer, &ServerMessage::Refused { message }).await?;
+        // Let the stranger's hello arrive before closing, so it reads the refusal rather
+        // than a broken pipe.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            read_message::<ClientMessage>(&mut reader),
+        )
+        .await;
         return Ok(());
     }
 
