@@ -27,7 +27,7 @@ use crate::loading::{
     all_keys, evicted_component, load_pipeline, missing, plan_step, planned_component, LoadCounts,
     LoadError, StepPlan,
 };
-use crate::memory::{human_bytes, measured_bytes, Baseline};
+use crate::memory::{human_bytes, measured_bytes, release_freed_memory, Baseline};
 use crate::output::segment_with;
 use crate::pipelines::{
     self, images_to_rgb8, GenerateArgs, PipelineError, RgbImage, StableDiffusionPipeline,
@@ -51,6 +51,11 @@ impl From<LoadError> for StepError {
         }
     }
 }
+
+/// In debug builds only (the tests'), a job whose prompt is exactly this panics, so tests
+/// can prove a panic fails that job alone. Release builds do not contain it.
+#[cfg(debug_assertions)]
+pub const TEST_PANIC_PROMPT: &str = "__dwd_test_panic__";
 
 /// How the daemon treats memory, from its flags.
 #[derive(Debug, Clone, Copy)]
@@ -251,6 +256,10 @@ impl Engine {
             None => None,
         };
 
+        #[cfg(debug_assertions)]
+        if args.prompt.0.iter().any(|p| p == TEST_PANIC_PROMPT) {
+            panic!("a test asked this job to panic");
+        }
         let prepared = self.prepare(job, step, counters)?;
         let seed = spec.seed.unwrap_or_else(rand::random);
         if spec.seed.is_none() {
@@ -439,6 +448,9 @@ impl Engine {
             .map(KeepAlive::from_ms)
             .unwrap_or(self.policy.keep_alive);
         let cleared = self.cache.keep_alive(used, keep_alive);
+        // The run's intermediate tensors are freed by now; hand their pages back so that
+        // between runs the daemon holds what it keeps, not what it once needed.
+        release_freed_memory();
         if cleared.unloaded > 0 {
             job.send(JobEvent::Log {
                 level: LogLevel::Info,
