@@ -45,8 +45,17 @@ print(f"max difference from diffusers: {int(np.abs(a - b).max())} levels")
 PY
 }
 
-memory() { nvidia-smi --query-gpu=memory.used --format=csv,noheader; }
-echo "== device memory before any load: $(memory)"
+memory() {  # the daemon's view (the driver's used/total) and nvidia-smi's
+    "$bin/dwctl" status --json > "$dir/status.json" && python3 - "$dir/status.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["memory"]
+used, total = m["device_used_bytes"] or 0, m["device_total_bytes"] or 0
+print(f"dwd: device {used / 2**20:.0f} MiB used of {total / 2**20:.0f} MiB; "
+      f"models {m['loaded_bytes'] / 2**20:.1f} MiB; budget {m['budget_bytes'] / 2**30:.1f} GiB")
+PY
+    echo "nvidia-smi: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)"
+}
+echo "== device memory before any load:"; memory
 for dtype in torch.float32 torch.float16; do
   for scheduler in DDIMScheduler EulerDiscreteScheduler DPMSolverMultistepScheduler; do
     sed "s/\"torch.float32\"/\"$dtype\"/" examples/tiny-sd-reference.json > "$dir/flow.json"
@@ -59,8 +68,8 @@ for dtype in torch.float32 torch.float16; do
     done
     compare "$dir/out/tiny_sd_reference-main.0-0.0.png" "tests/fixtures/tiny-sd15/expected_$scheduler.png"
   done
-  echo "== device memory after $dtype runs: $(memory)"
+  echo "== device memory after $dtype runs:"; memory
 done
 "$bin/dwctl" status
 "$bin/dwctl" clear
-echo "== device memory after clear: $(memory)"
+echo "== device memory after clear:"; memory

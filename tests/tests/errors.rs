@@ -171,3 +171,102 @@ fn a_bad_timeout_is_a_usage_error() {
         run.stderr
     );
 }
+
+/// A copy of the tiny model whose `component/file` is rewritten by `change`.
+fn broken_model(
+    daemon: &TestDaemon,
+    component_file: &str,
+    change: impl Fn(Vec<u8>) -> Vec<u8>,
+) -> PathBuf {
+    let model = daemon.dir.path().join("broken-model");
+    let source = dw_tests::repo_root().join("tests/fixtures/tiny-sd15/model");
+    for component in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
+        std::fs::create_dir_all(model.join(component)).unwrap();
+        for entry in std::fs::read_dir(source.join(component)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), model.join(component).join(entry.file_name())).unwrap();
+        }
+    }
+    let target = model.join(component_file);
+    std::fs::write(&target, change(std::fs::read(&target).unwrap())).unwrap();
+    model
+}
+
+fn run_on_model(daemon: &TestDaemon, model: &std::path::Path) -> dw_tests::Run {
+    let default_model = dw_tests::repo_root().join("tests/fixtures/tiny-sd15/model");
+    let text = example_text().replace(default_model.to_str().unwrap(), model.to_str().unwrap());
+    let path = write(daemon, "broken.json", &text);
+    daemon.dwctl(&[
+        "run",
+        path.to_str().unwrap(),
+        "-o",
+        daemon.output_dir().to_str().unwrap(),
+        "--json",
+    ])
+}
+
+#[test]
+fn a_truncated_weight_file_fails_with_exit_1_naming_it_and_the_daemon_keeps_its_models() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let model = broken_model(
+        &daemon,
+        "unet/diffusion_pytorch_model.safetensors",
+        |bytes| bytes[..bytes.len() / 3].to_vec(),
+    );
+    let run = run_on_model(&daemon, &model);
+    run.assert_code(1);
+    let message = run.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("unet/diffusion_pytorch_model.safetensors: truncated"),
+        "{message}"
+    );
+    let warm = daemon.run_example(&[]);
+    warm.assert_code(0);
+    assert_eq!(warm.json()["cache"]["misses"], 0);
+}
+
+#[test]
+fn a_weight_of_the_wrong_shape_fails_with_exit_1_naming_the_tensor() {
+    let daemon = TestDaemon::new();
+    let model = broken_model(&daemon, "text_encoder/model.safetensors", |bytes| {
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+        for (name, view) in tensors.tensors() {
+            let view = if name.ends_with("final_layer_norm.weight") {
+                safetensors::tensor::TensorView::new(view.dtype(), vec![16, 2], view.data())
+                    .unwrap()
+            } else {
+                view
+            };
+            views.push((name, view));
+        }
+        safetensors::tensor::serialize(views, None).unwrap()
+    });
+    let run = run_on_model(&daemon, &model);
+    run.assert_code(1);
+    let message = run.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("final_layer_norm.weight") && message.contains("[16, 2]"),
+        "{message}"
+    );
+    daemon.dwctl(&["ping"]).assert_code(0);
+}
+
+#[test]
+fn a_file_base_name_that_escapes_the_output_folder_exits_2() {
+    let daemon = TestDaemon::new();
+    let text = example_text().replace(
+        "\"content_type\": \"image/png\"",
+        "\"content_type\": \"image/png\", \"file_base_name\": \"../escape-\"",
+    );
+    let path = write(&daemon, "escape.json", &text);
+    let run = daemon.dwctl(&["run", path.to_str().unwrap()]);
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("outputs stay inside the output directory"),
+        "{}",
+        run.stderr
+    );
+}

@@ -324,6 +324,10 @@ fn fifty_warm_runs_do_not_grow_the_daemon() {
     let around_tenth = median(&rss[5..15]);
     let last = median(&rss[40..]);
     let growth = (last - around_tenth) / around_tenth;
+    eprintln!(
+        "RSS median around the 10th run {around_tenth}, of the last ten {last}: {:+.2}%",
+        growth * 100.0
+    );
     assert!(
         growth <= 0.02,
         "RSS grew {:.1}% from the 10th run to the 50th: {rss:?}",
