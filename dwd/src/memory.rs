@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::Device;
+pub use protocol::units::human_bytes;
 
 /// This process's resident set size, from /proc/self/statm.
 pub fn resident_set_bytes() -> u64 {
@@ -81,22 +82,6 @@ impl Baseline {
     }
 }
 
-/// `1.5 GiB`, `300.0 MiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,11 +91,5 @@ mod tests {
         assert!(resident_set_bytes() > 0);
         assert!(total_ram_bytes() > resident_set_bytes());
         assert_eq!(device_memory(&Device::Cpu), None);
-    }
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 }

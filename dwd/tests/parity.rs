@@ -1,6 +1,8 @@
 //! Parity of the Stable Diffusion pipeline with Hugging Face diffusers/transformers on the
 //! tiny SD 1.5-shaped fixture in `tests/fixtures/tiny-sd15` (see its `make_reference.py`).
 
+mod common;
+use common::{assert_close, max_abs_diff, no_progress, token_rows};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -34,50 +36,8 @@ fn expected_json() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn token_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
-    tensor
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|row| {
-            row.into_iter()
-                .map(|id| u32::try_from(id).unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    (got.to_dtype(DType::F32).unwrap() - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Fails when `got` and `want` differ by more than `tolerance`; the measured difference is
-/// written to the captured test output (`--nocapture` shows it).
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
-    let diff = max_abs_diff(got, want);
-    eprintln!("{what}: max abs diff {diff:e} (tolerance {tolerance:e})");
-    assert!(
-        diff <= tolerance,
-        "{what}: max abs diff {diff:e} exceeds {tolerance:e}"
-    );
-}
-
 fn pipeline() -> StableDiffusionPipeline {
     StableDiffusionPipeline::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn no_progress() -> impl FnMut(Progress) -> Result<(), PipelineError> {
-    |_| Ok(())
 }
 
 fn reference_args() -> GenerateArgs {

@@ -2,6 +2,8 @@
 //! in F16 or BF16, latents and scheduler arithmetic in f32, compared with the f32
 //! diffusers reference within a half-precision tolerance.
 
+mod common;
+use common::max_abs_diff;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -17,20 +19,6 @@ fn fixture_dir() -> PathBuf {
 
 fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

@@ -5,6 +5,8 @@
 //! Stochastic runs replay the noise diffusers drew, recorded in draw order, through
 //! [`ReplayNoise`]; every replayed draw must be consumed.
 
+mod common;
+use common::{assert_close, max_abs_diff, no_progress};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -34,37 +36,8 @@ fn load_json(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Fails when `got` and `want` differ by more than `tolerance`; the measured difference is
-/// written to the captured test output (`--nocapture` shows it).
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
-    let diff = max_abs_diff(got, want);
-    eprintln!("{what}: max abs diff {diff:e} (tolerance {tolerance:e})");
-    assert!(
-        diff <= tolerance,
-        "{what}: max abs diff {diff:e} exceeds {tolerance:e}"
-    );
-}
-
 fn pipeline() -> StableDiffusionPipeline {
     StableDiffusionPipeline::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn no_progress() -> impl FnMut(Progress) -> Result<(), PipelineError> {
-    |_| Ok(())
 }
 
 fn timesteps_of(value: &Value) -> Vec<f64> {

@@ -4,13 +4,15 @@
 //! transformer blocks, one attention head count per block, v-prediction, and a non-square
 //! image (64 high, 48 wide).
 
+mod common;
+use common::{assert_close, no_progress, token_rows};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use dwd::pipelines::{
-    build_scheduler, ClipTokenizer, GenerateArgs, PipelineError, Progress, SchedulerConfig,
-    StableDiffusionPipeline, TextEncoder, Unet,
+    build_scheduler, ClipTokenizer, GenerateArgs, SchedulerConfig, StableDiffusionPipeline,
+    TextEncoder, Unet,
 };
 use serde_json::{Map, Value};
 
@@ -34,48 +36,6 @@ fn expected() -> HashMap<String, Tensor> {
 fn expected_json() -> Value {
     let text = std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn token_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
-    tensor
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|row| {
-            row.into_iter()
-                .map(|id| u32::try_from(id).unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    (got.to_dtype(DType::F32).unwrap() - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Fails when `got` and `want` differ by more than `tolerance`; the measured difference is
-/// written to the captured test output (`--nocapture` shows it).
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
-    let diff = max_abs_diff(got, want);
-    eprintln!("{what}: max abs diff {diff:e} (tolerance {tolerance:e})");
-    assert!(
-        diff <= tolerance,
-        "{what}: max abs diff {diff:e} exceeds {tolerance:e}"
-    );
-}
-
-fn no_progress() -> impl FnMut(Progress) -> Result<(), PipelineError> {
-    |_| Ok(())
 }
 
 #[test]

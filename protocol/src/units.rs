@@ -1,4 +1,5 @@
-//! Durations and sizes as users type them: `--keep-alive 30m`, `--memory-budget 6GiB`.
+//! Durations and sizes as users type them (`--keep-alive 30m`, `--memory-budget 6GiB`) and
+//! sizes as they read them (`1.5 GiB`).
 
 use std::time::Duration;
 
@@ -145,6 +146,22 @@ impl SizeLimit {
     }
 }
 
+/// A size for people: `512 B`, `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +203,12 @@ mod tests {
         ] {
             assert_eq!(KeepAlive::from_ms(k.to_ms()), k);
         }
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]

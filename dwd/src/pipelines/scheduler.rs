@@ -157,11 +157,18 @@ pub trait Scheduler: Send {
     fn order(&self) -> usize {
         1
     }
-    /// Standard deviation the initial noise is scaled by.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the model input for step `step_index` (identity for most schedulers).
-    fn scale_model_input(&self, sample: Tensor, step_index: usize)
-        -> Result<Tensor, PipelineError>;
+    /// Standard deviation the initial noise is scaled by (1 unless sigma-based).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the model input for step `step_index` (identity unless sigma-based).
+    fn scale_model_input(
+        &self,
+        sample: Tensor,
+        _step_index: usize,
+    ) -> Result<Tensor, PipelineError> {
+        Ok(sample)
+    }
     /// The sample after step `step_index` given the model output for `sample`. Stochastic
     /// schedulers draw their noise from `noise`.
     fn step(

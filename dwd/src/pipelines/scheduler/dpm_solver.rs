@@ -303,18 +303,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(
-        &self,
-        sample: Tensor,
-        _step_index: usize,
-    ) -> Result<Tensor, PipelineError> {
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -1,0 +1,52 @@
+//! Helpers the parity tests share: comparing tensors with diffusers' references.
+
+// Each test file uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use candle_core::{DType, Tensor};
+use dwd::pipelines::{PipelineError, Progress};
+
+/// Token ids as rows of u32, from the i64 tensors the references store.
+pub fn token_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
+    tensor
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|id| u32::try_from(id).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "shapes differ");
+    (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Fails when `got` and `want` differ by more than `tolerance`; the measured difference is
+/// written to the captured test output (`--nocapture` shows it).
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
+    let diff = max_abs_diff(got, want);
+    eprintln!("{what}: max abs diff {diff:e} (tolerance {tolerance:e})");
+    assert!(
+        diff <= tolerance,
+        "{what}: max abs diff {diff:e} exceeds {tolerance:e}"
+    );
+}
+
+/// A progress callback that never cancels.
+pub fn no_progress() -> impl FnMut(Progress) -> Result<(), PipelineError> {
+    |_| Ok(())
+}
