@@ -309,10 +309,7 @@ impl<'a> Parser<'a> {
                 .map(|(m, _)| m.to_string())
                 .unwrap_or(text);
             self.error_at(
-                Some(Position {
-                    line: e.line(),
-                    column: e.column(),
-                }),
+                Some(json_error_position(self.source, &e)),
                 format!("invalid JSON: {message}"),
             )
         })?;
@@ -869,6 +866,19 @@ impl<'a> Parser<'a> {
             })?;
         }
         Ok(spec)
+    }
+}
+
+/// Where serde_json says a syntax error is, as a [`Position`]. serde_json counts columns in
+/// bytes, and reports column 0 when the text ends right after a newline; positions count
+/// characters from 1.
+fn json_error_position(source: &str, error: &serde_json::Error) -> Position {
+    let line = error.line().max(1);
+    let text = source.split('\n').nth(line - 1).unwrap_or("");
+    let bytes = &text.as_bytes()[..error.column().min(text.len())];
+    Position {
+        line,
+        column: String::from_utf8_lossy(bytes).chars().count().max(1),
     }
 }
 

@@ -350,3 +350,21 @@ fn a_step_can_reuse_components_an_earlier_step_shares() {
         "unknown component \"vea\"; these can be shared: tokenizer, text_encoder, unet, vae"
     ));
 }
+
+#[test]
+fn invalid_json_positions_start_at_column_one_and_count_characters() {
+    // serde_json says column 0 when the text ends right after a newline.
+    let e = error("", &[]);
+    assert!(
+        e.starts_with("flow.json:1:1: invalid JSON: EOF while parsing"),
+        "{e}"
+    );
+    let e = error("{\n  \"id\": \"x\",\n", &[]);
+    assert!(e.starts_with("flow.json:3:1: invalid JSON: "), "{e}");
+    // serde_json counts bytes; `ü` and `✓` are one column each, as in semantic errors.
+    let e = error("{\n  \"id\": \"ü/✓\",,\n}", &[]);
+    assert!(
+        e.starts_with("flow.json:2:15: invalid JSON: key must be a string"),
+        "{e}"
+    );
+}
