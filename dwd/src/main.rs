@@ -19,7 +19,7 @@ use candle_core::Device;
 use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
 use protocol::paths::{ensure_private_dir, DaemonPaths};
-use protocol::units::{KeepAlive, SizeLimit};
+use protocol::units::{parse_duration, KeepAlive, SizeLimit};
 use tokio::sync::watch;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
 
@@ -76,6 +76,11 @@ struct Args {
     /// models were loaded by more than this.
     #[arg(long, default_value = "256MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
     growth_warn: SizeLimit,
+
+    /// Exit once no job has been queued or running for this long (e.g. 10m), so a CI job or
+    /// a Makefile leaves no daemon behind [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_exit: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -153,7 +158,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     tracing::info!(budget = %human_bytes(budget), keep_alive = ?policy.keep_alive, "memory policy");
     let engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
-    let result = runtime.block_on(serve_until_stopped(listener, paths.clone(), engine));
+    let result = runtime.block_on(serve_until_stopped(
+        listener,
+        paths.clone(),
+        engine,
+        args.idle_exit,
+    ));
     let _ = std::fs::remove_file(&paths.socket);
     tracing::info!("dwd stopped");
     drop(lock);
@@ -272,6 +282,7 @@ async fn serve_until_stopped(
     listener: StdUnixListener,
     paths: DaemonPaths,
     engine: Engine,
+    idle_exit: Option<Duration>,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
@@ -334,9 +345,28 @@ async fn serve_until_stopped(
         })
     };
 
+    // With --idle-exit, stop once nothing has run for that long.
+    let idle = idle_exit.map(|limit| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if state.queue.idle_for().is_some_and(|idle| idle >= limit) {
+                    tracing::info!("idle for {limit:?} (--idle-exit); stopping");
+                    let _ = state.shutdown.send(true);
+                    break;
+                }
+            }
+        })
+    });
+
     serve(listener, state.clone()).await;
     signals.abort();
     expiry.abort();
+    if let Some(idle) = idle {
+        idle.abort();
+    }
     tracing::info!("shutting down: no new connections; cancelling jobs");
     let _ = std::fs::remove_file(&state.paths.socket);
     queue.close();

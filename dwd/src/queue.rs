@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use protocol::message::{
     ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, QueuedJob, RunError, RunSummary,
@@ -114,6 +114,8 @@ pub struct Job {
     /// How long what the job used stays loaded (milliseconds, negative: forever); `None`
     /// for the daemon's default.
     pub keep_alive_ms: Option<i64>,
+    /// The submitting client's session (its parent process).
+    pub session: Option<u32>,
 }
 
 /// What a client asked of a job besides its workflow.
@@ -121,6 +123,15 @@ pub struct Job {
 pub struct JobOptions {
     pub timeout_ms: Option<u64>,
     pub keep_alive_ms: Option<i64>,
+    pub session: Option<u32>,
+}
+
+/// The job the executor is running.
+struct RunningJob {
+    id: u64,
+    workflow_id: String,
+    session: Option<u32>,
+    cancel: CancelToken,
 }
 
 impl Job {
@@ -178,10 +189,12 @@ impl Job {
 #[derive(Default)]
 struct QueueState {
     pending: VecDeque<Job>,
-    running: Option<(u64, String, CancelToken)>,
+    running: Option<RunningJob>,
     next_id: u64,
     closed: bool,
     runs: u64,
+    /// When a job was last submitted or finished; `None` before the first.
+    last_activity: Option<Instant>,
 }
 
 /// The queue shared by connections (which submit and cancel) and the executor (which runs).
@@ -209,6 +222,7 @@ impl JobQueue {
         let JobOptions {
             timeout_ms,
             keep_alive_ms,
+            session,
         } = options;
         let mut state = self.state();
         if state.closed {
@@ -228,30 +242,54 @@ impl JobQueue {
             events,
             timeout_ms,
             keep_alive_ms,
+            session,
         });
+        state.last_activity = Some(Instant::now());
         drop(state);
         self.inner.1.notify_one();
         Ok((id, position, cancel))
     }
 
-    /// Cancels `job_id`, or when `None` the most recently submitted job still waiting or
-    /// running. Returns the ids cancelled.
-    pub fn cancel(&self, job_id: Option<u64>) -> Vec<u64> {
+    /// Cancels `job_id`; without one, the latest job submitted from `session` (or, with no
+    /// session either, the latest job). Returns the ids cancelled.
+    pub fn cancel(&self, job_id: Option<u64>, session: Option<u32>) -> Vec<u64> {
         let state = self.state();
-        let mut all: Vec<(u64, &CancelToken)> =
-            state.running.iter().map(|(id, _, c)| (*id, c)).collect();
-        all.extend(state.pending.iter().map(|j| (j.id, &j.cancel)));
-        let target = match job_id {
-            Some(id) => all.into_iter().find(|(jid, _)| *jid == id),
-            None => all.into_iter().max_by_key(|(jid, _)| *jid),
+        let mut all: Vec<(u64, Option<u32>, &CancelToken)> = state
+            .running
+            .iter()
+            .map(|r| (r.id, r.session, &r.cancel))
+            .collect();
+        all.extend(state.pending.iter().map(|j| (j.id, j.session, &j.cancel)));
+        let target = match (job_id, session) {
+            (Some(id), _) => all.into_iter().find(|(jid, _, _)| *jid == id),
+            (None, Some(session)) => all
+                .into_iter()
+                .filter(|(_, s, _)| *s == Some(session))
+                .max_by_key(|(jid, _, _)| *jid),
+            (None, None) => all.into_iter().max_by_key(|(jid, _, _)| *jid),
         };
         match target {
-            Some((id, token)) => {
+            Some((id, _, token)) => {
                 token.cancel(CancelReason::Client);
                 vec![id]
             }
             None => Vec::new(),
         }
+    }
+
+    /// How long the queue has been empty with nothing running (counted from the first
+    /// call when no job ever came), if it is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        let mut state = self.state();
+        if state.running.is_some() || !state.pending.is_empty() {
+            return None;
+        }
+        Some(
+            state
+                .last_activity
+                .get_or_insert_with(Instant::now)
+                .elapsed(),
+        )
     }
 
     /// The running job (position 0) and those waiting, in order.
@@ -260,9 +298,9 @@ impl JobQueue {
         let mut jobs: Vec<QueuedJob> = state
             .running
             .iter()
-            .map(|(id, wf, _)| QueuedJob {
-                job_id: *id,
-                workflow_id: wf.clone(),
+            .map(|r| QueuedJob {
+                job_id: r.id,
+                workflow_id: r.workflow_id.clone(),
                 state: "running".into(),
                 position: 0,
             })
@@ -286,8 +324,8 @@ impl JobQueue {
     pub fn close(&self) {
         let mut state = self.state();
         state.closed = true;
-        if let Some((_, _, token)) = &state.running {
-            token.cancel(CancelReason::Shutdown);
+        if let Some(running) = &state.running {
+            running.cancel.cancel(CancelReason::Shutdown);
         }
         for job in &state.pending {
             job.cancel.cancel(CancelReason::Shutdown);
@@ -301,7 +339,12 @@ impl JobQueue {
         let mut state = self.state();
         loop {
             if let Some(job) = state.pending.pop_front() {
-                state.running = Some((job.id, job.workflow.id.clone(), job.cancel.clone()));
+                state.running = Some(RunningJob {
+                    id: job.id,
+                    workflow_id: job.workflow.id.clone(),
+                    session: job.session,
+                    cancel: job.cancel.clone(),
+                });
                 return Some(job);
             }
             if state.closed {
@@ -315,6 +358,7 @@ impl JobQueue {
         let mut state = self.state();
         state.running = None;
         state.runs += 1;
+        state.last_activity = Some(Instant::now());
     }
 }
 
@@ -436,7 +480,7 @@ mod tests {
         let queue = JobQueue::default();
         let (tx, mut rx) = unbounded_channel();
         let (id, _, _) = queue.submit(workflow(), JobOptions::default(), tx).unwrap();
-        assert_eq!(queue.cancel(None), vec![id]);
+        assert_eq!(queue.cancel(None, None), vec![id]);
         queue.close_after_drain_for_test();
         run_executor(queue, |_| panic!("a cancelled job must not run"));
         let Ok(JobEvent::Done(summary)) = rx.try_recv() else {
@@ -451,6 +495,42 @@ mod tests {
         assert_eq!(token.reason(), Some(CancelReason::Timeout));
         token.cancel(CancelReason::Client);
         assert_eq!(token.reason(), Some(CancelReason::Timeout));
+    }
+
+    #[test]
+    fn cancel_without_an_id_takes_the_latest_job_of_the_callers_session() {
+        let queue = JobQueue::default();
+        let mut receivers = Vec::new();
+        for session in [Some(7), Some(7), Some(8)] {
+            let (tx, rx) = unbounded_channel();
+            queue
+                .submit(
+                    workflow(),
+                    JobOptions {
+                        session,
+                        ..Default::default()
+                    },
+                    tx,
+                )
+                .unwrap();
+            receivers.push(rx);
+        }
+        assert_eq!(queue.cancel(None, Some(7)), vec![2]);
+        assert_eq!(queue.cancel(None, Some(9)), Vec::<u64>::new());
+        assert_eq!(
+            queue.cancel(Some(1), Some(9)),
+            vec![1],
+            "an explicit id wins"
+        );
+    }
+
+    #[test]
+    fn the_queue_is_idle_only_with_nothing_queued_or_running() {
+        let queue = JobQueue::default();
+        assert!(queue.idle_for().is_some());
+        let (tx, _rx) = unbounded_channel();
+        queue.submit(workflow(), JobOptions::default(), tx).unwrap();
+        assert_eq!(queue.idle_for(), None);
     }
 
     #[test]

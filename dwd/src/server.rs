@@ -202,11 +202,25 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
             )
             .await
         }
-        ClientMessage::Cancel { job_id } => {
-            let cancelled = state.queue.cancel(job_id);
+        ClientMessage::Cancel { job_id, session } => {
+            let cancelled = state.queue.cancel(job_id, session);
             let message = match (&cancelled[..], job_id) {
                 ([], Some(id)) => format!("no job {id} is queued or running"),
-                ([], None) => "no job is queued or running".to_string(),
+                ([], None) => {
+                    let jobs = state.queue.snapshot();
+                    if jobs.is_empty() {
+                        "no job is queued or running".to_string()
+                    } else {
+                        let list: Vec<String> = jobs
+                            .iter()
+                            .map(|j| format!("{} ({}, {})", j.job_id, j.workflow_id, j.state))
+                            .collect();
+                        format!(
+                            "no job from this shell is queued or running; jobs: {}; give a JOB_ID",
+                            list.join(", ")
+                        )
+                    }
+                }
                 (ids, _) => format!(
                     "cancelled job {}",
                     ids.iter()
@@ -318,6 +332,7 @@ async fn serve_run(
     let options = JobOptions {
         timeout_ms: request.timeout_ms,
         keep_alive_ms: request.keep_alive_ms,
+        session: request.session,
     };
     let Ok((job_id, queue_position, cancel)) = state.queue.submit(workflow, options, events_tx)
     else {

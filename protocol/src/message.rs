@@ -21,8 +21,11 @@ pub enum ClientMessage {
     Clear {
         model: Option<String>,
     },
+    /// Cancel `job_id`, or else the latest job of `session` (the caller's shell).
     Cancel {
         job_id: Option<u64>,
+        #[serde(default)]
+        session: Option<u32>,
     },
     Ping,
     Shutdown,
@@ -49,6 +52,10 @@ pub struct RunRequest {
     /// Say what would be loaded and evicted, and whether it fits, without running.
     #[serde(default)]
     pub dry_run: bool,
+    /// Who asked: the client's parent process (its shell), so `dwctl cancel` can find the
+    /// caller's latest job.
+    #[serde(default)]
+    pub session: Option<u32>,
 }
 
 /// Everything the daemon can send.
