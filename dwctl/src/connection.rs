@@ -15,6 +15,14 @@ use protocol::{PROTOCOL_VERSION, TOOL_VERSION};
 
 use crate::exit::{Failure, EXIT_UNREACHABLE};
 
+/// Set by `--quiet`: starting the daemon is then not announced.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Announce nothing but errors from here on.
+pub fn set_quiet() {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How long to wait for a daemon we started to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -176,11 +184,13 @@ pub fn daemon_binary() -> PathBuf {
 /// so, and every client connects to the winner.
 fn start_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
     let binary = daemon_binary();
-    eprintln!(
-        "dwctl: starting dwd ({}) on {}",
-        binary.display(),
-        paths.socket.display()
-    );
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "dwctl: starting dwd ({}) on {}",
+            binary.display(),
+            paths.socket.display()
+        );
+    }
     let output = Command::new(&binary)
         .arg("--socket")
         .arg(&paths.socket)

@@ -5,7 +5,9 @@ mod connection;
 mod exit;
 mod files;
 mod human;
+mod preview;
 mod run;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,7 +80,57 @@ enum Command {
         /// whether it fits the memory budget; load and run nothing. Exit 0 if it fits, 1 if not.
         #[arg(long)]
         dry_run: bool,
+        /// Print nothing but errors (and the --json object): for scripts and Makefiles.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Show each image in the terminal after it is written (kitty, iTerm2 or sixel
+        /// graphics where the terminal has them, also through tmux; colour half-blocks
+        /// otherwise; DWCTL_PREVIEW=kitty|iterm2|sixel|blocks to choose).
+        #[arg(long)]
+        preview: bool,
     },
+    /// Run a workflow, then again whenever it or a file it reads (latents, input images)
+    /// changes; a change during a run cancels it and starts over. One line per run.
+    /// Ctrl-C stops watching.
+    ///
+    /// Example, in a tmux pane beside your editor:
+    ///   dwctl watch examples/tiny-sd.json prompt="a red fox" --preview
+    #[command(after_help = EXIT_CODES)]
+    Watch {
+        /// The workflow file (diffusers-workflow JSON).
+        workflow: PathBuf,
+        /// Variable overrides, NAME=VALUE.
+        #[arg(value_name = "NAME=VALUE")]
+        assignments: Vec<String>,
+        /// Directory the outputs are written to (created if missing).
+        #[arg(short, long, default_value = "outputs", value_name = "DIR")]
+        output_dir: PathBuf,
+        /// Show each image in the terminal after each run (see `run --preview`).
+        #[arg(long)]
+        preview: bool,
+        /// How long the models stay loaded after each run [default: the daemon's].
+        #[arg(long, value_name = "DURATION", value_parser = KeepAlive::parse)]
+        keep_alive: Option<KeepAlive>,
+        /// Fail (exit 3) instead of starting a daemon when none is running.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Cancel a queued or running job: JOB_ID (see `dwctl status`), or by default the
+    /// latest job started from this shell.
+    Cancel { job_id: Option<u64> },
+    /// Print the daemon's log (its last lines), and with -f keep printing what it adds.
+    Logs {
+        /// Keep printing new lines as they are written (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(short = 'n', long, default_value_t = 50, value_name = "N")]
+        lines: usize,
+    },
+    /// Print a shell completion script: `dwctl completions bash > /etc/bash_completion.d/dwctl`,
+    /// `dwctl completions zsh > "${fpath[1]}/_dwctl"`, `dwctl completions fish >
+    /// ~/.config/fish/completions/dwctl.fish`.
+    Completions { shell: clap_complete::Shell },
     /// Show the daemon: pid, version, device, uptime, socket, log, loaded models, queue.
     Status {
         /// Print JSON instead of text.
@@ -129,6 +181,8 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             no_start,
             keep_alive,
             dry_run,
+            quiet,
+            preview,
         } => {
             let timeout = match timeout {
                 Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
@@ -151,12 +205,47 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
                     start_daemon: !no_start,
                     keep_alive,
                     dry_run,
+                    quiet,
+                    preview,
                 },
             )
         }
+        Command::Watch {
+            workflow,
+            assignments,
+            output_dir,
+            preview,
+            keep_alive,
+            no_start,
+        } => watch::watch(
+            paths,
+            run::RunOptions {
+                workflow,
+                assignments,
+                output_dir,
+                json: false,
+                timeout: None,
+                start_daemon: !no_start,
+                keep_alive,
+                dry_run: false,
+                quiet: true,
+                preview,
+            },
+        ),
         Command::Status { json } => status(paths, json),
         Command::Clear { model, json } => clear(paths, model, json),
         Command::Stop => stop(paths),
+        Command::Cancel { job_id } => cancel(paths, job_id),
+        Command::Logs { follow, lines } => logs(paths, follow, lines),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "dwctl",
+                &mut std::io::stdout(),
+            );
+            Ok(EXIT_OK)
+        }
         Command::Ping => ping(paths),
         Command::Validate {
             workflow,
@@ -336,6 +425,84 @@ fn stop(paths: &DaemonPaths) -> Result<u8, Failure> {
     }
     println!("dwd (pid {pid}) stopped");
     Ok(EXIT_OK)
+}
+
+fn cancel(paths: &DaemonPaths, job_id: Option<u64>) -> Result<u8, Failure> {
+    let connection = Connection::open(paths, false)?;
+    let request = ClientMessage::Cancel {
+        job_id,
+        session: Some(run::session_id()),
+    };
+    match connection.request(&request, paths)? {
+        ServerMessage::CancelResult { cancelled, message } if !cancelled.is_empty() => {
+            println!("{message}");
+            Ok(EXIT_OK)
+        }
+        ServerMessage::CancelResult { message, .. } => Err(Failure::new(EXIT_FAILED, message)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The daemon's log file: the one the running daemon reports, else the default beside
+/// the socket.
+fn log_path(paths: &DaemonPaths) -> std::path::PathBuf {
+    let reported = Connection::open(paths, false).ok().and_then(|c| {
+        match c.request(&ClientMessage::Status, paths) {
+            Ok(ServerMessage::Status(report)) => Some(std::path::PathBuf::from(report.log_file)),
+            _ => None,
+        }
+    });
+    reported.unwrap_or_else(|| paths.log.clone())
+}
+
+fn logs(paths: &DaemonPaths, follow: bool, lines: usize) -> Result<u8, Failure> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let path = log_path(paths);
+    let mut file = std::fs::File::open(&path).map_err(|e| {
+        Failure::new(
+            EXIT_FAILED,
+            format!("cannot open the log {}: {e}", path.display()),
+        )
+    })?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| Failure::new(EXIT_FAILED, format!("cannot read {}: {e}", path.display())))?;
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+    if !follow {
+        return Ok(EXIT_OK);
+    }
+    let mut position = text.len() as u64;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < position {
+            // Truncated or replaced: start again from its beginning.
+            position = 0;
+            file = std::fs::File::open(&path).map_err(|e| {
+                Failure::new(
+                    EXIT_FAILED,
+                    format!("cannot reopen {}: {e}", path.display()),
+                )
+            })?;
+        }
+        if len > position {
+            let mut added = Vec::new();
+            file.seek(SeekFrom::Start(position))
+                .and_then(|_| file.read_to_end(&mut added))
+                .map_err(|e| {
+                    Failure::new(EXIT_FAILED, format!("cannot read {}: {e}", path.display()))
+                })?;
+            position += added.len() as u64;
+            if out.write_all(&added).and_then(|_| out.flush()).is_err() {
+                return Ok(EXIT_OK); // the reader went away (e.g. `| head`)
+            }
+        }
+    }
 }
 
 fn process_alive(pid: u32) -> bool {

@@ -26,6 +26,7 @@ use crate::files::{write_image, write_tensor, PngText, RgbView};
 use crate::human::human_bytes;
 
 /// What `run` was asked to do.
+#[derive(Clone)]
 pub struct RunOptions {
     pub workflow: PathBuf,
     pub assignments: Vec<String>,
@@ -35,15 +36,27 @@ pub struct RunOptions {
     pub start_daemon: bool,
     pub keep_alive: Option<KeepAlive>,
     pub dry_run: bool,
+    /// Print nothing but errors (and the `--json` object).
+    pub quiet: bool,
+    /// Show each output image in the terminal.
+    pub preview: bool,
+}
+
+/// The caller's session: this process's parent (the shell, or make), so `dwctl cancel`
+/// from the same shell finds the job.
+pub fn session_id() -> u32 {
+    nix::unistd::getppid().as_raw() as u32
 }
 
 /// One written output.
-struct WrittenOutput {
-    step: String,
-    path: PathBuf,
-    content_type: String,
-    width: u64,
-    height: u64,
+pub struct WrittenOutput {
+    pub step: String,
+    pub path: PathBuf,
+    pub content_type: String,
+    pub width: u64,
+    pub height: u64,
+    /// The pixels of an image output, kept when a preview was asked for.
+    pub rgb: Option<Vec<u8>>,
 }
 
 /// How progress is shown: a bar on a terminal, one plain line per event otherwise.
@@ -54,17 +67,21 @@ enum Display {
 }
 
 impl Display {
-    fn new(json: bool) -> Self {
-        if json {
+    fn new(quiet: bool) -> Self {
+        if quiet {
             Display::Quiet
         } else if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
+            // NO_COLOR: the same bar without bold text.
+            let template = if no_color() {
+                "{spinner} {prefix} {msg:10} [{bar:30}] {pos}/{len} {elapsed}"
+            } else {
+                "{spinner} {prefix:.bold} {msg:10} [{bar:30}] {pos}/{len} {elapsed}"
+            };
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {prefix:.bold} {msg:10} [{bar:30}] {pos}/{len} {elapsed}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
             bar.enable_steady_tick(Duration::from_millis(100));
             Display::Bar(bar)
@@ -101,9 +118,51 @@ impl Display {
     }
 }
 
-/// Runs a workflow; returns the exit code.
+/// Runs a workflow once, as `dwctl run` does; returns the exit code.
 pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
     let started = Instant::now();
+    if options.quiet || options.json {
+        crate::connection::set_quiet();
+    }
+    let Some(outcome) = execute(paths, &options, &mut |stream| watch_for_interrupt(stream))? else {
+        return Ok(EXIT_OK);
+    };
+    if let Some(code) = outcome.plan_code {
+        return Ok(code);
+    }
+    let code = exit_code(&outcome.summary);
+    if options.preview {
+        show_previews(&outcome.outputs);
+    }
+    if options.json {
+        println!(
+            "{}",
+            json_summary(&outcome.summary, &outcome.outputs, outcome.job_id)
+        );
+    } else if !options.quiet || code != EXIT_OK {
+        report(&outcome.summary, &outcome.outputs, started.elapsed());
+    }
+    Ok(code)
+}
+
+/// What one run produced.
+pub struct RunOutcome {
+    pub job_id: u64,
+    pub summary: RunSummary,
+    pub outputs: Vec<WrittenOutput>,
+    /// Set for a dry run: its exit code (the plan was printed).
+    pub plan_code: Option<u8>,
+}
+
+/// Validates, submits and follows one run, writing its outputs. `on_submitted` gets the
+/// connection's stream once the job is queued (to cancel it from elsewhere) and returns a
+/// flag that tells whether the caller interrupted it. Progress is shown unless `quiet`
+/// or `json`; the final report is the caller's.
+pub fn execute(
+    paths: &DaemonPaths,
+    options: &RunOptions,
+    on_submitted: &mut dyn FnMut(&UnixStream) -> Result<Arc<AtomicBool>, Failure>,
+) -> Result<Option<RunOutcome>, Failure> {
     let workflow_path = std::path::absolute(&options.workflow)
         .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", options.workflow.display())))?;
     let source = std::fs::read_to_string(&workflow_path).map_err(|e| {
@@ -135,6 +194,7 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
         overrides: options.assignments.clone(),
         timeout_ms: options.timeout.map(|t| t.as_millis() as u64),
         keep_alive_ms: options.keep_alive.map(KeepAlive::to_ms),
+        session: Some(session_id()),
         dry_run: options.dry_run,
     };
     connection
@@ -142,7 +202,12 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
         .map_err(|e| died(paths, e))?;
     if options.dry_run {
         return match connection.receive().map_err(|e| died(paths, e))? {
-            ServerMessage::Plan(plan) => Ok(report_plan(&plan, options.json)),
+            ServerMessage::Plan(plan) => Ok(Some(RunOutcome {
+                job_id: 0,
+                summary: plan_summary(&plan),
+                outputs: Vec::new(),
+                plan_code: Some(report_plan(&plan, options.json)),
+            })),
             ServerMessage::Error { message, .. } | ServerMessage::Refused { message } => {
                 Err(Failure::new(EXIT_INVALID, message))
             }
@@ -152,9 +217,9 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
             )),
         };
     }
-    let interrupted = watch_for_interrupt(connection.reader.stream())?;
+    let interrupted = on_submitted(connection.reader.stream())?;
 
-    let display = Display::new(options.json);
+    let display = Display::new(options.json || options.quiet);
     display.line(&format!(
         "running `{}` ({} step(s)) on dwd pid {} ({})",
         workflow.id,
@@ -206,7 +271,7 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
                         ),
                     ));
                 };
-                let written = write_output(&options.output_dir, &descriptor, fd)?;
+                let written = write_output(&options.output_dir, &descriptor, fd, options.preview)?;
                 display.line(&format!("wrote {}", written.path.display()));
                 outputs.push(written);
             }
@@ -224,13 +289,12 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
         }
     };
     display.finish();
-    let code = exit_code(&summary);
-    if options.json {
-        println!("{}", json_summary(&summary, &outputs, job_id));
-    } else {
-        report(&summary, &outputs, started.elapsed());
-    }
-    Ok(code)
+    Ok(Some(RunOutcome {
+        job_id,
+        summary,
+        outputs,
+        plan_code: None,
+    }))
 }
 
 /// Sends `cancel` on the first Ctrl-C (the daemon then ends the job and says so); a second
@@ -249,7 +313,10 @@ fn watch_for_interrupt(stream: &UnixStream) -> Result<Arc<AtomicBool>, Failure> 
                 std::process::exit(i32::from(EXIT_CANCELLED));
             }
             eprintln!("\ndwctl: cancelling (Ctrl-C again to quit at once)");
-            if let Ok(frame) = encode(&ClientMessage::Cancel { job_id: None }) {
+            if let Ok(frame) = encode(&ClientMessage::Cancel {
+                job_id: None,
+                session: None,
+            }) {
                 let _ = std::io::Write::write_all(&mut writer, &frame);
             }
         }
@@ -261,6 +328,7 @@ fn write_output(
     dir: &Path,
     descriptor: &OutputDescriptor,
     fd: std::os::fd::OwnedFd,
+    keep_pixels: bool,
 ) -> Result<WrittenOutput, Failure> {
     let failed = |message: String| Failure::new(EXIT_FAILED, message);
     let expected_len =
@@ -287,6 +355,7 @@ fn write_output(
         extension_for(&descriptor.content_type),
     );
     let path = dir.join(name);
+    let mut rgb = None;
     let (width, height) = match (descriptor.element_type, &descriptor.shape[..]) {
         (ElementType::U8, [height, width, 3]) => {
             let image = RgbView {
@@ -305,6 +374,7 @@ fn write_output(
                 descriptor.embed_metadata.then_some(&text),
             )
             .map_err(failed)?;
+            rgb = keep_pixels.then(|| mapped.bytes().to_vec());
             (*width, *height)
         }
         (ElementType::F32, [.., height, width]) => {
@@ -334,6 +404,7 @@ fn write_output(
         content_type: descriptor.content_type.clone(),
         width,
         height,
+        rgb,
     })
 }
 
@@ -447,5 +518,44 @@ fn report_plan(plan: &RunPlan, json: bool) -> u8 {
         EXIT_OK
     } else {
         EXIT_FAILED
+    }
+}
+
+/// Whether the user asked for no colour (https://no-color.org).
+pub fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+}
+
+/// A placeholder summary for a dry run (nothing ran).
+fn plan_summary(plan: &RunPlan) -> RunSummary {
+    RunSummary {
+        job_id: 0,
+        outcome: Outcome::Finished,
+        workflow: plan.workflow.clone(),
+        timings: Default::default(),
+        cache: Default::default(),
+        error: None,
+    }
+}
+
+/// Shows each image output in the terminal (`--preview`).
+pub fn show_previews(outputs: &[WrittenOutput]) {
+    let protocol = crate::preview::detect();
+    let (cols, rows) = crate::preview::terminal_cells();
+    let mut out = std::io::stdout().lock();
+    for output in outputs {
+        if let Some(rgb) = &output.rgb {
+            if let Err(e) = crate::preview::show(
+                &mut out,
+                protocol,
+                output.width as u32,
+                output.height as u32,
+                rgb,
+                cols,
+                rows.saturating_sub(2),
+            ) {
+                eprintln!("dwctl: cannot show {}: {e}", output.path.display());
+            }
+        }
     }
 }
