@@ -73,3 +73,10 @@ done
 "$bin/dwctl" status
 "$bin/dwctl" clear
 echo "== device memory after clear:"; memory
+# A second load and clear: what the weights take and give back, once CUDA's first-use
+# costs (kernel modules, cuBLAS workspace) are paid.
+sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sd-reference.json > "$dir/flow.json"
+"$bin/dwctl" run "$dir/flow.json" -o "$dir/out" --json > /dev/null
+echo "== device memory after loading again:"; memory
+"$bin/dwctl" clear
+echo "== device memory after the second clear:"; memory
