@@ -626,6 +626,39 @@ pub(crate) fn linspace(start: f64, end: f64, count: usize) -> Vec<f64> {
 }
 
 /// `np.arange(start, 0, -step)` for a positive float step.
+/// The timesteps of diffusers' multistep solvers (DPM-Solver, UniPC) for `steps` steps
+/// out of `last` usable training timesteps (`train` of them in all), by `spacing`.
+pub(crate) fn multistep_timesteps(
+    spacing: TimestepSpacing,
+    last: usize,
+    train: usize,
+    steps: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let mut values: Vec<f64> = linspace(0.0, last as f64 - 1.0, steps + 1)
+                .into_iter()
+                .map(f64::round_ties_even)
+                .collect();
+            values.reverse();
+            values.pop();
+            values
+        }
+        TimestepSpacing::Leading => {
+            let ratio = last / (steps + 1);
+            (1..=steps)
+                .rev()
+                .map(|index| (index * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => arange_down_to_zero(last as f64, train as f64 / steps as f64)
+            .into_iter()
+            .map(|position| position.round_ties_even() - 1.0)
+            .collect(),
+    }
+}
+
 pub(crate) fn arange_down_to_zero(start: f64, step: f64) -> Vec<f64> {
     let count = (start / step).ceil().max(0.0) as usize;
     (0..count)

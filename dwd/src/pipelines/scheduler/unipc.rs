@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 
 use super::{
-    alpha_sigma, arange_down_to_zero, check_step_count, check_step_index, compute, f32_round_trip,
-    interpolate, karras_sigmas, linspace, sigma_to_timestep, Options, PredictionType, Scheduler,
+    alpha_sigma, check_step_count, check_step_index, compute, f32_round_trip, interpolate,
+    karras_sigmas, multistep_timesteps, sigma_to_timestep, Options, PredictionType, Scheduler,
     SchedulerConfig, TimestepSpacing, TrainingSchedule, ZeroSnr, ALL_PREDICTIONS, COMPONENT,
     DEFAULT_BETAS,
 };
@@ -338,30 +338,13 @@ impl Scheduler for UniPcMultistepScheduler {
         let train = self.schedule.num_train_timesteps();
         check_step_count(num_inference_steps, train)?;
         let steps = num_inference_steps;
-        let mut timesteps: Vec<f64> = match self.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let mut values: Vec<f64> = linspace(0.0, (train - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(f64::round_ties_even)
-                    .collect();
-                values.reverse();
-                values.pop();
-                values
-            }
-            TimestepSpacing::Leading => {
-                let ratio = train / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|index| (index * ratio + self.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                arange_down_to_zero(train as f64, train as f64 / steps as f64)
-                    .into_iter()
-                    .map(|position| position.round_ties_even() - 1.0)
-                    .collect()
-            }
-        };
+        let mut timesteps = multistep_timesteps(
+            self.timestep_spacing,
+            train,
+            train,
+            steps,
+            self.steps_offset,
+        );
         let training_sigmas = self.schedule.sigmas();
         let mut sigmas: Vec<f64> = if self.use_karras_sigmas {
             let log_sigmas = self.schedule.log_sigmas();
