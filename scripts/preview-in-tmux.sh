@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Shows what `dwctl run --preview` prints in a terminal, without needing one: runs
-#   target/release/dwctl run examples/tiny-sd.json --preview -o <tmpdir>
+# Shows what `dwctl watch --preview` does in a terminal, without needing one: runs
+#   target/release/dwctl watch <copy of examples/tiny-sd.json> --preview -o <tmpdir>
 # in a detached 120x40 tmux session (a private tmux server and a private dwd socket, both in
-# a temporary directory), waits for the run's "done:" line, then prints the pane twice:
-# with its colours (`capture-pane -e`, view it in a 24-bit colour terminal) and as plain text.
-# Finally it stops that dwd, kills the tmux server and removes the temporary directory.
+# a temporary directory), waits for the first run's line, edits the workflow's prompt and
+# waits for the rerun's line, sends Ctrl-C with send-keys and waits for "stopped watching",
+# then prints the pane twice: with its colours (`capture-pane -e`, view it in a 24-bit
+# colour terminal) and as plain text. Finally it stops that dwd, kills the tmux server and
+# removes the temporary directory.
 #
 # Preview protocol: half blocks unless DWCTL_PREVIEW is set (tmux's pane keeps text and
 # colours, not kitty/iTerm2/sixel images). NO_COLOR is cleared inside the pane.
@@ -50,7 +52,9 @@ q() { printf '%q' "$1"; }
 # The pane runs the command, reports its exit status, then stays open for capturing.
 cmd="cd $(q "$repo") && env -u NO_COLOR DWD_SOCKET=$(q "$DWD_SOCKET")"
 cmd+=" DWCTL_PREVIEW=$(q "${DWCTL_PREVIEW:-blocks}")"
-cmd+=" $(q "$dwctl") run examples/tiny-sd.json --preview -o $(q "$tmp/out")"
+flow="$tmp/flow.json"
+sed "s#\.\./tests/fixtures#$repo/tests/fixtures#g" examples/tiny-sd.json > "$flow"
+cmd+=" $(q "$dwctl") watch $(q "$flow") --preview -o $(q "$tmp/out")"
 cmd+="; echo \"[dwctl exited with status \$?]\"; exec sleep 86400"
 
 t new-session -d -s "$session" -x 120 -y 40 "$cmd"
@@ -58,26 +62,32 @@ t new-session -d -s "$session" -x 120 -y 40 "$cmd"
 capture() { t capture-pane -p -J -S - -t "$session" "$@"; }
 drop_trailing_blank_lines() { awk '{ if ($0 == "") n++; else { for (; n > 0; n--) print ""; print } }'; }
 
-deadline=$((SECONDS + timeout_s))
+# Waits until the pane shows PATTERN N times (grep -c), or fails.
+wait_for() {
+    local pattern=$1 count=$2 what=$3 deadline=$((SECONDS + timeout_s))
+    until [[ $(capture | grep -c -- "$pattern") -ge $count ]]; do
+        if capture | grep -q '^\[dwctl exited with status'; then
+            echo "dwctl exited before $what" >&2
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "no $what after ${timeout_s} s" >&2
+            return 1
+        fi
+        sleep 0.25
+    done
+}
+
 status=0
-until capture | grep -q '^done:'; do
-    if capture | grep -q '^\[dwctl exited with status'; then
-        echo "dwctl exited without printing done:" >&2
-        status=1
-        break
-    fi
-    if ((SECONDS >= deadline)); then
-        echo "no done: line after ${timeout_s} s" >&2
-        status=1
-        break
-    fi
-    sleep 0.5
-done
-# Let the run print its last lines (the exit status marker follows them).
-for _ in $(seq 20); do
-    capture | grep -q '^\[dwctl exited with status' && break
-    sleep 0.25
-done
+if wait_for '  loaded 4  ' 1 "the first run"; then
+    sed -i 's/"prompt": "[^"]*"/"prompt": "a blue fox"/' "$flow"
+    wait_for '  warm  ' 1 "the rerun after editing the prompt" || status=1
+    t send-keys -t "$session" C-c
+    wait_for 'stopped watching' 1 "a clean stop on Ctrl-C" || status=1
+    wait_for '^\[dwctl exited with status 0\]' 1 "exit status 0" || status=1
+else
+    status=1
+fi
 
 echo "===== pane with colours (capture-pane -e) ====="
 capture -e | drop_trailing_blank_lines
