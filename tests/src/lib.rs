@@ -45,6 +45,15 @@ pub fn example_workflow() -> PathBuf {
     repo_root().join("examples/tiny-sd.json")
 }
 
+/// The text of `examples/NAME` with its `../tests/fixtures` paths made absolute, so a copy
+/// written anywhere still finds its model and inputs.
+pub fn example_text(name: &str) -> String {
+    let fixtures = repo_root().join("tests/fixtures");
+    std::fs::read_to_string(repo_root().join("examples").join(name))
+        .unwrap_or_else(|e| panic!("examples/{name}: {e}"))
+        .replace("../tests/fixtures", fixtures.to_str().expect("utf-8 path"))
+}
+
 /// A private daemon for one test: its own socket directory, stopped (or killed) on drop.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,

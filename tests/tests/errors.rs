@@ -13,10 +13,7 @@ fn write(daemon: &TestDaemon, name: &str, text: &str) -> PathBuf {
 
 /// The example's text with its model path made absolute, so a copy runs from anywhere.
 fn example_text() -> String {
-    let model = dw_tests::repo_root().join("tests/fixtures/tiny-sd15/model");
-    std::fs::read_to_string(example_workflow())
-        .unwrap()
-        .replace("../tests/fixtures/tiny-sd15/model", model.to_str().unwrap())
+    dw_tests::example_text("tiny-sd.json")
 }
 
 #[test]

@@ -15,14 +15,10 @@ use nix::unistd::Pid;
 
 /// A workflow copy the test can edit, with the model path made absolute.
 fn editable_workflow(daemon: &TestDaemon, steps: u32) -> std::path::PathBuf {
-    let model = dw_tests::repo_root().join("tests/fixtures/tiny-sd15/model");
-    let text = std::fs::read_to_string(example_workflow())
-        .unwrap()
-        .replace("../tests/fixtures/tiny-sd15/model", model.to_str().unwrap())
-        .replace(
-            "\"num_inference_steps\": 4",
-            &format!("\"num_inference_steps\": {steps}"),
-        );
+    let text = dw_tests::example_text("tiny-sd.json").replace(
+        "\"num_inference_steps\": 4",
+        &format!("\"num_inference_steps\": {steps}"),
+    );
     let path = daemon.dir.path().join("flow.json");
     std::fs::write(&path, text).unwrap();
     path

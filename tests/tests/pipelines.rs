@@ -61,16 +61,10 @@ fn a_run_from_the_reference_latents_reproduces_diffusers_images_for_each_schedul
 #[test]
 fn output_type_latent_writes_the_final_latents_as_safetensors() {
     let daemon = TestDaemon::new();
-    let text = std::fs::read_to_string(example("tiny-sd-reference.json"))
-        .unwrap()
-        .replace(
-            "\"guidance_scale\": 7.5,",
-            "\"guidance_scale\": 7.5, \"output_type\": \"latent\",",
-        )
-        .replace(
-            "../tests/fixtures",
-            fixture("").to_str().unwrap().trim_end_matches('/'),
-        );
+    let text = dw_tests::example_text("tiny-sd-reference.json").replace(
+        "\"guidance_scale\": 7.5,",
+        "\"guidance_scale\": 7.5, \"output_type\": \"latent\",",
+    );
     let workflow = daemon.dir.path().join("latent.json");
     std::fs::write(&workflow, text).unwrap();
     let run = daemon.dwctl(&[
@@ -142,14 +136,11 @@ fn a_two_step_workflow_refines_the_first_image_with_img2img() {
 #[test]
 fn a_checkpoint_without_a_scheduler_override_runs_with_its_own_pndm_scheduler() {
     let daemon = TestDaemon::new();
-    let text = std::fs::read_to_string(example("tiny-sd-reference.json"))
-        .unwrap()
-        .replace(
+    let text = dw_tests::example_text("tiny-sd-reference.json").replace(
             "\"scheduler\": {\n          \"configuration\": {\n            \"scheduler_type\": \"variable:scheduler\"\n          }\n        },\n",
             "",
         )
-        .replace("\"variables\": {\n    \"scheduler\": \"DDIMScheduler\"\n  },\n", "")
-        .replace("../tests/fixtures", fixture("").to_str().unwrap().trim_end_matches('/'));
+        .replace("\"variables\": {\n    \"scheduler\": \"DDIMScheduler\"\n  },\n", "");
     assert!(!text.contains("scheduler"), "{text}");
     let workflow = daemon.dir.path().join("pndm.json");
     std::fs::write(&workflow, text).unwrap();
@@ -170,16 +161,10 @@ fn a_checkpoint_without_a_scheduler_override_runs_with_its_own_pndm_scheduler() 
 #[test]
 fn latents_of_the_wrong_shape_exit_2_naming_both_shapes() {
     let daemon = TestDaemon::new();
-    let text = std::fs::read_to_string(example("tiny-sd-reference.json"))
-        .unwrap()
-        .replace(
-            "\"guidance_scale\": 7.5,",
-            "\"guidance_scale\": 7.5, \"height\": 32, \"width\": 32,",
-        )
-        .replace(
-            "../tests/fixtures",
-            fixture("").to_str().unwrap().trim_end_matches('/'),
-        );
+    let text = dw_tests::example_text("tiny-sd-reference.json").replace(
+        "\"guidance_scale\": 7.5,",
+        "\"guidance_scale\": 7.5, \"height\": 32, \"width\": 32,",
+    );
     let workflow = daemon.dir.path().join("shape.json");
     std::fs::write(&workflow, text).unwrap();
     let run = daemon.dwctl(&[
