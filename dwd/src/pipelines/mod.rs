@@ -7,6 +7,7 @@
 //! error type, reading `config.json` files and finding and mapping weight files.
 
 pub mod noise;
+pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
 pub mod text_encoder;

@@ -1,0 +1,465 @@
+//! The operations a denoising step spends its time in: 2-D convolution, group
+//! normalisation and attention, as layers the UNet and the VAE are built from.
+//!
+//! On the CPU in f32 each runs on the `kernels` crate (convolution as a column copy and one
+//! matrix product written straight into the output, group norm in two passes with SiLU
+//! fused, attention a block of queries at a time so the score matrix never exists whole).
+//! Everywhere else, and as the reference the fast paths are tested against, they run on
+//! candle's own operations.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// A 2-D convolution with a square kernel, as diffusers' `nn.Conv2d` layers are.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// (out_channels, in_channels, kernel, kernel)
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight` and `bias` from `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// (batch, in_channels, height, width) to (batch, out_channels, height', width').
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if runs_on_kernels(xs) {
+            return self.forward_kernels(xs);
+        }
+        self.forward_reference(xs)
+    }
+
+    /// candle's own convolution.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+
+    fn forward_kernels(&self, xs: &Tensor) -> Result<Tensor> {
+        let op = ConvOp {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        match &self.bias {
+            Some(bias) => xs.contiguous()?.apply_op3_no_bwd(&self.weight, bias, &op),
+            None => {
+                let (out_channels, ..) = self.weight.dims4()?;
+                let zeros = Tensor::zeros(out_channels, DType::F32, xs.device())?;
+                xs.contiguous()?.apply_op3_no_bwd(&self.weight, &zeros, &op)
+            }
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Conv2d::forward(self, xs)
+    }
+}
+
+/// Group normalisation over (batch, channels, ...) with a per-channel scale and shift.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` from `vb`.
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("group norm: {groups} groups do not divide {channels} channels")
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// The normalised input.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, false)
+    }
+
+    /// SiLU of the normalised input, in one pass: what every ResNet block does first.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, true)
+    }
+
+    fn forward_with(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if runs_on_kernels(xs) {
+            let op = GroupNormOp {
+                groups: self.groups,
+                eps: self.eps as f32,
+                silu,
+            };
+            return xs
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        let ys = self.forward_reference(xs)?;
+        if silu {
+            candle_nn::ops::silu(&ys)
+        } else {
+            Ok(ys)
+        }
+    }
+
+    /// candle's group norm (f32 statistics, as diffusers computes them).
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let channels = self.weight.dim(0)?;
+        candle_nn::GroupNorm::new(
+            self.weight.clone(),
+            self.bias.clone(),
+            channels,
+            self.groups,
+            self.eps,
+        )?
+        .forward(xs)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        GroupNorm::forward(self, xs)
+    }
+}
+
+/// Scaled dot-product attention: softmax(q kᵀ · scale) v, computed in f32 whatever the
+/// input type (as diffusers' attention processors do for half-precision inputs).
+///
+/// `query` is (n, query_len, head_dim), `key` and `value` (n, key_len, head_dim), where `n`
+/// is batch × heads; the result is (n, query_len, head_dim) in the query's dtype.
+pub fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Result<Tensor> {
+    if runs_on_kernels(query) && key.dtype() == DType::F32 && value.dtype() == DType::F32 {
+        let op = AttentionOp {
+            scale: scale as f32,
+        };
+        return query
+            .contiguous()?
+            .apply_op3_no_bwd(&key.contiguous()?, &value.contiguous()?, &op);
+    }
+    attention_reference(query, key, value, scale)
+}
+
+/// candle's attention: the whole score matrix, then softmax, then the product with `value`.
+pub fn attention_reference(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let in_dtype = query.dtype();
+    let query = query.to_dtype(DType::F32)?;
+    let key = key.to_dtype(DType::F32)?;
+    let value = value.to_dtype(DType::F32)?;
+    let scores = (query.matmul(&key.t()?)? * scale)?;
+    let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    weights.matmul(&value)?.to_dtype(in_dtype)
+}
+
+/// Whether `xs` takes the `kernels` fast path: f32 on the CPU.
+fn runs_on_kernels(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// The f32 elements of a contiguous CPU tensor, borrowed.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what}: expected f32 storage")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: not contiguous (the caller makes it so)"),
+    }
+}
+
+/// Convolution on the `kernels` crate: (input, weight, bias).
+struct ConvOp {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "dw-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, in_channels, height, width) = input_layout.shape().dims4()?;
+        let (out_channels, weight_in, kernel_h, kernel_w) = weight_layout.shape().dims4()?;
+        if weight_in != in_channels || (kernel_h, kernel_w) != (self.kernel, self.kernel) {
+            candle_core::bail!(
+                "conv2d: input {:?} does not fit weight {:?}",
+                input_layout.shape(),
+                weight_layout.shape()
+            )
+        }
+        if bias_layout.shape().elem_count() != out_channels {
+            candle_core::bail!(
+                "conv2d: bias {:?} for {out_channels} channels",
+                bias_layout.shape()
+            )
+        }
+        let shape = kernels::Conv2dShape {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        if shape.out_height() == 0 || shape.out_width() == 0 {
+            candle_core::bail!("conv2d: input {height}x{width} is smaller than the kernel")
+        }
+        let output = kernels::conv2d(
+            &shape,
+            contiguous_f32(input, input_layout, "conv2d input")?,
+            contiguous_f32(weight, weight_layout, "conv2d weight")?,
+            contiguous_f32(bias, bias_layout, "conv2d bias")?,
+        );
+        let dims = (batch, out_channels, shape.out_height(), shape.out_width());
+        Ok((CpuStorage::F32(output), dims.into()))
+    }
+}
+
+/// Group norm on the `kernels` crate: (input, weight, bias).
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "dw-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = input_layout.shape().dims();
+        if dims.len() < 2 {
+            candle_core::bail!("group norm: expected (batch, channels, ...), got {dims:?}")
+        }
+        let (batch, channels) = (dims[0], dims[1]);
+        if weight_layout.shape().elem_count() != channels
+            || bias_layout.shape().elem_count() != channels
+        {
+            candle_core::bail!("group norm: scale and shift are not one per channel ({channels})")
+        }
+        let shape = kernels::GroupNormShape {
+            batch,
+            channels,
+            spatial: dims[2..].iter().product(),
+            groups: self.groups,
+        };
+        let output = kernels::group_norm(
+            &shape,
+            contiguous_f32(input, input_layout, "group norm input")?,
+            contiguous_f32(weight, weight_layout, "group norm weight")?,
+            contiguous_f32(bias, bias_layout, "group norm bias")?,
+            self.eps,
+            self.silu,
+        );
+        Ok((CpuStorage::F32(output), input_layout.shape().clone()))
+    }
+}
+
+/// Attention on the `kernels` crate: (query, key, value).
+struct AttentionOp {
+    scale: f32,
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "dw-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        query: &CpuStorage,
+        query_layout: &Layout,
+        key: &CpuStorage,
+        key_layout: &Layout,
+        value: &CpuStorage,
+        value_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (heads, query_len, head_dim) = query_layout.shape().dims3()?;
+        let (key_heads, key_len, key_dim) = key_layout.shape().dims3()?;
+        if (key_heads, key_dim) != (heads, head_dim)
+            || value_layout.shape().dims3()? != (heads, key_len, head_dim)
+        {
+            candle_core::bail!(
+                "attention: query {:?}, key {:?} and value {:?} do not match",
+                query_layout.shape(),
+                key_layout.shape(),
+                value_layout.shape()
+            )
+        }
+        let shape = kernels::AttentionShape {
+            heads,
+            query_len,
+            key_len,
+            head_dim,
+        };
+        let output = kernels::attention(
+            &shape,
+            contiguous_f32(query, query_layout, "attention query")?,
+            contiguous_f32(key, key_layout, "attention key")?,
+            contiguous_f32(value, value_layout, "attention value")?,
+            self.scale,
+        );
+        Ok((CpuStorage::F32(output), query_layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count as u64)
+            .map(|i| (((i + seed) * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).expect("a tensor")
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("a difference")
+    }
+
+    fn var_builder(tensors: &[(&str, Tensor)]) -> VarBuilder<'static> {
+        let map = tensors
+            .iter()
+            .map(|(name, t)| (name.to_string(), t.clone()))
+            .collect();
+        VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    }
+
+    #[test]
+    fn fast_convolution_matches_candles_for_each_layer_shape_of_a_unet() {
+        // 3x3 same, 3x3 stride 2 (downsample), 1x1 (shortcut / projection).
+        for (kernel, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+            let vb = var_builder(&[
+                ("weight", random(&[6, 5, kernel, kernel], 1)),
+                ("bias", random(&[6], 2)),
+            ]);
+            let conv = Conv2d::load(vb, 5, 6, kernel, stride, padding).expect("a conv");
+            let xs = random(&[2, 5, 9, 7], 3);
+            let fast = conv.forward(&xs).expect("fast");
+            let reference = conv.forward_reference(&xs).expect("reference");
+            assert!(
+                max_abs_diff(&fast, &reference) < 1e-4,
+                "kernel {kernel} stride {stride}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_non_contiguous_input_is_convolved_like_its_contiguous_copy() {
+        let vb = var_builder(&[
+            ("weight", random(&[3, 4, 3, 3], 1)),
+            ("bias", random(&[3], 2)),
+        ]);
+        let conv = Conv2d::load(vb, 4, 3, 3, 1, 1).expect("a conv");
+        let xs = random(&[1, 4, 6, 5], 3).transpose(2, 3).expect("a view");
+        let fast = conv.forward(&xs).expect("fast");
+        let reference = conv
+            .forward_reference(&xs.contiguous().expect("a copy"))
+            .expect("ref");
+        assert!(max_abs_diff(&fast, &reference) < 1e-4);
+    }
+
+    #[test]
+    fn fast_group_norm_and_its_fused_silu_match_candles() {
+        let vb = var_builder(&[("weight", random(&[8], 1)), ("bias", random(&[8], 2))]);
+        let norm = GroupNorm::load(vb, 4, 8, 1e-5).expect("a norm");
+        let xs = random(&[2, 8, 5, 3], 3);
+        let reference = norm.forward_reference(&xs).expect("reference");
+        assert!(max_abs_diff(&norm.forward(&xs).expect("fast"), &reference) < 1e-5);
+        let silu = candle_nn::ops::silu(&reference).expect("silu");
+        assert!(max_abs_diff(&norm.forward_silu(&xs).expect("fused"), &silu) < 1e-5);
+    }
+
+    #[test]
+    fn blockwise_attention_matches_the_whole_score_matrix() {
+        let q = random(&[4, 33, 8], 1);
+        let k = random(&[4, 21, 8], 2);
+        let v = random(&[4, 21, 8], 3);
+        let scale = 1.0 / 8f64.sqrt();
+        let fast = attention(&q, &k, &v, scale).expect("fast");
+        let reference = attention_reference(&q, &k, &v, scale).expect("reference");
+        assert!(max_abs_diff(&fast, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors_not_panics() {
+        let q = random(&[2, 3, 4], 1);
+        let k = random(&[2, 5, 3], 2);
+        assert!(attention(&q, &k, &k, 1.0).is_err());
+        let vb = var_builder(&[
+            ("weight", random(&[3, 4, 3, 3], 1)),
+            ("bias", random(&[3], 2)),
+        ]);
+        let conv = Conv2d::load(vb, 4, 3, 3, 1, 1).expect("a conv");
+        assert!(conv.forward(&random(&[1, 5, 6, 6], 3)).is_err());
+        assert!(conv
+            .forward(&random(&[1, 4, 2, 2], 3).narrow(2, 0, 0).expect("empty"))
+            .is_err());
+    }
+}
