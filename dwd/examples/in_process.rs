@@ -18,6 +18,8 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.get(3).context(usage)?.parse()?;
     let warm_runs: usize = args.get(4).context(usage)?.parse()?;
 
+    // The same allocator settings as the daemon, so the comparison is like for like.
+    dwd::memory::tune_allocator();
     let started = Instant::now();
     let pipeline = StableDiffusionPipeline::load(&model, DType::F32, &Device::Cpu)?;
     let load_ms = started.elapsed().as_millis();

@@ -84,6 +84,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    dwd::memory::tune_allocator();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
