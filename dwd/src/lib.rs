@@ -18,3 +18,4 @@ pub mod output;
 pub mod pipelines;
 pub mod queue;
 pub mod server;
+pub mod warm_up;

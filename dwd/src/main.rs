@@ -141,6 +141,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     let device = device_choice
         .open()
         .inspect_err(|e| tracing::error!("{e:#}"))?;
+    let warming = std::time::Instant::now();
+    dwd::warm_up::warm_up(&device)
+        .with_context(|| format!("cannot run the first operations on {device:?}"))
+        .inspect_err(|e| tracing::error!("{e:#}"))?;
+    if !device.is_cpu() {
+        tracing::info!(
+            ms = warming.elapsed().as_millis() as u64,
+            "device warmed up: kernels loaded, cuBLAS ready"
+        );
+    }
     std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -94,12 +94,26 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` from `vb`.
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
-            candle_core::bail!("group norm: {groups} groups do not divide {channels} channels")
+        Self::new(
+            vb.get(channels, "weight")?,
+            vb.get(channels, "bias")?,
+            groups,
+            eps,
+        )
+    }
+
+    /// A group norm with the given per-channel scale and shift.
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        if groups == 0 || channels % groups != 0 || bias.elem_count() != channels {
+            candle_core::bail!(
+                "group norm: {groups} groups, {channels} scales and {} shifts do not fit",
+                bias.elem_count()
+            )
         }
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
             groups,
             eps,
         })
