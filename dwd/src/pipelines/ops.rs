@@ -105,7 +105,7 @@ impl GroupNorm {
     /// A group norm with the given per-channel scale and shift.
     pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
         let channels = weight.elem_count();
-        if groups == 0 || channels % groups != 0 || bias.elem_count() != channels {
+        if groups == 0 || !channels.is_multiple_of(groups) || bias.elem_count() != channels {
             candle_core::bail!(
                 "group norm: {groups} groups, {channels} scales and {} shifts do not fit",
                 bias.elem_count()
