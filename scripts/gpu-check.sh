@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Checks dwd on a CUDA GPU: the tiny reference pipeline on cuda:0 in float32 and float16,
-# compared with diffusers' images, cold and warm, with device memory before and after.
+# Checks dwd on a CUDA GPU, in two parts:
+# 1. the tiny reference pipeline on cuda:0 in float32 and float16, compared with diffusers'
+#    images, cold and warm, with device memory before any load, after, and after `clear`;
+# 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
+#    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
+#    after load and after `clear`; the UNet step alone, candle against diffusers; and the
+#    same run in diffusers (needs `diffusers` importable, e.g. from carried wheels).
 #
 # Run it on the GPU machine from the repository root, with the binaries built here first:
-#   scripts/build-cuda.sh && cargo build --release -p dwctl
-#   mkdir -p gpu-bin && cp target/cuda/release/dwd target/release/dwctl gpu-bin/
+#   scripts/build-cuda.sh && cargo build --release -p dwctl -p dwd --examples
+#   mkdir -p gpu-bin && cp target/cuda/release/dwd target/cuda/release/examples/unet_step \
+#       target/release/dwctl target/release/examples/make_sd15_random gpu-bin/
 #   (on the GPU machine)  scripts/gpu-check.sh gpu-bin
 # The machine needs the NVIDIA driver and the CUDA 13 runtime libraries, which PyTorch's
 # nvidia wheels carry (found through python3). It writes a report to $OUT (or ./gpu-check).
@@ -80,3 +86,35 @@ sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sd-reference.jso
 echo "== device memory after loading again:"; memory
 "$bin/dwctl" clear
 echo "== device memory after the second clear:"; memory
+
+[ "${DW_FULL_SIZE:-1}" = 1 ] || exit 0
+echo "== full-size SD 1.5-shaped model, random weights (made here)"
+model=$dir/sd15-random
+start=$(date +%s)
+"$bin/make_sd15_random" "$model" > /dev/null || exit 1
+echo "made in $(( $(date +%s) - start )) s: $(du -sh "$model" | cut -f1)"
+cat > "$dir/full.json" <<JSON
+{"id": "sd15_random", "seed": 1, "steps": [{"name": "main", "pipeline": {
+  "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+  "from_pretrained_arguments": {"model_name": "$model", "torch_dtype": "torch.float16"},
+  "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}},
+  "arguments": {"prompt": "a fox", "num_inference_steps": 20, "height": 512, "width": 512}}}]}
+JSON
+used() { "$bin/dwctl" status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['memory']['device_used_bytes'] // 2**20)"; }
+before=$(used); echo "device memory before load: $before MiB"
+for attempt in cold warm warm warm; do
+  start=$(date +%s%N)
+  "$bin/dwctl" run "$dir/full.json" -o "$dir/out" --json --quiet > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
+  end=$(date +%s%N)
+  python3 -c "import json; s=json.load(open('$dir/run.json')); t=s['timings']; print('dwd f16 512x512 20 steps $attempt: wall', ($end-$start)//1000000, 'ms, load', t['load_ms'], 'ms, run', t['run_ms'], 'ms')"
+  [ "$attempt" = cold ] && echo "device memory after load: $(used) MiB"
+done
+"$bin/dwctl" clear
+after=$(used)
+echo "device memory after clear: $after MiB (before load: $before MiB; difference $((after - before)) MiB, goal at most 64)"
+"$bin/dwctl" stop
+echo "== one UNet step, batch 2, 64x64 latents, f16: candle, then diffusers"
+"$bin/unet_step" "$model" 64 10 f16 cuda | tail -n 1
+python3 scripts/unet_step_torch.py "$model" 64 10 f16 cuda | tail -n 1
+echo "== the same run in diffusers (DDIM, 512x512, 20 steps, f16)"
+python3 scripts/pipeline_torch.py "$model" 512 20 f16 cuda 3
