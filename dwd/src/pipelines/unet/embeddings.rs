@@ -1,0 +1,74 @@
+//! The timestep embedding: the denoising step's timestep as sinusoids (diffusers'
+//! `Timesteps`, `get_timestep_embedding`), then a two-layer MLP (`TimestepEmbedding`) whose
+//! output every ResNet block adds to its features.
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{linear, Linear, VarBuilder};
+
+/// Sinusoidal features of a timestep: `channels / 2` frequencies from 1 down to 1/10000,
+/// as cosines then sines (`flip_sin_to_cos`) or sines then cosines.
+#[derive(Debug, Clone)]
+pub struct Timesteps {
+    channels: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+}
+
+impl Timesteps {
+    pub fn new(channels: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Self {
+        Self {
+            channels,
+            flip_sin_to_cos,
+            freq_shift,
+        }
+    }
+
+    /// (batch, channels) in f32, the same row for every element of the batch.
+    ///
+    /// Computed in f32 in diffusers' order: exponent `-ln(10000) · i / (half - shift)`,
+    /// then `exp`, then the product with the timestep, then `sin` and `cos`.
+    pub fn forward(&self, timestep: f64, batch: usize, device: &Device) -> Result<Tensor> {
+        let half = self.channels / 2;
+        let denominator = (half as f64 - self.freq_shift) as f32;
+        let timestep = timestep as f32;
+        let angles: Vec<f32> = (0..half)
+            .map(|i| {
+                let exponent = i as f32 * -(10000f64.ln() as f32) / denominator;
+                timestep * exponent.exp()
+            })
+            .collect();
+        let sines = angles.iter().map(|angle| angle.sin());
+        let cosines = angles.iter().map(|angle| angle.cos());
+        let mut row: Vec<f32> = if self.flip_sin_to_cos {
+            cosines.chain(sines).collect()
+        } else {
+            sines.chain(cosines).collect()
+        };
+        // An odd channel count gets one zero at the end.
+        row.resize(self.channels, 0.0);
+        let row = Tensor::from_vec(row, (1, self.channels), device)?;
+        row.broadcast_as((batch, self.channels))?.contiguous()
+    }
+}
+
+/// `linear_1` → SiLU → `linear_2`: the sinusoids to the time embedding the ResNet blocks
+/// take (4 × the first block's channels wide).
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn load(vb: VarBuilder, in_channels: usize, embedding_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_channels, embedding_dim, vb.pp("linear_1"))?,
+            linear_2: linear(embedding_dim, embedding_dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    pub fn forward(&self, sinusoids: &Tensor) -> Result<Tensor> {
+        let xs = candle_nn::ops::silu(&self.linear_1.forward(sinusoids)?)?;
+        self.linear_2.forward(&xs)
+    }
+}
