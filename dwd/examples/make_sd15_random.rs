@@ -8,10 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
-use dwd::pipelines::{TextEncoder, TextEncoderConfig, UnetConfig, Vae, VaeConfig};
+use dwd::pipelines::{TextEncoder, TextEncoderConfig, Unet, UnetConfig, Vae, VaeConfig};
 use serde_json::json;
 
 fn write_json(path: &Path, value: serde_json::Value) -> anyhow::Result<()> {
@@ -25,6 +24,42 @@ fn copy_folder(from: &Path, to: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Gives the UNet's variables values like a freshly initialised PyTorch model's: our layers
+/// ask the variable map for plain zeros. Weights (two or more dimensions) and biases are
+/// uniform in ±1/√fan_in (a bias takes the fan-in of the weight beside it), norm scales 1,
+/// norm shifts 0.
+fn randomize_unet(varmap: &VarMap) -> anyhow::Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
+    for (name, var) in vars.iter() {
+        let dims = var.dims().to_vec();
+        let value = if name.contains("norm") {
+            if name.ends_with(".weight") {
+                Tensor::ones(dims.as_slice(), DType::F32, var.device())?
+            } else {
+                Tensor::zeros(dims.as_slice(), DType::F32, var.device())?
+            }
+        } else {
+            let fan_in = if dims.len() >= 2 {
+                dims[1..].iter().product::<usize>()
+            } else {
+                let weight = name
+                    .strip_suffix(".bias")
+                    .map(|layer| format!("{layer}.weight"))
+                    .and_then(|weight| vars.get(&weight))
+                    .with_context(|| format!("no weight beside {name}"))?;
+                weight.dims()[1..].iter().product::<usize>()
+            };
+            let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+            Tensor::rand(-bound as f32, bound as f32, dims.as_slice(), var.device())?
+        };
+        var.set(&value)?;
     }
     Ok(())
 }
@@ -57,13 +92,11 @@ fn main() -> anyhow::Result<()> {
     )?;
     let unet_config = UnetConfig::load(&out.join("unet"))?;
     let varmap = VarMap::new();
-    UNet2DConditionModel::new(
+    Unet::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        unet_config.in_channels,
-        unet_config.out_channels,
-        false,
-        unet_config.model.clone(),
+        unet_config,
     )?;
+    randomize_unet(&varmap)?;
     varmap.save(out.join("unet/diffusion_pytorch_model.safetensors"))?;
     eprintln!("wrote the UNet");
 

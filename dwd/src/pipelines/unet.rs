@@ -1,17 +1,27 @@
-//! The denoising UNet: diffusers' `unet/config.json` mapped onto candle-transformers'
-//! `UNet2DConditionModel`, behind a small wrapper that knows its input size.
+//! The denoising UNet: diffusers' `unet/config.json` checked and mapped onto our own
+//! `UNet2DConditionModel` ([`model`]), behind a small wrapper that knows its input size.
 //!
-//! Only what candle's UNet can run is accepted (SD 1.x and 2.x layouts); anything else
-//! (SDXL's added embeddings, other block types, class conditioning...) is rejected with
+//! Only the SD 1.x and 2.x layouts are accepted; anything else (SDXL's added embeddings,
+//! other block types, class conditioning...) is rejected with
 //! [`PipelineError::Unsupported`] naming the key, rather than producing wrong images.
+//!
+//! The model is built from [`embeddings`] (the timestep), [`resnet`], [`attention`] (the
+//! transformers) and [`blocks`] (down, mid and up blocks), on the layers of
+//! [`super::ops`].
+
+pub mod attention;
+pub mod blocks;
+pub mod embeddings;
+pub mod model;
+pub mod resnet;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
-};
+use candle_nn::VarBuilder;
 use serde_json::{json, Value};
+
+pub use model::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
 
 use super::{mmap_weights, ConfigJson, InComponent, PipelineError};
 
@@ -24,7 +34,7 @@ const PLAIN_UP: &str = "UpBlock2D";
 /// What the UNet needs from its `config.json`.
 #[derive(Debug, Clone)]
 pub struct UnetConfig {
-    /// candle's model configuration.
+    /// The model's configuration.
     pub model: UNet2DConditionModelConfig,
     pub in_channels: usize,
     pub out_channels: usize,
@@ -62,7 +72,7 @@ impl UnetConfig {
                 )),
             })
             .collect::<Result<Vec<bool>, _>>()?;
-        // candle builds the up path as the mirror of the down path.
+        // The model builds the up path as the mirror of the down path.
         let mirrored_up: Vec<&str> = uses_cross_attention
             .iter()
             .rev()
@@ -128,10 +138,12 @@ impl UnetConfig {
         let block_configs = (0..blocks)
             .map(|index| BlockConfig {
                 out_channels: block_out_channels[index],
-                use_cross_attn: uses_cross_attention[index].then_some(transformer_layers[index]),
-                attention_head_dim: heads[index],
+                heads: heads[index],
+                transformer_layers: transformer_layers[index],
+                cross_attention: uses_cross_attention[index],
             })
             .collect();
+        // Fields are read in the order written: the keys' errors come in this order.
         let model = UNet2DConditionModelConfig {
             center_input_sample: config.bool_or("center_input_sample", false)?,
             flip_sin_to_cos: config.bool_or("flip_sin_to_cos", true)?,
@@ -143,19 +155,20 @@ impl UnetConfig {
             norm_num_groups,
             norm_eps: config.f64_or("norm_eps", 1e-5)?,
             cross_attention_dim,
-            sliced_attention_size: None,
             use_linear_projection: config.bool_or("use_linear_projection", false)?,
-        };
-        Ok(Self {
-            model,
             in_channels: config.usize_or("in_channels", 4)?,
             out_channels: config.usize_or("out_channels", 4)?,
+        };
+        Ok(Self {
+            in_channels: model.in_channels,
+            out_channels: model.out_channels,
+            model,
             sample_size: config.usize_or("sample_size", 64)?,
         })
     }
 }
 
-/// Rejects diffusers UNet options that candle's `UNet2DConditionModel` does not implement.
+/// Rejects diffusers UNet options that our `UNet2DConditionModel` does not implement.
 fn reject_unsupported(config: &ConfigJson) -> Result<(), PipelineError> {
     let none = "null (not set)";
     for key in [
@@ -233,18 +246,18 @@ impl Unet {
     ) -> Result<Self, PipelineError> {
         let config = UnetConfig::load(dir)?;
         let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
-        let model = UNet2DConditionModel::new(
-            vb,
-            config.in_channels,
-            config.out_channels,
-            false,
-            config.model.clone(),
-        )
-        .in_component(COMPONENT)?;
+        let mut unet = Self::new(vb, config).in_component(COMPONENT)?;
+        unet.bytes = bytes;
+        Ok(unet)
+    }
+
+    /// Builds the UNet from weights named as diffusers names them.
+    pub fn new(vb: VarBuilder, config: UnetConfig) -> candle_core::Result<Self> {
+        let model = UNet2DConditionModel::load(vb, config.model.clone())?;
         Ok(Self {
             model,
             config,
-            bytes,
+            bytes: 0,
         })
     }
 
