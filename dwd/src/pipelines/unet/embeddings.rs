@@ -72,3 +72,40 @@ impl TimestepEmbedding {
         self.linear_2.forward(&xs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinusoids_put_cosines_first_when_flipped() {
+        let device = Device::Cpu;
+        let flipped = Timesteps::new(4, true, 0.0)
+            .forward(2.0, 1, &device)
+            .unwrap();
+        let plain = Timesteps::new(4, false, 0.0)
+            .forward(2.0, 1, &device)
+            .unwrap();
+        // Frequencies 1 and 10000^(-1/2) = 0.01.
+        let want_flipped = [2f32.cos(), 0.02f32.cos(), 2f32.sin(), 0.02f32.sin()];
+        let want_plain = [2f32.sin(), 0.02f32.sin(), 2f32.cos(), 0.02f32.cos()];
+        for (got, want) in [(flipped, want_flipped), (plain, want_plain)] {
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn odd_channel_counts_end_in_a_zero_and_rows_repeat_per_batch() {
+        let device = Device::Cpu;
+        let sinusoids = Timesteps::new(5, true, 1.0)
+            .forward(7.0, 3, &device)
+            .unwrap();
+        assert_eq!(sinusoids.dims2().unwrap(), (3, 5));
+        let rows = sinusoids.to_vec2::<f32>().unwrap();
+        assert_eq!(rows[0][4], 0.0);
+        assert_eq!(rows[0], rows[2]);
+    }
+}

@@ -229,3 +229,52 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&xs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+
+    fn tiny_config(blocks: &[(usize, bool)]) -> UNet2DConditionModelConfig {
+        UNet2DConditionModelConfig {
+            in_channels: 4,
+            out_channels: 4,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            blocks: blocks
+                .iter()
+                .map(|&(out_channels, cross_attention)| BlockConfig {
+                    out_channels,
+                    heads: 2,
+                    transformer_layers: 1,
+                    cross_attention,
+                })
+                .collect(),
+            layers_per_block: 1,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            norm_num_groups: 8,
+            norm_eps: 1e-5,
+            cross_attention_dim: 16,
+            use_linear_projection: false,
+        }
+    }
+
+    /// Odd latent sizes: each upsampler is told the size of the skip connection it meets.
+    #[test]
+    fn odd_latent_sizes_come_back_at_their_size() {
+        let device = Device::Cpu;
+        let config = tiny_config(&[(16, false), (16, true), (32, true)]);
+        let vb = VarBuilder::zeros(DType::F32, &device);
+        let unet = UNet2DConditionModel::load(vb, config).unwrap();
+        let context = Tensor::zeros((1, 5, 16), DType::F32, &device).unwrap();
+        for (height, width) in [(9, 7), (8, 6), (5, 12)] {
+            let sample = Tensor::zeros((1, 4, height, width), DType::F32, &device).unwrap();
+            let out = unet.forward(&sample, 10.0, &context).unwrap();
+            assert_eq!(out.dims4().unwrap(), (1, 4, height, width));
+        }
+    }
+}
