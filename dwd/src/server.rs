@@ -434,6 +434,8 @@ async fn send_event(
                 }
             };
             writer.write_all(&bytes[sent..]).await?;
+            // Unmapping and freeing the pages is the background thread's work.
+            crate::output::retire(segment);
             return Ok(());
         }
     };
