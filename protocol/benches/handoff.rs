@@ -2,23 +2,27 @@
 //! floor of one memcpy, for 4 images of 1024x1024x3 u8 and one 48 MiB f32 tensor.
 //!
 //! - `memfd, new`: a new sealed memfd per output, written once, its descriptor passed with
-//!   SCM_RIGHTS; the client maps it and reads every byte (what dwd does today).
-//! - `memfd, spare`: the same with a segment created and pre-faulted beforehand, off the
-//!   request path; the timed part is the copy, seal, pass, map and read.
+//!   SCM_RIGHTS, unmapped at once; the client maps it, reads every byte and unmaps it
+//!   (what dwd did before it kept spares).
+//! - `memfd, spares`: what dwd does now: segments from a [`Spares`] pool (pre-faulted on
+//!   its background thread, which also unmaps and frees sent segments); the client stops
+//!   the clock once it has read every byte and unmaps afterwards (as `dwctl` does after
+//!   writing its file). The pool is given time to refill, and to free the last round's
+//!   segments, between rounds, as the decode between a daemon's jobs gives it.
 //! - `socket`: the bytes written through the Unix socket and read into a buffer.
 //! - `memcpy`: one copy into an already touched buffer, then the same read.
 //!
 //! Run: `cargo bench -p protocol --bench handoff` (medians of 15 rounds).
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use protocol::fdpass::{send_with_fd, FdFrameReader};
 use protocol::frame::encode;
 use protocol::message::ClientMessage;
-use protocol::shm::{MappedOutput, OutputSegment};
+use protocol::shm::{MappedOutput, OutputSegment, Spares};
 
 const ROUNDS: usize = 15;
 
@@ -38,59 +42,76 @@ fn median(mut samples: Vec<Duration>) -> (Duration, Duration, Duration) {
     )
 }
 
-/// Hands `outputs` over through memfds; `spare` pre-faults each segment before timing.
-fn memfd(outputs: &[Vec<u8>], spare: bool) -> Duration {
+/// Hands `outputs` over through new memfds, unmapped on the spot on both sides.
+fn memfd_new(outputs: &[Vec<u8>]) -> Duration {
     let (daemon, client) = UnixStream::pair().expect("socket pair");
-    let mut segments: Vec<Option<OutputSegment>> = outputs
-        .iter()
-        .map(|o| {
-            spare.then(|| {
-                let mut segment = OutputSegment::create(o.len()).expect("segment");
-                segment
-                    .bytes_mut()
-                    .iter_mut()
-                    .step_by(4096)
-                    .for_each(|b| *b = 0);
-                segment
-            })
-        })
-        .collect();
     let frame = encode(&ClientMessage::Ping).expect("frame");
     let started = Instant::now();
     let receiver = std::thread::spawn(move || {
         let mut reader = FdFrameReader::new(client);
         let mut sum = 0;
-        for _ in 0..4096 {
-            let Ok(ClientMessage::Ping) = reader.read_message() else {
-                break;
-            };
-            let fd = reader.take_fd().expect("a descriptor");
-            let len = std::fs::File::from(fd.try_clone().expect("dup"))
-                .metadata()
-                .expect("stat")
-                .len() as usize;
-            let mapped = MappedOutput::map(fd, len).expect("map");
+        while let Ok(ClientMessage::Ping) = reader.read_message() {
+            let mapped = map_received(&mut reader);
             sum += read_all(mapped.bytes());
         }
         sum
     });
-    for (output, segment) in outputs.iter().zip(segments.iter_mut()) {
-        let mut segment = match segment.take() {
-            Some(s) => s,
-            None => OutputSegment::create(output.len()).expect("segment"),
-        };
+    for output in outputs {
+        let mut segment = OutputSegment::create(output.len()).expect("segment");
         segment.bytes_mut().copy_from_slice(output);
         let sealed = segment.seal().expect("seal");
-        send_with_fd(
-            std::os::fd::AsRawFd::as_raw_fd(&daemon),
-            &frame,
-            sealed.fd(),
-        )
-        .expect("send");
+        send_with_fd(daemon.as_raw_fd(), &frame, sealed.fd()).expect("send");
     }
     drop(daemon);
     std::hint::black_box(receiver.join().expect("receiver"));
     started.elapsed()
+}
+
+/// Hands `outputs` over as dwd does: segments from `spares`, retired once sent; the
+/// client's clock stops when it has read everything, before it unmaps.
+fn memfd_spares(outputs: &[Vec<u8>], spares: &Spares) -> Duration {
+    // Give the background thread the time the decode between outputs gives it in dwd.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (spares.ready().0 < outputs.len() || spares.retired() > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let (daemon, client) = UnixStream::pair().expect("socket pair");
+    let frame = encode(&ClientMessage::Ping).expect("frame");
+    let started = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        let mut reader = FdFrameReader::new(client);
+        let mut sum = 0;
+        let mut read = Vec::new();
+        while let Ok(ClientMessage::Ping) = reader.read_message() {
+            let mapped = map_received(&mut reader);
+            sum += read_all(mapped.bytes());
+            read.push(mapped);
+        }
+        let done = Instant::now();
+        drop(read);
+        (sum, done)
+    });
+    for output in outputs {
+        let mut segment = spares.take(output.len()).expect("segment");
+        segment.bytes_mut().copy_from_slice(output);
+        let sealed = segment.seal().expect("seal");
+        send_with_fd(daemon.as_raw_fd(), &frame, sealed.fd()).expect("send");
+        spares.retire(sealed);
+    }
+    drop(daemon);
+    let (sum, done) = receiver.join().expect("receiver");
+    std::hint::black_box(sum);
+    done - started
+}
+
+fn map_received(reader: &mut FdFrameReader) -> MappedOutput {
+    let fd = reader.take_fd().expect("a descriptor");
+    let len = std::fs::File::from(fd.try_clone().expect("dup"))
+        .metadata()
+        .expect("stat")
+        .len() as usize;
+    MappedOutput::map(fd, len).expect("map")
 }
 
 /// Sends the bytes through the socket itself.
@@ -124,16 +145,19 @@ fn memcpy(outputs: &[Vec<u8>], targets: &mut [Vec<u8>]) -> Duration {
 
 fn report(name: &str, outputs: &[Vec<u8>]) {
     let mut targets: Vec<Vec<u8>> = outputs.iter().map(|o| vec![1u8; o.len()]).collect();
+    // Retired segments are freed after a round (dwd: 2 s after), and before the next one
+    // starts (below), so that freeing one round's pages does not land in another's clock.
+    let spares = Spares::new(64 << 20, Duration::from_millis(300)).expect("spares");
     let cases: [(&str, &mut dyn FnMut() -> Duration); 4] = [
         ("memcpy", &mut || memcpy(outputs, &mut targets)),
-        ("memfd, new", &mut || memfd(outputs, false)),
-        ("memfd, spare", &mut || memfd(outputs, true)),
+        ("memfd, new", &mut || memfd_new(outputs)),
+        ("memfd, spares", &mut || memfd_spares(outputs, &spares)),
         ("socket", &mut || socket(outputs)),
     ];
     let mut floor = None;
     println!("{name}");
     for (case, run) in cases {
-        run(); // warm-up
+        run(); // warm-up (and, for spares, the burst that sizes the pool)
         let (median, min, max) = median((0..ROUNDS).map(|_| run()).collect());
         let floor = *floor.get_or_insert(median);
         println!(
