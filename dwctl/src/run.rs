@@ -42,6 +42,19 @@ pub struct RunOptions {
     pub preview: bool,
 }
 
+/// With `DWCTL_TRACE` set, prints `dwctl trace <unix µs> <what>` to stderr at each phase of
+/// a run (connect, handshake, each output's map, encode, sync and rename, the final frame),
+/// so the client's share of a run's wall time can be broken down without a tracer.
+pub fn trace(what: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("DWCTL_TRACE").is_some()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!("dwctl trace {} {what}", now.as_micros());
+    }
+}
+
 /// The caller's session: this process's parent (the shell, or make), so `dwctl cancel`
 /// from the same shell finds the job.
 pub fn session_id() -> u32 {
@@ -121,6 +134,7 @@ impl Display {
 /// Runs a workflow once, as `dwctl run` does; returns the exit code.
 pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
     let started = Instant::now();
+    trace("start");
     if options.quiet || options.json {
         crate::connection::set_quiet();
     }
@@ -142,6 +156,7 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
     } else if !options.quiet || code != EXIT_OK {
         report(&outcome.summary, &outcome.outputs, started.elapsed());
     }
+    trace("reported");
     Ok(code)
 }
 
@@ -187,7 +202,9 @@ pub fn execute(
         )
     })?;
 
+    trace("validated");
     let mut connection = Connection::open(paths, options.start_daemon)?;
+    trace("welcomed");
     let request = RunRequest {
         workflow_path: workflow_path.display().to_string(),
         workflow_source: source,
@@ -227,13 +244,14 @@ pub fn execute(
         connection.daemon_pid,
         connection.daemon_device
     ));
-    let mut outputs = Vec::new();
+    let mut writer = OutputWriter::start(options.output_dir.clone(), options.preview)?;
     let mut job_id = 0;
     let summary = loop {
         let message = match connection.receive() {
             Ok(message) => message,
             Err(e) => {
                 display.finish();
+                let _ = writer.finish(&display);
                 if interrupted.load(Ordering::SeqCst) {
                     return Err(Failure::new(EXIT_CANCELLED, "cancelled"));
                 }
@@ -262,6 +280,7 @@ pub fn execute(
                 step, phase, i, n, ..
             } => display.progress(&step, phase.as_str(), i, n),
             ServerMessage::Output(descriptor) => {
+                trace("output frame");
                 let Some(fd) = connection.reader.take_fd() else {
                     return Err(Failure::new(
                         EXIT_FAILED,
@@ -271,13 +290,21 @@ pub fn execute(
                         ),
                     ));
                 };
-                let written = write_output(&options.output_dir, &descriptor, fd, options.preview)?;
-                display.line(&format!("wrote {}", written.path.display()));
-                outputs.push(written);
+                if !writer.write(descriptor, fd) {
+                    // The writer stopped at a failed output: say which, and stop here.
+                    display.finish();
+                    return Err(writer.finish(&display).err().unwrap_or_else(|| {
+                        Failure::new(EXIT_FAILED, "the output writer stopped early")
+                    }));
+                }
             }
-            ServerMessage::Done(summary) => break summary,
+            ServerMessage::Done(summary) => {
+                trace("done frame");
+                break summary;
+            }
             ServerMessage::Error { kind, message } => {
                 display.finish();
+                let _ = writer.finish(&display);
                 let code = if kind == ErrorKind::ShuttingDown {
                     EXIT_UNREACHABLE
                 } else {
@@ -288,13 +315,68 @@ pub fn execute(
             other => display.line(&format!("dwd sent an unexpected message: {other:?}")),
         }
     };
+    let outputs = writer.finish(&display);
     display.finish();
     Ok(Some(RunOutcome {
         job_id,
         summary,
-        outputs,
+        outputs: outputs?,
         plan_code: None,
     }))
+}
+
+/// Writes outputs on a thread of its own, in the order they arrive, while the main thread
+/// goes on reading frames: encoding, `fdatasync` and the rename of one output overlap the
+/// daemon's own work after it has handed the output over (freeing the run's memory, the
+/// next output, the final frame). [`OutputWriter::finish`] waits for every file, so a run
+/// still reports success only once each of its files is synced and under its final name.
+struct OutputWriter {
+    queue: Option<std::sync::mpsc::Sender<(OutputDescriptor, std::os::fd::OwnedFd)>>,
+    thread: Option<std::thread::JoinHandle<Result<Vec<WrittenOutput>, Failure>>>,
+}
+
+impl OutputWriter {
+    fn start(dir: PathBuf, keep_pixels: bool) -> Result<Self, Failure> {
+        let (queue, received) =
+            std::sync::mpsc::channel::<(OutputDescriptor, std::os::fd::OwnedFd)>();
+        let thread = std::thread::Builder::new()
+            .name("dwctl-writer".to_string())
+            .spawn(move || {
+                let mut written = Vec::new();
+                for (descriptor, fd) in received {
+                    written.push(write_output(&dir, &descriptor, fd, keep_pixels)?);
+                    trace("output written");
+                }
+                Ok(written)
+            })
+            .map_err(|e| Failure::new(EXIT_FAILED, format!("cannot start a writer thread: {e}")))?;
+        Ok(OutputWriter {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues one output; false when the writer has already stopped at a failure.
+    fn write(&mut self, descriptor: OutputDescriptor, fd: std::os::fd::OwnedFd) -> bool {
+        self.queue
+            .as_ref()
+            .is_some_and(|queue| queue.send((descriptor, fd)).is_ok())
+    }
+
+    /// Waits until every queued output is written (or one failed) and says which were.
+    fn finish(&mut self, display: &Display) -> Result<Vec<WrittenOutput>, Failure> {
+        self.queue = None;
+        let Some(thread) = self.thread.take() else {
+            return Ok(Vec::new());
+        };
+        let written = thread
+            .join()
+            .unwrap_or_else(|_| Err(Failure::new(EXIT_FAILED, "the output writer panicked")))?;
+        for output in &written {
+            display.line(&format!("wrote {}", output.path.display()));
+        }
+        Ok(written)
+    }
 }
 
 /// Sends `cancel` on the first Ctrl-C (the daemon then ends the job and says so); a second
