@@ -42,3 +42,9 @@ pub fn retire(segment: SealedSegment) {
         None => drop(segment),
     }
 }
+
+/// Frees the ready spares and the sent segments not freed yet (for `dwctl clear`); returns
+/// the bytes freed. The next output makes its own segment and the pool starts over.
+pub fn release_spares() -> u64 {
+    spares().map_or(0, |spares| spares.release() as u64)
+}

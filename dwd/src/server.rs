@@ -188,6 +188,10 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
         ClientMessage::Status => send(&mut writer, &ServerMessage::Status(status(&state))).await,
         ClientMessage::Clear { model } => {
             let cleared = state.engine.cache.clear(model.as_deref());
+            if model.is_none() {
+                let spares = crate::output::release_spares();
+                tracing::debug!(bytes = spares, "released the spare output segments");
+            }
             tracing::info!(
                 unloaded = cleared.unloaded,
                 bytes_freed = cleared.bytes_freed,

@@ -230,6 +230,23 @@ impl Spares {
         self.shared.wake.notify_one();
     }
 
+    /// Frees every ready spare and every retired segment now, and makes no new spare
+    /// until the next [`Spares::take`]; returns the bytes freed. For `dwctl clear`: after
+    /// it, the daemon holds nothing for outputs either.
+    pub fn release(&self) -> usize {
+        let (ready, retired) = {
+            let mut state = self.shared.lock();
+            state.len = 0;
+            state.want = 0;
+            (
+                std::mem::take(&mut state.ready),
+                std::mem::take(&mut state.retired),
+            )
+        };
+        ready.iter().map(OutputSegment::len).sum::<usize>()
+            + retired.iter().map(|(_, segment)| segment.len()).sum::<usize>()
+    }
+
     /// How many spares are ready now, and of which size.
     pub fn ready(&self) -> (usize, usize) {
         let state = self.shared.lock();
@@ -452,6 +469,21 @@ mod tests {
         drop(spares.take(128 * 1024).unwrap());
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(spares.ready(), (0, 128 * 1024));
+    }
+
+    #[test]
+    fn release_frees_spares_and_retired_segments_and_makes_no_more_until_the_next_take() {
+        let spares = Spares::new(1 << 20, RETIRE_AFTER).unwrap();
+        drop(spares.take(4096).unwrap());
+        wait_ready(&spares, 1, 4096);
+        spares.retire(spares.take(4096).unwrap().seal().unwrap());
+        wait_ready(&spares, 1, 4096);
+        assert_eq!(spares.release(), 2 * 4096);
+        assert_eq!((spares.ready().0, spares.retired()), (0, 0));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(spares.ready().0, 0, "a released pool stays empty while idle");
+        drop(spares.take(4096).unwrap());
+        wait_ready(&spares, 1, 4096);
     }
 
     #[test]
