@@ -244,7 +244,10 @@ impl Spares {
             )
         };
         ready.iter().map(OutputSegment::len).sum::<usize>()
-            + retired.iter().map(|(_, segment)| segment.len()).sum::<usize>()
+            + retired
+                .iter()
+                .map(|(_, segment)| segment.len())
+                .sum::<usize>()
     }
 
     /// How many spares are ready now, and of which size.
@@ -481,7 +484,11 @@ mod tests {
         assert_eq!(spares.release(), 2 * 4096);
         assert_eq!((spares.ready().0, spares.retired()), (0, 0));
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(spares.ready().0, 0, "a released pool stays empty while idle");
+        assert_eq!(
+            spares.ready().0,
+            0,
+            "a released pool stays empty while idle"
+        );
         drop(spares.take(4096).unwrap());
         wait_ready(&spares, 1, 4096);
     }
