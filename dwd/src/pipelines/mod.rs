@@ -4,7 +4,7 @@
 //! Each component (tokenizer, text encoder, UNet, VAE, scheduler) has its own module and
 //! loader taking that component's folder, so a cache can key and keep them separately;
 //! [`StableDiffusionPipeline`] ties them together. This module holds what they share: the
-//! error type, reading `config.json` files and finding and mapping weight files.
+//! error type, reading `config.json` files and finding and loading weight files.
 
 pub mod noise;
 pub mod ops;
@@ -14,10 +14,10 @@ pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
@@ -191,9 +191,10 @@ fn sharded_weight_files(component_dir: &Path, index: &Path) -> Result<Vec<PathBu
     Ok(files)
 }
 
-/// Memory-maps a component's weight files; returns the variable builder and the size the
-/// tensors take once loaded as `dtype`.
-pub(crate) fn mmap_weights(
+/// Reads a component's weight files into tensors (see [`weights`]: one copy, no mapped
+/// pages); returns the variable builder and the size the tensors take once loaded as
+/// `dtype`.
+pub(crate) fn load_weights(
     component_dir: &Path,
     variant: Option<&str>,
     dtype: DType,
@@ -201,17 +202,14 @@ pub(crate) fn mmap_weights(
     component: &'static str,
 ) -> Result<(VarBuilder<'static>, u64), PipelineError> {
     let files = weight_files_variant(component_dir, variant)?;
-    // SAFETY: the files are memory-mapped read-only; like every loader of mmapped
-    // checkpoints we rely on nobody truncating them while the tensors are being read.
-    let tensors = unsafe { MmapedSafetensors::multi(&files) }.in_component(component)?;
+    let tensors = weights::load_tensors(&files, dtype, device, component)?;
+    // As the budget counts it (`budget::weights_bytes`): every element at `dtype`'s size.
     let element_size = dtype.size_in_bytes() as u64;
     let bytes = tensors
-        .tensors()
-        .iter()
-        .map(|(_, view)| view.shape().iter().product::<usize>() as u64 * element_size)
+        .values()
+        .map(|tensor| tensor.elem_count() as u64 * element_size)
         .sum();
-    let var_builder = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
-    Ok((var_builder, bytes))
+    Ok((VarBuilder::from_tensors(tensors, dtype, device), bytes))
 }
 
 /// Reads a JSON file that must hold an object.

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::{mmap_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_weights, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "text encoder";
 
@@ -198,7 +198,7 @@ impl TextEncoder {
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let config = TextEncoderConfig::load(dir)?;
-        let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
+        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
         let mut encoder = Self::new(vb, config).in_component(COMPONENT)?;
         encoder.bytes = bytes;
         Ok(encoder)

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 pub use model::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
 
-use super::{mmap_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_weights, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "unet";
 const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
@@ -245,7 +245,7 @@ impl Unet {
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let config = UnetConfig::load(dir)?;
-        let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
+        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
         let mut unet = Self::new(vb, config).in_component(COMPONENT)?;
         unet.bytes = bytes;
         Ok(unet)

@@ -16,7 +16,7 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 use serde_json::json;
 
-use super::{mmap_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_weights, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "vae";
 /// diffusers' VAE blocks use this epsilon in every norm.
@@ -313,7 +313,7 @@ impl Vae {
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let config = VaeConfig::load(dir)?;
-        let (vb, bytes) = mmap_weights(dir, variant, dtype, device, COMPONENT)?;
+        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
         let mut vae = Self::new(vb, config).in_component(COMPONENT)?;
         vae.bytes = bytes;
         Ok(vae)
