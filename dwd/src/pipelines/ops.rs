@@ -168,6 +168,71 @@ impl Module for GroupNorm {
     }
 }
 
+/// A linear layer, `x · Wᵀ + b`, over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out_features, in_features), as PyTorch stores it.
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` and, when `with_bias`, `bias` from `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if with_bias {
+            Some(vb.get(out_features, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if runs_on_kernels(xs) {
+            let xs = xs.contiguous()?;
+            return match &self.bias {
+                Some(bias) => xs.apply_op3_no_bwd(&self.weight, bias, &LinearOp),
+                None => xs.apply_op2_no_bwd(&self.weight, &LinearOp),
+            };
+        }
+        self.forward_reference(xs)
+    }
+
+    /// candle-nn's linear layer.
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Linear::forward(self, xs)
+    }
+}
+
+/// diffusers' GEGLU activation: the last dimension split in two halves, the first times
+/// the exact (erf) GELU of the second.
+pub fn geglu(xs: &Tensor) -> Result<Tensor> {
+    if runs_on_kernels(xs) {
+        return xs.contiguous()?.apply_op1_no_bwd(&GegluOp);
+    }
+    geglu_reference(xs)
+}
+
+/// GEGLU on candle's operations.
+pub fn geglu_reference(xs: &Tensor) -> Result<Tensor> {
+    let hidden = xs.dim(D::Minus1)? / 2;
+    let values = xs.narrow(D::Minus1, 0, hidden)?;
+    let gate = xs.narrow(D::Minus1, hidden, hidden)?;
+    values * gate.gelu_erf()?
+}
+
 /// Scaled dot-product attention: softmax(q kᵀ · scale) v, computed in f32 whatever the
 /// input type (as diffusers' attention processors do for half-precision inputs).
 ///
@@ -214,6 +279,116 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what}: not contiguous (the caller makes it so)"),
+    }
+}
+
+/// A linear layer on the `kernels` crate: (input, weight) or (input, weight, bias).
+struct LinearOp;
+
+impl LinearOp {
+    fn run(
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = input_layout.shape().dims();
+        let (out_features, in_features) = weight_layout.shape().dims2()?;
+        if dims.last() != Some(&in_features) {
+            candle_core::bail!(
+                "linear: input {:?} does not end in the weight's {in_features} features",
+                input_layout.shape()
+            )
+        }
+        let rows = input_layout.shape().elem_count() / in_features.max(1);
+        let bias = match bias {
+            Some((storage, layout)) => {
+                if layout.shape().elem_count() != out_features {
+                    candle_core::bail!("linear: bias {:?} for {out_features}", layout.shape())
+                }
+                Some(contiguous_f32(storage, layout, "linear bias")?)
+            }
+            None => None,
+        };
+        let output = kernels::linear(
+            contiguous_f32(input, input_layout, "linear input")?,
+            rows,
+            in_features,
+            contiguous_f32(weight, weight_layout, "linear weight")?,
+            out_features,
+            bias,
+        );
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = out_features;
+        }
+        Ok((CpuStorage::F32(output), out_dims.into()))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "dw-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::run(input, input_layout, weight, weight_layout, None)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "dw-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::run(
+            input,
+            input_layout,
+            weight,
+            weight_layout,
+            Some((bias, bias_layout)),
+        )
+    }
+}
+
+/// GEGLU on the `kernels` crate.
+struct GegluOp;
+
+impl candle_core::CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "dw-geglu"
+    }
+
+    fn cpu_fwd(&self, input: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 || width == 0 {
+            candle_core::bail!("geglu: the last dimension ({width}) must be even and non-zero")
+        }
+        let hidden = width / 2;
+        let rows = layout.shape().elem_count() / width;
+        let output = kernels::geglu(contiguous_f32(input, layout, "geglu input")?, rows, hidden);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = hidden;
+        }
+        Ok((CpuStorage::F32(output), out_dims.into()))
     }
 }
 
@@ -459,6 +634,30 @@ mod tests {
         let fast = attention(&q, &k, &v, scale).expect("fast");
         let reference = attention_reference(&q, &k, &v, scale).expect("reference");
         assert!(max_abs_diff(&fast, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn fast_linear_layers_match_candles_with_and_without_bias() {
+        let xs = random(&[2, 7, 5], 1);
+        for with_bias in [true, false] {
+            let vb = var_builder(&[("weight", random(&[3, 5], 2)), ("bias", random(&[3], 3))]);
+            let linear = Linear::load(vb, 5, 3, with_bias).expect("a linear layer");
+            let fast = linear.forward(&xs).expect("fast");
+            let reference = linear.forward_reference(&xs).expect("reference");
+            assert!(max_abs_diff(&fast, &reference) < 1e-5, "bias {with_bias}");
+        }
+    }
+
+    #[test]
+    fn fast_geglu_matches_candles_exact_gelu() {
+        let xs = (random(&[2, 3, 8], 1) * 3.0).expect("scaled");
+        let fast = geglu(&xs).expect("fast");
+        assert_eq!(fast.dims(), &[2, 3, 4]);
+        assert!(max_abs_diff(&fast, &geglu_reference(&xs).expect("reference")) < 1e-5);
+        assert!(
+            geglu(&random(&[2, 3], 1)).is_err(),
+            "an odd width has no halves"
+        );
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! projected back and added to the input.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use crate::pipelines::ops::{self, Conv2d, GroupNorm};
+use crate::pipelines::ops::{self, Conv2d, GroupNorm, Linear};
 
 /// diffusers' `BasicTransformerBlock` LayerNorm epsilon (its `norm_eps` default).
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -37,10 +37,10 @@ impl Attention {
         }
         let head_dim = dim / heads;
         Ok(Self {
-            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            to_out: linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            to_q: Linear::load(vb.pp("to_q"), dim, dim, false)?,
+            to_k: Linear::load(vb.pp("to_k"), context_dim, dim, false)?,
+            to_v: Linear::load(vb.pp("to_v"), context_dim, dim, false)?,
+            to_out: Linear::load(vb.pp("to_out").pp("0"), dim, dim, true)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
@@ -90,17 +90,13 @@ impl FeedForward {
         let hidden = dim * FEED_FORWARD_MULT;
         let net = vb.pp("net");
         Ok(Self {
-            proj: linear(dim, hidden * 2, net.pp("0").pp("proj"))?,
-            out: linear(hidden, dim, net.pp("2"))?,
+            proj: Linear::load(net.pp("0").pp("proj"), dim, hidden * 2, true)?,
+            out: Linear::load(net.pp("2"), hidden, dim, true)?,
         })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(xs)?;
-        let hidden = projected.dim(candle_core::D::Minus1)? / 2;
-        let values = projected.narrow(candle_core::D::Minus1, 0, hidden)?;
-        let gate = projected.narrow(candle_core::D::Minus1, hidden, hidden)?;
-        self.out.forward(&(values * gate.gelu_erf()?)?)
+        self.out.forward(&ops::geglu(&self.proj.forward(xs)?)?)
     }
 }
 
@@ -150,7 +146,7 @@ enum Projection {
 impl Projection {
     fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, use_linear: bool) -> Result<Self> {
         if use_linear {
-            Ok(Self::Linear(linear(in_dim, out_dim, vb)?))
+            Ok(Self::Linear(Linear::load(vb, in_dim, out_dim, true)?))
         } else {
             Ok(Self::Conv(Conv2d::load(vb, in_dim, out_dim, 1, 1, 0)?))
         }
