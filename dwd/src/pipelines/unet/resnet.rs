@@ -1,6 +1,9 @@
 //! diffusers' `ResnetBlock2D` as the UNet uses it: two 3x3 convolutions, each after a
 //! group norm and SiLU, the (projected) time embedding added in between, and the input
 //! added back at the end (through a 1x1 `conv_shortcut` when the channel count changes).
+//!
+//! The VAE uses the same block without a time embedding
+//! ([`ResnetBlock2D::load_without_time_embedding`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
@@ -25,7 +28,8 @@ pub struct ResnetConfig {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    /// `None` in a block without a time embedding (the VAE's).
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -34,6 +38,26 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub fn load(vb: VarBuilder, config: ResnetConfig) -> Result<Self> {
+        let time_emb_proj = linear(
+            config.temb_channels,
+            config.out_channels,
+            vb.pp("time_emb_proj"),
+        )?;
+        Self::load_with(vb, config, Some(time_emb_proj))
+    }
+
+    /// A block without `time_emb_proj`, as the VAE's encoder and decoder have them;
+    /// `config.temb_channels` is not read. Run it with
+    /// [`ResnetBlock2D::forward_without_time_embedding`].
+    pub fn load_without_time_embedding(vb: VarBuilder, config: ResnetConfig) -> Result<Self> {
+        Self::load_with(vb, config, None)
+    }
+
+    fn load_with(
+        vb: VarBuilder,
+        config: ResnetConfig,
+        time_emb_proj: Option<Linear>,
+    ) -> Result<Self> {
         let ResnetConfig {
             in_channels,
             out_channels,
@@ -54,7 +78,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: GroupNorm::load(vb.pp("norm1"), config.groups, in_channels, config.eps)?,
             conv1: Conv2d::load(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
-            time_emb_proj: linear(config.temb_channels, out_channels, vb.pp("time_emb_proj"))?,
+            time_emb_proj,
             norm2: GroupNorm::load(vb.pp("norm2"), config.groups, out_channels, config.eps)?,
             conv2: Conv2d::load(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             conv_shortcut,
@@ -65,14 +89,32 @@ impl ResnetBlock2D {
     /// `xs` (batch, in_channels, h, w) and `temb` (batch, temb_channels) to
     /// (batch, out_channels, h, w).
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let Some(time_emb_proj) = &self.time_emb_proj else {
+            candle_core::bail!("resnet: a time embedding for a block loaded without one")
+        };
         let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let temb = self
-            .time_emb_proj
+        let temb = time_emb_proj
             .forward(&candle_nn::ops::silu(temb)?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let hidden = hidden.broadcast_add(&temb)?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
+        self.finish(xs, &hidden.broadcast_add(&temb)?)
+    }
+
+    /// `xs` (batch, in_channels, h, w) to (batch, out_channels, h, w) with no time
+    /// embedding added, for a block loaded with
+    /// [`ResnetBlock2D::load_without_time_embedding`].
+    pub fn forward_without_time_embedding(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.time_emb_proj.is_some() {
+            candle_core::bail!("resnet: no time embedding for a block that projects one")
+        }
+        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        self.finish(xs, &hidden)
+    }
+
+    /// The second norm and convolution on `hidden` (the first convolution's output, with
+    /// any time embedding added), then the residual.
+    fn finish(&self, xs: &Tensor, hidden: &Tensor) -> Result<Tensor> {
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(hidden)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
