@@ -87,9 +87,7 @@ pub fn attention(
                             Parallelism::None,
                         )
                     };
-                    for row in scores.chunks_exact_mut(key_len) {
-                        softmax_in_place(row);
-                    }
+                    softmax_rows(scores, key_len);
                     // SAFETY: `out` is (rows × head_dim), `scores` (rows × key_len) and
                     // `value` (key_len × head_dim), all dense row-major.
                     unsafe {
@@ -120,30 +118,41 @@ pub fn attention(
     output
 }
 
-/// Replaces `row` by its softmax, subtracting the maximum first for range.
+crate::widest! {
+    /// Replaces each row of `key_len` scores by its softmax.
+    fn softmax_rows(scores: &mut [f32], key_len: usize) {
+        for row in scores.chunks_exact_mut(key_len) {
+            softmax_in_place(row);
+        }
+    }
+}
+
+/// Replaces `row` by its softmax, subtracting the maximum first for range. Sixteen
+/// independent lanes let the compiler vectorise the max, the exp and the sum.
+#[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut eights = row.chunks_exact(8);
-    for eight in &mut eights {
-        for (lane, &v) in lanes.iter_mut().zip(eight) {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut sixteens = row.chunks_exact(16);
+    for sixteen in &mut sixteens {
+        for (lane, &v) in lanes.iter_mut().zip(sixteen) {
             *lane = lane.max(v);
         }
     }
-    let max = eights
+    let max = sixteens
         .remainder()
         .iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sums = [0f32; 8];
-    let mut eights = row.chunks_exact_mut(8);
-    for eight in &mut eights {
-        for (sum, v) in sums.iter_mut().zip(eight.iter_mut()) {
+    let mut sums = [0f32; 16];
+    let mut sixteens = row.chunks_exact_mut(16);
+    for sixteen in &mut sixteens {
+        for (sum, v) in sums.iter_mut().zip(sixteen.iter_mut()) {
             *v = crate::exp(*v - max);
             *sum += *v;
         }
     }
     let mut total: f32 = sums.iter().sum();
-    for v in eights.into_remainder() {
+    for v in sixteens.into_remainder() {
         *v = crate::exp(*v - max);
         total += *v;
     }

@@ -19,11 +19,18 @@ pub fn geglu(input: &[f32], rows: usize, hidden: usize) -> Vec<f32> {
         .zip(input.par_chunks(2 * hidden))
         .for_each(|(out, row)| {
             let (values, gate) = row.split_at(hidden);
-            for ((o, &v), &g) in out.iter_mut().zip(values).zip(gate) {
-                *o = v * crate::gelu_erf(g);
-            }
+            gated_gelu(out, values, gate);
         });
     output
+}
+
+crate::widest! {
+    /// `out = values · gelu(gate)`, element by element.
+    fn gated_gelu(out: &mut [f32], values: &[f32], gate: &[f32]) {
+        for ((o, &v), &g) in out.iter_mut().zip(values).zip(gate) {
+            *o = v * crate::gelu_erf(g);
+        }
+    }
 }
 
 #[cfg(test)]

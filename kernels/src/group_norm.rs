@@ -62,19 +62,26 @@ pub fn group_norm(
                 let channel = group * channels_per_group + local;
                 let scale = weight[channel] * inv_std;
                 let shift = bias[channel] - mean * scale;
-                if silu {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        let y = v * scale + shift;
-                        *o = y / (1.0 + crate::exp(-y));
-                    }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        *o = v * scale + shift;
-                    }
-                }
+                scale_shift(out, x, scale, shift, silu);
             }
         });
     output
+}
+
+crate::widest! {
+    /// `out = x · scale + shift`, then SiLU when `silu`.
+    fn scale_shift(out: &mut [f32], x: &[f32], scale: f32, shift: f32, silu: bool) {
+        if silu {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let y = v * scale + shift;
+                *o = y / (1.0 + crate::exp(-y));
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * scale + shift;
+            }
+        }
+    }
 }
 
 /// Mean and 1/sqrt(variance + eps) of `x`, variance with the 1/n of PyTorch's group norm.

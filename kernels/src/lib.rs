@@ -9,6 +9,8 @@
 //! kernel here does its arithmetic in `gemm` (the matrix-product crate candle uses) and
 //! its loops in `rayon`, and touches memory as few times as the operation allows.
 
+#[macro_use]
+mod simd;
 mod attention;
 mod conv;
 mod geglu;
