@@ -87,7 +87,7 @@ pub fn attention(
                             Parallelism::None,
                         )
                     };
-                    softmax_rows(scores, key_len);
+                    let totals = exponentiate_rows(scores, key_len);
                     // SAFETY: `out` is (rows × head_dim), `scores` (rows × key_len) and
                     // `value` (key_len × head_dim), all dense row-major.
                     unsafe {
@@ -113,24 +113,36 @@ pub fn attention(
                             Parallelism::None,
                         )
                     };
+                    // The softmax's division, on head_dim values per row instead of key_len.
+                    for (row, total) in out.chunks_exact_mut(head_dim).zip(totals) {
+                        let inverse = 1.0 / total;
+                        row.iter_mut().for_each(|v| *v *= inverse);
+                    }
                 });
         });
     output
 }
 
+/// Replaces each row of `key_len` scores by exp(score - row max) and returns each row's
+/// sum: the softmax without its division, which is applied to the (much narrower) output.
+fn exponentiate_rows(scores: &mut [f32], key_len: usize) -> Vec<f32> {
+    let mut totals = vec![0f32; scores.len() / key_len];
+    exponentiate_rows_into(scores, key_len, &mut totals);
+    totals
+}
+
 crate::widest! {
-    /// Replaces each row of `key_len` scores by its softmax.
-    fn softmax_rows(scores: &mut [f32], key_len: usize) {
-        for row in scores.chunks_exact_mut(key_len) {
-            softmax_in_place(row);
+    fn exponentiate_rows_into(scores: &mut [f32], key_len: usize, totals: &mut [f32]) {
+        for (row, total) in scores.chunks_exact_mut(key_len).zip(totals.iter_mut()) {
+            *total = exponentiate(row);
         }
     }
 }
 
-/// Replaces `row` by its softmax, subtracting the maximum first for range. Sixteen
-/// independent lanes let the compiler vectorise the max, the exp and the sum.
+/// Replaces `row` by exp(x - max(row)) and returns the sum. Sixteen independent lanes let
+/// the compiler vectorise the max, the exp and the sum.
 #[inline(always)]
-fn softmax_in_place(row: &mut [f32]) {
+fn exponentiate(row: &mut [f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut sixteens = row.chunks_exact(16);
     for sixteen in &mut sixteens {
@@ -156,10 +168,7 @@ fn softmax_in_place(row: &mut [f32]) {
         *v = crate::exp(*v - max);
         total += *v;
     }
-    let inverse = 1.0 / total;
-    for v in row.iter_mut() {
-        *v *= inverse;
-    }
+    total
 }
 
 #[cfg(test)]
@@ -249,10 +258,10 @@ mod tests {
     }
 
     #[test]
-    fn softmax_of_large_scores_does_not_overflow() {
+    fn large_scores_do_not_overflow() {
         let mut row = vec![1000.0, 999.0, -1000.0];
-        softmax_in_place(&mut row);
-        let total: f32 = row.iter().sum();
-        assert!((total - 1.0).abs() < 1e-6 && row[0] > row[1] && row[2] < 1e-30);
+        let total = exponentiate(&mut row);
+        assert_eq!(row[0], 1.0);
+        assert!((total - 1.0 - (-1f32).exp()).abs() < 1e-6 && row[2] < 1e-30);
     }
 }
