@@ -1,21 +1,22 @@
 //! The KL autoencoder (diffusers' `AutoencoderKL`) that maps between images and latents.
 //!
-//! Assembled on candle ops from candle-transformers' public encoder/decoder blocks rather
-//! than its `AutoEncoderKL`, because that one hides the mean of the latent distribution
-//! (needed for deterministic image-to-latent encoding) and fixes options such as the mid
-//! block attention. The blocks' attention layers read both weight namings diffusers has
-//! used (`to_q/to_k/to_v/to_out.0` now, `query/key/value/proj_attn` in older checkpoints).
+//! Built on our own layers ([`super::ops`]: fast CPU convolution, group norm and attention)
+//! from the blocks in [`blocks`], which reuse the UNet's ResNet and resampling blocks. It
+//! exposes the mean of the latent distribution (needed for deterministic image-to-latent
+//! encoding), not only samples. The mid block's attention reads both weight namings
+//! diffusers has used (`to_q/to_k/to_v/to_out.0` now, `query/key/value/proj_attn` in older
+//! checkpoints).
+
+mod blocks;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde_json::json;
 
+use self::blocks::{DownEncoderBlock2D, UpDecoderBlock2D, VaeBlockShared, VaeMidBlock};
+use super::ops::{Conv2d, GroupNorm};
 use super::{load_weights, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "vae";
@@ -97,14 +98,10 @@ impl VaeConfig {
         1 << (self.block_out_channels.len() - 1)
     }
 
-    fn mid_block_config(&self) -> UNetMidBlock2DConfig {
-        UNetMidBlock2DConfig {
-            num_layers: 1,
-            resnet_eps: NORM_EPS,
-            resnet_groups: Some(self.norm_num_groups),
-            // One head spanning all channels, as diffusers sets it for the VAE.
-            attn_num_head_channels: None,
-            output_scale_factor: 1.0,
+    fn block_shared(&self) -> VaeBlockShared {
+        VaeBlockShared {
+            groups: self.norm_num_groups,
+            eps: NORM_EPS,
         }
     }
 
@@ -113,23 +110,21 @@ impl VaeConfig {
     }
 }
 
+/// A 3x3 convolution keeping the height and width.
 fn padded_conv(
+    vb: VarBuilder,
     in_channels: usize,
     out_channels: usize,
-    vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    let padding_one = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(in_channels, out_channels, 3, padding_one, vb)
+    Conv2d::load(vb, in_channels, out_channels, 3, 1, 1)
 }
 
+/// Images to the moments (mean and log-variance) of the latent distribution.
 #[derive(Debug)]
 struct Encoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownEncoderBlock2D>,
-    mid_block: UNetMidBlock2D,
+    mid_block: VaeMidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -137,45 +132,33 @@ struct Encoder {
 impl Encoder {
     fn new(vb: VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
         let channels = &config.block_out_channels;
-        let conv_in = padded_conv(config.in_channels, channels[0], vb.pp("conv_in"))?;
+        let shared = config.block_shared();
         let blocks_vb = vb.pp("down_blocks");
         let down_blocks = (0..channels.len())
             .map(|index| {
-                let block_config = DownEncoderBlock2DConfig {
-                    num_layers: config.layers_per_block,
-                    resnet_eps: NORM_EPS,
-                    resnet_groups: config.norm_num_groups,
-                    output_scale_factor: 1.0,
-                    add_downsample: index + 1 < channels.len(),
-                    // diffusers pads the downsampling convolution on the right and bottom.
-                    downsample_padding: 0,
-                };
-                DownEncoderBlock2D::new(
+                DownEncoderBlock2D::load(
                     blocks_vb.pp(index),
                     channels[index.saturating_sub(1)],
                     channels[index],
-                    block_config,
+                    config.layers_per_block,
+                    index + 1 < channels.len(),
+                    &shared,
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let last = config.last_channels();
         Ok(Self {
-            conv_in,
+            conv_in: padded_conv(vb.pp("conv_in"), config.in_channels, channels[0])?,
             down_blocks,
-            mid_block: UNetMidBlock2D::new(
-                vb.pp("mid_block"),
-                last,
-                None,
-                config.mid_block_config(),
-            )?,
-            conv_norm_out: group_norm(
+            mid_block: VaeMidBlock::load(vb.pp("mid_block"), last, &shared)?,
+            conv_norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
                 config.norm_num_groups,
                 last,
                 NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
             // Mean and log-variance of the latent distribution.
-            conv_out: padded_conv(last, 2 * config.latent_channels, vb.pp("conv_out"))?,
+            conv_out: padded_conv(vb.pp("conv_out"), last, 2 * config.latent_channels)?,
         })
     }
 
@@ -184,16 +167,17 @@ impl Encoder {
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.mid_block.forward(&xs, None)?;
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let xs = self.mid_block.forward(&xs)?;
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
+/// Latents to images.
 #[derive(Debug)]
 struct Decoder {
     conv_in: Conv2d,
-    mid_block: UNetMidBlock2D,
+    mid_block: VaeMidBlock,
     up_blocks: Vec<UpDecoderBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -202,54 +186,43 @@ struct Decoder {
 impl Decoder {
     fn new(vb: VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
         let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+        let shared = config.block_shared();
         let last = config.last_channels();
         let first = config.block_out_channels[0];
         let blocks_vb = vb.pp("up_blocks");
         let up_blocks = (0..reversed.len())
             .map(|index| {
-                let block_config = UpDecoderBlock2DConfig {
-                    num_layers: config.layers_per_block + 1,
-                    resnet_eps: NORM_EPS,
-                    resnet_groups: config.norm_num_groups,
-                    output_scale_factor: 1.0,
-                    add_upsample: index + 1 < reversed.len(),
-                };
-                UpDecoderBlock2D::new(
+                UpDecoderBlock2D::load(
                     blocks_vb.pp(index),
                     reversed[index.saturating_sub(1)],
                     reversed[index],
-                    block_config,
+                    config.layers_per_block + 1,
+                    index + 1 < reversed.len(),
+                    &shared,
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            conv_in: padded_conv(config.latent_channels, last, vb.pp("conv_in"))?,
-            mid_block: UNetMidBlock2D::new(
-                vb.pp("mid_block"),
-                last,
-                None,
-                config.mid_block_config(),
-            )?,
+            conv_in: padded_conv(vb.pp("conv_in"), config.latent_channels, last)?,
+            mid_block: VaeMidBlock::load(vb.pp("mid_block"), last, &shared)?,
             up_blocks,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
                 config.norm_num_groups,
                 first,
                 NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
-            conv_out: padded_conv(first, config.out_channels, vb.pp("conv_out"))?,
+            conv_out: padded_conv(vb.pp("conv_out"), first, config.out_channels)?,
         })
     }
 
     fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self
-            .mid_block
-            .forward(&self.conv_in.forward(latents)?, None)?;
+        let mut xs = self.mid_block.forward(&self.conv_in.forward(latents)?)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -322,25 +295,26 @@ impl Vae {
     /// Builds the VAE from weights named as diffusers names them.
     pub fn new(vb: VarBuilder, config: VaeConfig) -> candle_core::Result<Self> {
         let latent = config.latent_channels;
-        let one_by_one = Conv2dConfig::default();
         let quant_conv = if config.use_quant_conv {
-            Some(conv2d(
+            Some(Conv2d::load(
+                vb.pp("quant_conv"),
                 2 * latent,
                 2 * latent,
                 1,
-                one_by_one,
-                vb.pp("quant_conv"),
+                1,
+                0,
             )?)
         } else {
             None
         };
         let post_quant_conv = if config.use_post_quant_conv {
-            Some(conv2d(
+            Some(Conv2d::load(
+                vb.pp("post_quant_conv"),
                 latent,
                 latent,
                 1,
-                one_by_one,
-                vb.pp("post_quant_conv"),
+                1,
+                0,
             )?)
         } else {
             None
