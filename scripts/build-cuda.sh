@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds dwd with CUDA (`--features cuda`), also on a machine with no GPU and no CUDA toolkit.
 #
-# Usage: scripts/build-cuda.sh            -> target/cuda/release/dwd (its own target folder,
-#                                           so the CPU build in target/release stays as it is)
+# Usage: scripts/build-cuda.sh            -> target/cuda/release/dwd and the unet_step example
+#                                           (its own target folder, so the CPU build in
+#                                           target/release stays as it is)
 # Env:   CUDA_COMPUTE_CAP (default 90: H100/H200), DW_CUDA_TOOLKIT (where the toolkit wheels
 #        go, default target/cuda-toolkit), CUDA_HOME (use an installed toolkit instead).
 #
@@ -51,5 +52,5 @@ export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $cuda/lib -L $cuda/lib/stubs"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 echo "building dwd with CUDA (compute capability $CUDA_COMPUTE_CAP, $(nvcc --version | tail -n 1))"
-cargo build --release -p dwd --features cuda
-echo "built $CARGO_TARGET_DIR/release/dwd with CUDA"
+cargo build --release -p dwd --features cuda --bins --example unet_step
+echo "built $CARGO_TARGET_DIR/release/dwd (and examples/unet_step) with CUDA"
