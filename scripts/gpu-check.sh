@@ -5,7 +5,8 @@
 # 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
 #    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
 #    after load and after `clear`; the UNet step alone, candle against diffusers; and the
-#    same run in diffusers (needs `diffusers` importable, e.g. from carried wheels).
+#    same run in diffusers (needs `diffusers` importable, e.g. from carried wheels; DW_TORCH=0
+#    skips the PyTorch side).
 #
 # Run it on the GPU machine from the repository root, with the binaries built here first:
 #   scripts/build-cuda.sh && cargo build --release -p dwctl -p dwd --examples
@@ -115,6 +116,7 @@ echo "device memory after clear: $after MiB (before load: $before MiB; differenc
 "$bin/dwctl" stop
 echo "== one UNet step, batch 2, 64x64 latents, f16: candle, then diffusers"
 "$bin/unet_step" "$model" 64 10 f16 cuda | tail -n 1
+[ "${DW_TORCH:-1}" = 1 ] || exit 0
 python3 scripts/unet_step_torch.py "$model" 64 10 f16 cuda | tail -n 1
 echo "== the same run in diffusers (DDIM, 512x512, 20 steps, f16)"
 python3 scripts/pipeline_torch.py "$model" 512 20 f16 cuda 3

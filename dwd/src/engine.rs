@@ -448,8 +448,10 @@ impl Engine {
             .map(KeepAlive::from_ms)
             .unwrap_or(self.policy.keep_alive);
         let cleared = self.cache.keep_alive(used, keep_alive);
-        // The run's intermediate tensors are freed by now; hand their pages back so that
-        // between runs the daemon holds what it keeps, not what it once needed.
+        // The run's intermediate tensors are freed by now (once the device has finished
+        // with them); hand their memory back so that between runs the daemon holds what it
+        // keeps, not what it once needed.
+        let _ = self.device.synchronize();
         release_freed_memory();
         if cleared.unloaded > 0 {
             job.send(JobEvent::Log {

@@ -141,6 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let device = device_choice
         .open()
         .inspect_err(|e| tracing::error!("{e:#}"))?;
+    dwd::memory::register_device(&device);
     let warming = std::time::Instant::now();
     match dwd::warm_up::warm_up(&device) {
         Ok(()) if !device.is_cpu() => tracing::info!(

@@ -72,12 +72,55 @@ pub fn tune_allocator() {
     }
 }
 
-/// Gives freed heap memory back to the system, so unloading shows in the RSS.
+/// The GPU whose allocator [`release_freed_memory`] also trims, set once at start.
+static GPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Makes [`release_freed_memory`] trim `device`'s memory pool too (a no-op on the CPU).
+pub fn register_device(device: &Device) {
+    if !device.is_cpu() {
+        let _ = GPU.set(device.clone());
+    }
+}
+
+/// Gives freed memory back to the system, so unloading shows where it is measured: freed
+/// heap pages (the RSS), and on a GPU the memory its stream-ordered allocator keeps in its
+/// pool after tensors are dropped, which the driver otherwise counts as used until the
+/// process ends.
 pub fn release_freed_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap structures.
     unsafe {
         libc::malloc_trim(0);
     }
+    if let Some(device) = GPU.get() {
+        trim_device_pool(device);
+    }
+}
+
+/// Returns the memory the device's pool holds beyond what live allocations use.
+fn trim_device_pool(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        if !context.has_async_alloc() || context.bind_to_thread().is_err() {
+            return;
+        }
+        // Frees are stream-ordered: memory reaches the pool when the stream gets there.
+        let _ = stream.synchronize();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: the context is current on this thread; `pool` receives the device's
+        // current pool, which lives as long as the context; trimming only releases
+        // memory no allocation uses.
+        unsafe {
+            if sys::cuDeviceGetMemPool(&mut pool, context.cu_device())
+                == sys::cudaError_enum::CUDA_SUCCESS
+            {
+                let _ = sys::cuMemPoolTrimTo(pool, 0);
+            }
+        }
+    }
+    let _ = device;
 }
 
 /// The memory that matters for a device: the device's own on a GPU, the process's on the CPU.

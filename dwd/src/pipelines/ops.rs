@@ -250,7 +250,11 @@ pub fn attention(query: &Tensor, key: &Tensor, value: &Tensor, scale: f64) -> Re
     attention_reference(query, key, value, scale)
 }
 
-/// candle's attention: the whole score matrix, then softmax, then the product with `value`.
+/// Attention on candle's operations: the whole score matrix, then the fused softmax, then
+/// the product with `value`. On a GPU it runs in the input's type, as diffusers' PyTorch
+/// attention does for SD 1.x/2.x (cuBLAS and candle's softmax accumulate in f32); on the
+/// CPU in f32. The query is scaled before the product, which is cheaper than scaling the
+/// (query_len × key_len) scores and the same up to rounding.
 pub fn attention_reference(
     query: &Tensor,
     key: &Tensor,
@@ -258,11 +262,16 @@ pub fn attention_reference(
     scale: f64,
 ) -> Result<Tensor> {
     let in_dtype = query.dtype();
-    let query = query.to_dtype(DType::F32)?;
-    let key = key.to_dtype(DType::F32)?;
-    let value = value.to_dtype(DType::F32)?;
-    let scores = (query.matmul(&key.t()?)? * scale)?;
-    let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let compute = if query.device().is_cpu() {
+        DType::F32
+    } else {
+        in_dtype
+    };
+    let query = (query.to_dtype(compute)? * scale)?;
+    let key = key.to_dtype(compute)?;
+    let value = value.to_dtype(compute)?;
+    let scores = query.matmul(&key.t()?)?;
+    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
     weights.matmul(&value)?.to_dtype(in_dtype)
 }
 
