@@ -2,7 +2,7 @@
 # Cold and warm runs of a full-size SD 1.5-shaped model (random weights), through the daemon
 # and in-process, side by side, with the daemon's peak RSS.
 #
-# Usage: scripts/bench-full-size.sh [SIZE] [STEPS] [WARM_RUNS]   (default 256 2 3)
+# Usage: scripts/bench-full-size.sh [SIZE] [STEPS] [WARM_RUNS] [COLD_RUNS]   (default 256 2 3 3)
 # Makes the model once with examples/make_sd15_random.rs into target/bench-models (4.3 GB).
 # The daemon's own accounting gives its cost: wall time minus `timings.run_ms`.
 # Cold runs start from a fresh daemon (and a fresh process in-process); the page cache is
@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 size=${1:-256}
 steps=${2:-2}
 warm=${3:-3}
+cold_runs=${4:-3}
 cargo build --release --quiet
 cargo build --release --quiet -p dwd --examples
 model=$PWD/target/bench-models/sd15-random
@@ -54,3 +55,20 @@ else
     target/release/examples/in_process "$model" "$size" "$steps" "$warm"
     echo "(install GNU time for the in-process peak RSS)"
 fi
+
+# One cold sample says little on a VM where touching fresh memory costs seconds: repeat
+# the cold run, alternating daemon and in-process, page cache dropped before each.
+echo "== cold runs, alternating ($cold_runs each; wall from start to exit)"
+for i in $(seq 1 "$cold_runs"); do
+    drop_caches > /dev/null
+    start=$(date +%s%N)
+    target/release/dwctl run "$dir/flow.json" -o "$dir/out" --json --quiet > "$dir/run.json"
+    end=$(date +%s%N)
+    echo "dwd cold $i: wall_ms=$(( (end - start) / 1000000 ))"
+    target/release/dwctl stop > /dev/null
+    drop_caches > /dev/null
+    start=$(date +%s%N)
+    target/release/examples/in_process "$model" "$size" "$steps" 0 > /dev/null
+    end=$(date +%s%N)
+    echo "in-process cold $i: wall_ms=$(( (end - start) / 1000000 ))"
+done
