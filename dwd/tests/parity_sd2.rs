@@ -17,8 +17,10 @@ use dwd::pipelines::{
 use serde_json::{Map, Value};
 
 const CLIP_TOLERANCE: f32 = 1e-5;
-const UNET_TOLERANCE: f32 = 1e-3;
-const PIPELINE_TOLERANCE: f32 = 1e-3;
+// Measured 4e-6 to 1.1e-5 with exact GELU; tanh-approximated GELU gives 1.3e-4, so 1e-4
+// catches that while leaving other CPUs' summation orders room.
+const UNET_TOLERANCE: f32 = 1e-4;
+const PIPELINE_TOLERANCE: f32 = 1e-4;
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd2")
