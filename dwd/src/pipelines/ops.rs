@@ -205,8 +205,11 @@ impl Linear {
     }
 
     /// candle-nn's linear layer.
+    ///
+    /// The input is made contiguous first: candle-nn 0.11's linear layer gives wrong rows
+    /// for a transposed view with a batch larger than one.
     pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(&xs.contiguous()?)
     }
 }
 
@@ -655,6 +658,20 @@ mod tests {
             let reference = linear.forward_reference(&xs).expect("reference");
             assert!(max_abs_diff(&fast, &reference) < 1e-5, "bias {with_bias}");
         }
+    }
+
+    #[test]
+    fn a_transposed_batch_goes_through_a_linear_layer_like_its_contiguous_copy() {
+        let vb = var_builder(&[("weight", random(&[3, 8], 2)), ("bias", random(&[3], 3))]);
+        let linear = Linear::load(vb, 8, 3, true).expect("a linear layer");
+        let view = random(&[2, 8, 15], 1)
+            .transpose(1, 2)
+            .expect("a (2, 15, 8) view");
+        let copy = view.contiguous().expect("a copy");
+        let expected = linear.forward(&copy).expect("contiguous");
+        assert!(max_abs_diff(&linear.forward(&view).expect("fast"), &expected) < 1e-5);
+        let reference = linear.forward_reference(&view).expect("reference");
+        assert!(max_abs_diff(&reference, &expected) < 1e-5);
     }
 
     #[test]
