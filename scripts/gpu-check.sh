@@ -5,7 +5,7 @@
 # 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
 #    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
 #    after load and after `clear`; the UNet step alone, candle against diffusers; and the
-#    same run in diffusers (needs `diffusers` importable, e.g. from carried wheels; DW_TORCH=0
+#    same run in diffusers (needs `diffusers` importable, e.g. installed from wheels; DW_TORCH=0
 #    skips the PyTorch side).
 #
 # Run it on the GPU machine from the repository root, with the binaries built here first:
