@@ -6,31 +6,25 @@
 //! Prints one JSON line per run, then a summary with the load time, the median of the runs
 //! after the first, and the peak RSS.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use common::{median, ramp, TimingArgs};
+use dwd::memory::peak_resident_set_bytes;
 use dwd::pipelines::Vae;
 
 fn main() -> anyhow::Result<()> {
     dwd::memory::tune_allocator();
-    let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: vae_decode MODEL_DIR LATENT_SIZE RUNS [f32|f16|bf16] [cpu|cuda]";
-    let model = PathBuf::from(args.get(1).context(usage)?);
-    let latent_size: usize = args.get(2).context(usage)?.parse()?;
-    let runs: usize = args.get(3).context(usage)?.parse()?;
-    let dtype = match args.get(4).map(String::as_str).unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype {other}; {usage}"),
-    };
-    let device = match args.get(5).map(String::as_str).unwrap_or("cpu") {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        other => bail!("unknown device {other}; {usage}"),
-    };
+    let TimingArgs {
+        model,
+        latent_size,
+        count: runs,
+        dtype,
+        device,
+    } = TimingArgs::parse(
+        "usage: vae_decode MODEL_DIR LATENT_SIZE RUNS [f32|f16|bf16] [cpu|cuda]",
+    )?;
 
     let started = Instant::now();
     let vae = Vae::load(&model.join("vae"), dtype, &device)?;
@@ -53,42 +47,18 @@ fn main() -> anyhow::Result<()> {
     }
     // The first run pays for first-touch allocations; the median is over the rest (or over
     // the only run).
-    let mut warm: Vec<f64> = run_ms.iter().skip(1).copied().collect();
-    if warm.is_empty() {
-        warm = run_ms.clone();
-    }
-    warm.sort_by(f64::total_cmp);
-    let median = warm.get(warm.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = median(if run_ms.len() > 1 {
+        &run_ms[1..]
+    } else {
+        &run_ms
+    });
     println!(
         "{{\"engine\": \"candle\", \"latent_size\": {latent_size}, \"load_ms\": {load_ms:.0}, \
          \"first_run_ms\": {:.1}, \"median_ms\": {median:.1}, \"peak_rss\": {}, \
          \"weights_bytes\": {}}}",
         run_ms.first().copied().unwrap_or(f64::NAN),
-        peak_rss_bytes(),
+        peak_resident_set_bytes(),
         vae.bytes()
     );
     Ok(())
-}
-
-/// Values in [-1, 1) that vary along every axis.
-fn ramp(shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
-    let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count)
-        .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
-        .collect();
-    Tensor::from_vec(values, shape, device)
-}
-
-/// The process's peak resident set (VmHWM) in bytes.
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmHWM:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
 }

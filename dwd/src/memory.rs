@@ -21,6 +21,20 @@ pub fn resident_set_bytes() -> u64 {
     pages * u64::try_from(page_size).unwrap_or(4096)
 }
 
+/// This process's peak resident set size (VmHWM), from /proc/self/status; 0 if unknown.
+pub fn peak_resident_set_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Total RAM, from /proc/meminfo.
 pub fn total_ram_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -154,6 +168,7 @@ mod tests {
     #[test]
     fn this_process_has_a_resident_set_and_the_machine_has_ram() {
         assert!(resident_set_bytes() > 0);
+        assert!(peak_resident_set_bytes() > 0);
         assert!(total_ram_bytes() > resident_set_bytes());
         assert_eq!(device_memory(&Device::Cpu), None);
     }

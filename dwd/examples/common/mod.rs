@@ -1,0 +1,62 @@
+//! What the timing examples (`unet_step`, `vae_decode`) share: their command line, the
+//! fixed inputs they feed a model, and the median they report.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+
+/// `MODEL_DIR LATENT_SIZE COUNT [f32|f16|bf16] [cpu|cuda]`, parsed; `usage` is the line
+/// shown when an argument is missing or wrong.
+pub struct TimingArgs {
+    pub model: PathBuf,
+    pub latent_size: usize,
+    /// How many steps or runs to time.
+    pub count: usize,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl TimingArgs {
+    pub fn parse(usage: &str) -> anyhow::Result<Self> {
+        let args: Vec<String> = std::env::args().collect();
+        let model = PathBuf::from(args.get(1).context(usage.to_string())?);
+        let latent_size: usize = args.get(2).context(usage.to_string())?.parse()?;
+        let count: usize = args.get(3).context(usage.to_string())?.parse()?;
+        let dtype = match args.get(4).map(String::as_str).unwrap_or("f32") {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            other => bail!("unknown dtype {other}; {usage}"),
+        };
+        let device = match args.get(5).map(String::as_str).unwrap_or("cpu") {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::new_cuda(0)?,
+            other => bail!("unknown device {other}; {usage}"),
+        };
+        Ok(Self {
+            model,
+            latent_size,
+            count,
+            dtype,
+            device,
+        })
+    }
+}
+
+/// Values in [-1, 1) that vary along every axis: fixed, reproducible inputs, where what
+/// matters is the shape.
+pub fn ramp(shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_vec(values, shape, device)
+}
+
+/// The median of `samples` (the upper one of an even count); NaN when there are none.
+pub fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
