@@ -10,6 +10,8 @@ pub mod noise;
 pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
+#[cfg(test)]
+mod test_support;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

@@ -597,25 +597,8 @@ impl CustomOp3 for AttentionOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipelines::test_support::{max_abs_diff, random};
     use candle_core::Device;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count as u64)
-            .map(|i| (((i + seed) * 7919) % 2003) as f32 / 1001.0 - 1.0)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).expect("a tensor")
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("a difference")
-    }
 
     fn var_builder(tensors: &[(&str, Tensor)]) -> VarBuilder<'static> {
         let map = tensors
