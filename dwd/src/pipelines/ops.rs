@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 pub struct Conv2d {
     /// (out_channels, in_channels, kernel, kernel)
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Tensor,
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -35,7 +35,7 @@ impl Conv2d {
         let bias = vb.get(out_channels, "bias")?;
         Ok(Self {
             weight,
-            bias: Some(bias),
+            bias,
             kernel,
             stride,
             padding,
@@ -52,11 +52,8 @@ impl Conv2d {
 
     /// candle's own convolution.
     pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
-            None => Ok(ys),
-        }
+        xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 
     fn forward_kernels(&self, xs: &Tensor) -> Result<Tensor> {
@@ -65,14 +62,8 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
         };
-        match &self.bias {
-            Some(bias) => xs.contiguous()?.apply_op3_no_bwd(&self.weight, bias, &op),
-            None => {
-                let (out_channels, ..) = self.weight.dims4()?;
-                let zeros = Tensor::zeros(out_channels, DType::F32, xs.device())?;
-                xs.contiguous()?.apply_op3_no_bwd(&self.weight, &zeros, &op)
-            }
-        }
+        xs.contiguous()?
+            .apply_op3_no_bwd(&self.weight, &self.bias, &op)
     }
 }
 
