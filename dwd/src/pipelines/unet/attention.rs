@@ -227,7 +227,7 @@ impl Transformer2DModel {
 }
 
 /// (batch, channels, h, w) to (batch, h × w, channels).
-fn to_tokens(xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn to_tokens(xs: &Tensor) -> Result<Tensor> {
     let (batch, channels, height, width) = xs.dims4()?;
     xs.reshape((batch, channels, height * width))?
         .transpose(1, 2)?
@@ -235,7 +235,7 @@ fn to_tokens(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// (batch, h × w, channels) to (batch, channels, h, w).
-fn to_map(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+pub(crate) fn to_map(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
     let (batch, _, channels) = xs.dims3()?;
     xs.transpose(1, 2)?
         .contiguous()?

@@ -12,6 +12,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::pipelines::ops::{self, GroupNorm, Linear};
+use crate::pipelines::unet::attention::{to_map, to_tokens};
 use crate::pipelines::unet::blocks::{Downsample2D, Upsample2D};
 use crate::pipelines::unet::resnet::{ResnetBlock2D, ResnetConfig};
 
@@ -108,23 +109,14 @@ impl VaeAttention {
 
     /// (batch, channels, h, w) to the same shape.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
+        let (_, _, height, width) = xs.dims4()?;
         // (batch, pixels, channels): one head, so this is already (batch × heads, len, dim).
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((batch, channels, height * width))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = to_tokens(&self.group_norm.forward(xs)?)?;
         let query = self.to_q.forward(&tokens)?;
         let key = self.to_k.forward(&tokens)?;
         let value = self.to_v.forward(&tokens)?;
         let attended = ops::attention(&query, &key, &value, self.scale)?;
-        let projected = self
-            .to_out
-            .forward(&attended)?
-            .transpose(1, 2)?
-            .reshape((batch, channels, height, width))?;
+        let projected = to_map(&self.to_out.forward(&attended)?, height, width)?;
         // diffusers' `rescale_output_factor` is 1 for the VAE.
         projected + xs
     }
