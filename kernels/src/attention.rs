@@ -7,8 +7,9 @@
 //! for one self-attention of a 512x512 image — and reading it back twice. Blocks of all
 //! heads are spread over threads; each block's matrix products run on one.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::matmul::{multiply, Threads, View};
 
 /// Score elements per block of queries (1 MiB of f32).
 const BLOCK_SCORES: usize = 256 * 1024;
@@ -62,57 +63,28 @@ pub fn attention(
                     let rows = out.len() / head_dim;
                     let query = &query[index * block * head_dim..][..rows * head_dim];
                     scores.resize(rows * key_len, 0.0);
-                    // SAFETY: `scores` is (rows × key_len); `query` (rows × head_dim) and
-                    // `key` (key_len × head_dim) read transposed as (head_dim × key_len).
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            key_len,
-                            head_dim,
-                            scores.as_mut_ptr(),
-                            1,
-                            key_len as isize,
-                            false,
-                            query.as_ptr(),
-                            1,
-                            head_dim as isize,
-                            key.as_ptr(),
-                            head_dim as isize,
-                            1,
-                            0.0,
-                            scale,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    };
+                    // Scores: query (rows × head_dim) times key read transposed.
+                    multiply(
+                        scores,
+                        key_len,
+                        (rows, key_len, head_dim),
+                        View::rows(query, head_dim),
+                        View::transposed(key, head_dim),
+                        false,
+                        scale,
+                        Threads::One,
+                    );
                     let totals = exponentiate_rows(scores, key_len);
-                    // SAFETY: `out` is (rows × head_dim), `scores` (rows × key_len) and
-                    // `value` (key_len × head_dim), all dense row-major.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            head_dim,
-                            key_len,
-                            out.as_mut_ptr(),
-                            1,
-                            head_dim as isize,
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            key_len as isize,
-                            value.as_ptr(),
-                            1,
-                            head_dim as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    };
+                    multiply(
+                        out,
+                        head_dim,
+                        (rows, head_dim, key_len),
+                        View::rows(scores, key_len),
+                        View::rows(value, head_dim),
+                        false,
+                        1.0,
+                        Threads::One,
+                    );
                     // The softmax's division, on head_dim values per row instead of key_len.
                     for (row, total) in out.chunks_exact_mut(head_dim).zip(totals) {
                         let inverse = 1.0 / total;

@@ -8,8 +8,9 @@
 //! output rows at a time, so its size stays bounded for large images. A 1x1 convolution
 //! with stride 1 needs no column matrix at all: the input already is one.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::matmul::{multiply, Threads, View};
 
 /// Largest column matrix built at once, in f32 elements (32 MiB).
 const COLUMN_TILE_ELEMENTS: usize = 8 * 1024 * 1024;
@@ -93,19 +94,13 @@ pub fn conv2d(shape: &Conv2dShape, input: &[f32], weight: &[f32], bias: &[f32]) 
         let input = &input[image * in_channels * in_plane..][..in_channels * in_plane];
         let output = &mut output[image * out_channels * out_plane..][..out_channels * out_plane];
         if pointwise {
-            // SAFETY: the slices hold (out_channels × in_plane), (out_channels × in_channels)
-            // and (in_channels × in_plane) elements, as the strides below describe.
-            unsafe {
-                multiply_add(
-                    output,
-                    out_plane,
-                    weight,
-                    input,
-                    out_channels,
-                    in_plane,
-                    in_channels,
-                )
-            };
+            multiply_add(
+                output,
+                out_plane,
+                weight,
+                input,
+                (out_channels, in_plane, in_channels),
+            );
             continue;
         }
         let mut first_row = 0;
@@ -114,22 +109,16 @@ pub fn conv2d(shape: &Conv2dShape, input: &[f32], weight: &[f32], bias: &[f32]) 
             let tile_columns = rows * out_width;
             let tile = &mut columns[..patch_len * tile_columns];
             fill_columns(shape, input, first_row, rows, tile);
+            // The tile's output starts at pixel `first_row · out_width` of channel 0; its rows
+            // (channels) are `out_plane` apart.
             let output_tile = &mut output[first_row * out_width..];
-            // SAFETY: `tile` is (patch_len × tile_columns); the output tile starts at the
-            // first pixel of row `first_row` of channel 0 and, with a row stride of
-            // `out_plane`, its last element (channel out_channels-1, pixel tile_columns-1)
-            // lies within the image's output.
-            unsafe {
-                multiply_add(
-                    output_tile,
-                    out_plane,
-                    weight,
-                    tile,
-                    out_channels,
-                    tile_columns,
-                    patch_len,
-                )
-            };
+            multiply_add(
+                output_tile,
+                out_plane,
+                weight,
+                tile,
+                (out_channels, tile_columns, patch_len),
+            );
             first_row += rows;
         }
     }
@@ -197,40 +186,23 @@ fn fill_columns(
 
 /// `dst[m × n] += lhs[m × k] · rhs[k × n]`, with `dst`'s rows `dst_row_stride` apart and
 /// `lhs`, `rhs` dense row-major.
-///
-/// # Safety
-/// `dst` must hold `(m - 1) · dst_row_stride + n` elements, `lhs` `m · k`, `rhs` `k · n`.
-unsafe fn multiply_add(
+fn multiply_add(
     dst: &mut [f32],
     dst_row_stride: usize,
     lhs: &[f32],
     rhs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
 ) {
-    debug_assert!(dst.len() >= (m - 1) * dst_row_stride + n);
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        dst_row_stride as isize,
+    let (lhs, rhs) = (View::rows(lhs, k), View::rows(rhs, n));
+    multiply(
+        dst,
+        dst_row_stride,
+        (m, n, k),
+        lhs,
+        rhs,
         true,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        n as isize,
         1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::Rayon(crate::threads()),
+        Threads::All,
     );
 }
 

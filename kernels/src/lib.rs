@@ -17,6 +17,7 @@ mod geglu;
 mod group_norm;
 mod linear;
 mod math;
+mod matmul;
 
 pub use attention::{attention, AttentionShape};
 pub use conv::{conv2d, Conv2dShape};

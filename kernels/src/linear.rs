@@ -2,7 +2,7 @@
 //! transposed in place and the product added onto the bias in the output, so the bias
 //! costs no pass of its own.
 
-use gemm::Parallelism;
+use crate::matmul::{multiply, Threads, View};
 
 /// `rows × in_features` input times the transposed `out_features × in_features` weight,
 /// plus `bias` (one per output feature) when given: `rows × out_features` values.
@@ -33,32 +33,17 @@ pub fn linear(
     if output.is_empty() || in_features == 0 {
         return output;
     }
-    // SAFETY: `output` is rows × out_features (row stride out_features), `input`
-    // rows × in_features, and the weight read with row stride 1 and column stride
-    // in_features is its (in_features × out_features) transpose.
-    unsafe {
-        gemm::gemm(
-            rows,
-            out_features,
-            in_features,
-            output.as_mut_ptr(),
-            1,
-            out_features as isize,
-            bias.is_some(),
-            input.as_ptr(),
-            1,
-            in_features as isize,
-            weight.as_ptr(),
-            in_features as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(crate::threads()),
-        )
-    };
+    // The weight read with rows and columns swapped is its (in × out) transpose.
+    multiply(
+        &mut output,
+        out_features,
+        (rows, out_features, in_features),
+        View::rows(input, in_features),
+        View::transposed(weight, in_features),
+        bias.is_some(),
+        1.0,
+        Threads::All,
+    );
     output
 }
 
