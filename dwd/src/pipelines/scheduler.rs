@@ -605,6 +605,24 @@ pub(crate) fn checked_timesteps(
         .collect()
 }
 
+/// Fails, naming the first offender, unless every (fractional) timestep lies within the
+/// `num_train_timesteps` of the training schedule.
+pub(crate) fn check_timesteps_in_range(
+    timesteps: &[f64],
+    num_train_timesteps: usize,
+) -> Result<(), PipelineError> {
+    match timesteps
+        .iter()
+        .find(|timestep| !(0.0..num_train_timesteps as f64).contains(*timestep))
+    {
+        Some(bad) => Err(PipelineError::invalid(
+            "steps_offset",
+            format!("timestep {bad} falls outside the {num_train_timesteps} training timesteps"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `np.linspace(start, end, count)` in f64 (the last value is exactly `end`).
 pub(crate) fn linspace(start: f64, end: f64, count: usize) -> Vec<f64> {
     match count {

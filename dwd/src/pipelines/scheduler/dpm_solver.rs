@@ -5,10 +5,10 @@
 use candle_core::Tensor;
 
 use super::{
-    alpha_sigma, check_step_count, check_step_index, compute, f32_round_trip, interpolate,
-    karras_sigmas, multistep_timesteps, sigma_to_timestep, Options, PredictionType, Scheduler,
-    SchedulerConfig, TimestepSpacing, TrainingSchedule, ZeroSnr, ALL_PREDICTIONS, COMPONENT,
-    DEFAULT_BETAS,
+    alpha_sigma, check_step_count, check_step_index, check_timesteps_in_range, compute,
+    f32_round_trip, interpolate, karras_sigmas, multistep_timesteps, sigma_to_timestep, Options,
+    PredictionType, Scheduler, SchedulerConfig, TimestepSpacing, TrainingSchedule, ZeroSnr,
+    ALL_PREDICTIONS, COMPONENT, DEFAULT_BETAS,
 };
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::{InComponent, PipelineError};
@@ -266,16 +266,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         });
         // diffusers stores these timesteps as int64 (truncating any fraction).
         self.timesteps = timesteps.into_iter().map(f64::trunc).collect();
-        if let Some(bad) = self
-            .timesteps
-            .iter()
-            .find(|timestep| !(0.0..train as f64).contains(*timestep))
-        {
-            return Err(PipelineError::invalid(
-                "steps_offset",
-                format!("timestep {bad} falls outside the {train} training timesteps"),
-            ));
-        }
+        check_timesteps_in_range(&self.timesteps, train)?;
         self.sigmas = sigmas.into_iter().map(f32_round_trip).collect();
         self.model_outputs.clear();
         self.lower_order_nums = 0;
