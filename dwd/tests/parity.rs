@@ -2,16 +2,14 @@
 //! tiny SD 1.5-shaped fixture in `tests/fixtures/tiny-sd15` (see its `make_reference.py`).
 
 mod common;
-use common::{assert_close, max_abs_diff, no_progress, token_rows};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use common::{assert_close, max_abs_diff, no_progress, token_rows, Fixture};
 
 use candle_core::{DType, Device, Tensor};
 use dwd::pipelines::{
     build_scheduler, ClipTokenizer, GenerateArgs, Phase, PipelineError, Progress, SchedulerConfig,
     StableDiffusionPipeline, TextEncoder, Unet, Vae,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 
 const CLIP_TOLERANCE: f32 = 1e-5;
 const VAE_TOLERANCE: f32 = 1e-5;
@@ -20,30 +18,16 @@ const VAE_TOLERANCE: f32 = 1e-5;
 const UNET_TOLERANCE: f32 = 1e-4;
 const PIPELINE_TOLERANCE: f32 = 1e-4;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd15")
-}
-
-fn model_dir() -> PathBuf {
-    fixture_dir().join("model")
-}
-
-fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn expected_json() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+fn fixture() -> Fixture {
+    Fixture::new("tiny-sd15")
 }
 
 fn pipeline() -> StableDiffusionPipeline {
-    StableDiffusionPipeline::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
+    StableDiffusionPipeline::load(&fixture().model_dir(), DType::F32, &Device::Cpu).unwrap()
 }
 
 fn reference_args() -> GenerateArgs {
-    let meta = expected_json();
+    let meta = fixture().json("expected.json");
     let negative = meta["negative_prompt"].as_str().unwrap();
     GenerateArgs {
         prompts: vec![meta["prompt"].as_str().unwrap().to_string()],
@@ -57,9 +41,9 @@ fn reference_args() -> GenerateArgs {
 
 #[test]
 fn tokenizer_matches_clip_ids() {
-    let tokenizer = ClipTokenizer::load(&model_dir().join("tokenizer")).unwrap();
-    let meta = expected_json();
-    let want = token_rows(&expected()["clip_ids"]);
+    let tokenizer = ClipTokenizer::load(&fixture().model_dir().join("tokenizer")).unwrap();
+    let meta = fixture().json("expected.json");
+    let want = token_rows(&fixture().tensors("expected.safetensors")["clip_ids"]);
     let texts = [
         meta["negative_prompt"].as_str().unwrap(),
         meta["prompt"].as_str().unwrap(),
@@ -71,10 +55,10 @@ fn tokenizer_matches_clip_ids() {
 
 #[test]
 fn tokenizer_matches_tricky_cases() {
-    let tokenizer = ClipTokenizer::load(&model_dir().join("tokenizer")).unwrap();
-    let meta = expected_json();
+    let tokenizer = ClipTokenizer::load(&fixture().model_dir().join("tokenizer")).unwrap();
+    let meta = fixture().json("expected.json");
     let cases = meta["tokenizer_cases"].as_array().unwrap();
-    let want = token_rows(&expected()["tok_tricky_ids"]);
+    let want = token_rows(&fixture().tensors("expected.safetensors")["tok_tricky_ids"]);
     assert_eq!(cases.len(), 4);
     for (case, want) in cases.iter().zip(&want) {
         let text = case.as_str().unwrap();
@@ -84,17 +68,21 @@ fn tokenizer_matches_tricky_cases() {
 
 #[test]
 fn text_encoder_matches_clip_out() {
-    let expected = expected();
-    let encoder =
-        TextEncoder::load(&model_dir().join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let encoder = TextEncoder::load(
+        &fixture().model_dir().join("text_encoder"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let got = encoder.encode(&token_rows(&expected["clip_ids"])).unwrap();
     assert_close("text encoder", &got, &expected["clip_out"], CLIP_TOLERANCE);
 }
 
 #[test]
 fn vae_decode_matches() {
-    let expected = expected();
-    let vae = Vae::load(&model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let vae = Vae::load(&fixture().model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(vae.scale_factor(), 2);
     assert!((vae.scaling_factor() - 0.18215).abs() < 1e-12);
     let got = vae.decode(&expected["vae_z"]).unwrap();
@@ -103,8 +91,8 @@ fn vae_decode_matches() {
 
 #[test]
 fn vae_encode_mean_matches() {
-    let expected = expected();
-    let vae = Vae::load(&model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let vae = Vae::load(&fixture().model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
     let got = vae.encode_mean(&expected["vae_enc_in"]).unwrap();
     assert_close(
         "vae encode mean",
@@ -116,8 +104,13 @@ fn vae_encode_mean_matches() {
 
 #[test]
 fn unet_matches() {
-    let expected = expected();
-    let unet = Unet::load(&model_dir().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let unet = Unet::load(
+        &fixture().model_dir().join("unet"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(unet.in_channels(), 4);
     assert_eq!(unet.sample_size(), 32);
     let timestep = expected["unet_t"].to_vec1::<f32>().unwrap()[0];
@@ -134,11 +127,12 @@ fn unet_matches() {
 
 #[test]
 fn ddim_timesteps_match() {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler")).unwrap();
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
     assert_eq!(config.class_name.as_deref(), Some("PNDMScheduler"));
     let mut scheduler = build_scheduler("DDIMScheduler", &config).unwrap();
     scheduler.set_timesteps(4).unwrap();
-    let want: Vec<f64> = expected_json()["pipelines"]["pipe_image_DDIMScheduler"]["timesteps"]
+    let want: Vec<f64> = fixture().json("expected.json")["pipelines"]["pipe_image_DDIMScheduler"]
+        ["timesteps"]
         .as_array()
         .unwrap()
         .iter()
@@ -150,7 +144,7 @@ fn ddim_timesteps_match() {
 
 #[test]
 fn ddim_pipeline_matches() {
-    let expected = expected();
+    let expected = fixture().tensors("expected.safetensors");
     let pipeline = pipeline();
     let args = GenerateArgs {
         latents: Some(expected["pipe_latents"].clone()),
@@ -200,7 +194,7 @@ fn ddim_pipeline_matches() {
 
 #[test]
 fn unknown_scheduler_lists_supported_names() {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler")).unwrap();
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
     let error = build_scheduler("NoSuchScheduler", &config).err().unwrap();
     let message = error.to_string();
     assert!(
@@ -233,7 +227,7 @@ fn unknown_scheduler_lists_supported_names() {
 
 #[test]
 fn scheduler_overrides_apply() {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler")).unwrap();
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
     let mut overrides = Map::new();
     overrides.insert("timestep_spacing".to_string(), json!("trailing"));
     let overridden = config.with_overrides(&overrides).unwrap();

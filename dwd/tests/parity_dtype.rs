@@ -3,9 +3,7 @@
 //! diffusers reference within a half-precision tolerance.
 
 mod common;
-use common::max_abs_diff;
-use std::collections::HashMap;
-use std::path::PathBuf;
+use common::{max_abs_diff, Fixture};
 
 use candle_core::{DType, Device, Tensor};
 use dwd::pipelines::{GenerateArgs, StableDiffusionPipeline};
@@ -13,13 +11,8 @@ use dwd::pipelines::{GenerateArgs, StableDiffusionPipeline};
 /// Half precision carries about three decimal digits through every layer.
 const HALF_TOLERANCE: f32 = 3e-2;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd15")
-}
-
-fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
+fn fixture() -> Fixture {
+    Fixture::new("tiny-sd15")
 }
 
 fn args(scheduler: &str, latents: &Tensor) -> GenerateArgs {
@@ -35,10 +28,9 @@ fn args(scheduler: &str, latents: &Tensor) -> GenerateArgs {
 
 #[test]
 fn f16_pipeline_is_close_to_f32_reference() {
-    let expected = expected();
+    let expected = fixture().tensors("expected.safetensors");
     let pipeline =
-        StableDiffusionPipeline::load(&fixture_dir().join("model"), DType::F16, &Device::Cpu)
-            .unwrap();
+        StableDiffusionPipeline::load(&fixture().model_dir(), DType::F16, &Device::Cpu).unwrap();
     for scheduler in [
         "DDIMScheduler",
         "EulerDiscreteScheduler",
@@ -72,10 +64,9 @@ fn f16_pipeline_is_close_to_f32_reference() {
 /// runs (a GPU, a later candle), it must match like F16.
 #[test]
 fn bf16_pipeline_is_close_or_refused_cleanly() {
-    let expected = expected();
+    let expected = fixture().tensors("expected.safetensors");
     let pipeline =
-        StableDiffusionPipeline::load(&fixture_dir().join("model"), DType::BF16, &Device::Cpu)
-            .unwrap();
+        StableDiffusionPipeline::load(&fixture().model_dir(), DType::BF16, &Device::Cpu).unwrap();
     match pipeline.generate(
         &args("DDIMScheduler", &expected["pipe_latents"]),
         &mut |_| Ok(()),

@@ -6,9 +6,7 @@
 //! [`ReplayNoise`]; every replayed draw must be consumed.
 
 mod common;
-use common::{assert_close, max_abs_diff, no_progress};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use common::{assert_close, max_abs_diff, no_progress, Fixture};
 
 use candle_core::{DType, Device, Tensor};
 use dwd::pipelines::{
@@ -21,25 +19,12 @@ use serde_json::{json, Map, Value};
 // catches that while leaving other CPUs' summation orders room.
 const PIPELINE_TOLERANCE: f32 = 1e-4;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd15")
-}
-
-fn model_dir() -> PathBuf {
-    fixture_dir().join("model")
-}
-
-fn load_tensors(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join(name), &Device::Cpu).unwrap()
-}
-
-fn load_json(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
+fn fixture() -> Fixture {
+    Fixture::new("tiny-sd15")
 }
 
 fn pipeline() -> StableDiffusionPipeline {
-    StableDiffusionPipeline::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
+    StableDiffusionPipeline::load(&fixture().model_dir(), DType::F32, &Device::Cpu).unwrap()
 }
 
 fn timesteps_of(value: &Value) -> Vec<f64> {
@@ -53,8 +38,8 @@ fn timesteps_of(value: &Value) -> Vec<f64> {
 
 /// The prompt, steps and guidance of the references, starting from their latents.
 fn reference_args(scheduler: &str, overrides: Map<String, Value>) -> GenerateArgs {
-    let meta = load_json("expected.json");
-    let latents = load_tensors("expected.safetensors")["pipe_latents"].clone();
+    let meta = fixture().json("expected.json");
+    let latents = fixture().tensors("expected.safetensors")["pipe_latents"].clone();
     GenerateArgs {
         prompts: vec![meta["prompt"].as_str().unwrap().to_string()],
         negative_prompt: None,
@@ -69,7 +54,7 @@ fn reference_args(scheduler: &str, overrides: Map<String, Value>) -> GenerateArg
 
 /// The scheduler's timesteps for the reference step count, from the shipped config.
 fn scheduled_timesteps(scheduler: &str, overrides: &Map<String, Value>) -> Vec<f64> {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler"))
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler"))
         .unwrap()
         .with_overrides(overrides)
         .unwrap();
@@ -80,8 +65,8 @@ fn scheduled_timesteps(scheduler: &str, overrides: &Map<String, Value>) -> Vec<f
 
 /// Runs one case of `more_expected.json`, replaying its recorded noise.
 fn check_more_case(case: &str) {
-    let meta = load_json("more_expected.json");
-    let tensors = load_tensors("more_expected.safetensors");
+    let meta = fixture().json("more_expected.json");
+    let tensors = fixture().tensors("more_expected.safetensors");
     let spec = &meta["cases"][case];
     let scheduler = spec["scheduler"].as_str().unwrap();
     let overrides = spec["overrides"].as_object().cloned().unwrap_or_default();
@@ -111,7 +96,7 @@ fn check_more_case(case: &str) {
 
 /// Runs one scheduler of `expected.json` (no noise beyond the given latents).
 fn check_expected_case(scheduler: &str) {
-    let meta = load_json("expected.json");
+    let meta = fixture().json("expected.json");
     let key = format!("pipe_image_{scheduler}");
     let overrides = Map::new();
     assert_eq!(
@@ -130,7 +115,7 @@ fn check_expected_case(scheduler: &str) {
     assert_close(
         &format!("{scheduler} pipeline"),
         &image,
-        &load_tensors("expected.safetensors")[&key],
+        &fixture().tensors("expected.safetensors")[&key],
         PIPELINE_TOLERANCE,
     );
 }
@@ -178,7 +163,7 @@ fn euler_trailing_pipeline_matches() {
 /// The init image diffusers read: `expected_DDIMScheduler.png`, the 8-bit rounding of
 /// `pipe_image_DDIMScheduler`, as f32 in [0, 1] (`u8 / 255` like diffusers' image processor).
 fn reference_init_image() -> Tensor {
-    let reference = &load_tensors("expected.safetensors")["pipe_image_DDIMScheduler"];
+    let reference = &fixture().tensors("expected.safetensors")["pipe_image_DDIMScheduler"];
     let rgb = images_to_rgb8(reference).unwrap().remove(0);
     let values: Vec<f32> = rgb
         .pixels
@@ -194,7 +179,7 @@ fn reference_init_image() -> Tensor {
 }
 
 fn img2img_args() -> GenerateArgs {
-    let meta = load_json("more_expected.json");
+    let meta = fixture().json("more_expected.json");
     let spec = &meta["cases"]["img2img"];
     GenerateArgs {
         latents: None,
@@ -206,8 +191,8 @@ fn img2img_args() -> GenerateArgs {
 
 #[test]
 fn img2img_ddim_matches_with_replayed_noise() {
-    let meta = load_json("more_expected.json");
-    let tensors = load_tensors("more_expected.safetensors");
+    let meta = fixture().json("more_expected.json");
+    let tensors = fixture().tensors("more_expected.safetensors");
     let spec = &meta["cases"]["img2img"];
     assert_eq!(
         scheduled_timesteps("DDIMScheduler", &Map::new()),
@@ -312,7 +297,7 @@ fn latent_output_decodes_to_the_image() {
     assert_close(
         "latents decoded",
         &decoded,
-        &load_tensors("expected.safetensors")["pipe_image_DDIMScheduler"],
+        &fixture().tensors("expected.safetensors")["pipe_image_DDIMScheduler"],
         PIPELINE_TOLERANCE,
     );
 }
@@ -365,7 +350,7 @@ fn stochastic_schedulers_draw_after_the_initial_latents() {
 
 #[test]
 fn unknown_scheduler_lists_every_supported_one() {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler")).unwrap();
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
     let error = build_scheduler("HeunDiscreteScheduler", &config)
         .err()
         .unwrap();
@@ -385,7 +370,7 @@ fn unknown_scheduler_lists_every_supported_one() {
 
 #[test]
 fn bad_option_values_are_refused_naming_the_key() {
-    let config = SchedulerConfig::load(&model_dir().join("scheduler")).unwrap();
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
     let cases: &[(&str, &str, Value)] = &[
         ("DDIMScheduler", "timestep_spacing", json!("sideways")),
         ("PNDMScheduler", "timestep_spacing", json!("sideways")),

@@ -5,11 +5,9 @@
 //! image (64 high, 48 wide).
 
 mod common;
-use common::{assert_close, no_progress, token_rows};
-use std::collections::HashMap;
-use std::path::PathBuf;
+use common::{assert_close, no_progress, token_rows, Fixture};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use dwd::pipelines::{
     build_scheduler, ClipTokenizer, GenerateArgs, SchedulerConfig, StableDiffusionPipeline,
     TextEncoder, Unet,
@@ -22,29 +20,15 @@ const CLIP_TOLERANCE: f32 = 1e-5;
 const UNET_TOLERANCE: f32 = 1e-4;
 const PIPELINE_TOLERANCE: f32 = 1e-4;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd2")
-}
-
-fn model_dir() -> PathBuf {
-    fixture_dir().join("model")
-}
-
-fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn expected_json() -> Value {
-    let text = std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+fn fixture() -> Fixture {
+    Fixture::new("tiny-sd2")
 }
 
 #[test]
 fn tokenizer_pads_with_exclamation_mark() {
-    let tokenizer = ClipTokenizer::load(&model_dir().join("tokenizer")).unwrap();
-    let meta = expected_json();
-    let want = token_rows(&expected()["clip_ids"]);
+    let tokenizer = ClipTokenizer::load(&fixture().model_dir().join("tokenizer")).unwrap();
+    let meta = fixture().json("expected.json");
+    let want = token_rows(&fixture().tensors("expected.safetensors")["clip_ids"]);
     let texts = [
         meta["negative_prompt"].as_str().unwrap(),
         meta["prompt"].as_str().unwrap(),
@@ -60,9 +44,13 @@ fn tokenizer_pads_with_exclamation_mark() {
 
 #[test]
 fn gelu_text_encoder_matches() {
-    let expected = expected();
-    let encoder =
-        TextEncoder::load(&model_dir().join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let encoder = TextEncoder::load(
+        &fixture().model_dir().join("text_encoder"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let got = encoder.encode(&token_rows(&expected["clip_ids"])).unwrap();
     assert_close(
         "SD2 text encoder",
@@ -74,8 +62,13 @@ fn gelu_text_encoder_matches() {
 
 #[test]
 fn linear_projection_unet_matches_on_non_square_latents() {
-    let expected = expected();
-    let unet = Unet::load(&model_dir().join("unet"), DType::F32, &Device::Cpu).unwrap();
+    let expected = fixture().tensors("expected.safetensors");
+    let unet = Unet::load(
+        &fixture().model_dir().join("unet"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let timestep = expected["unet_t"].to_vec1::<f32>().unwrap()[0];
     assert_eq!(timestep, 501.0);
     let got = unet
@@ -101,11 +94,11 @@ fn overrides_for(scheduler: &str) -> Map<String, Value> {
 }
 
 fn check_pipeline(scheduler: &str) {
-    let expected = expected();
-    let meta = expected_json();
+    let expected = fixture().tensors("expected.safetensors");
+    let meta = fixture().json("expected.json");
     let overrides = overrides_for(scheduler);
 
-    let config = SchedulerConfig::load(&model_dir().join("scheduler"))
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler"))
         .unwrap()
         .with_overrides(&overrides)
         .unwrap();
@@ -119,7 +112,8 @@ fn check_pipeline(scheduler: &str) {
         .collect();
     assert_eq!(built.timesteps(), want.as_slice(), "{scheduler} timesteps");
 
-    let pipeline = StableDiffusionPipeline::load(&model_dir(), DType::F32, &Device::Cpu).unwrap();
+    let pipeline =
+        StableDiffusionPipeline::load(&fixture().model_dir(), DType::F32, &Device::Cpu).unwrap();
     let args = GenerateArgs {
         prompts: vec![meta["prompt"].as_str().unwrap().to_string()],
         negative_prompt: Some(meta["negative_prompt"].as_str().unwrap().to_string()),

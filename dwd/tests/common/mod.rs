@@ -1,10 +1,49 @@
-//! Helpers the parity tests share: comparing tensors with diffusers' references.
+//! Helpers the parity tests share: the reference fixtures, and comparing tensors with
+//! diffusers' references.
 
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
 use dwd::pipelines::{PipelineError, Progress};
+use serde_json::Value;
+
+/// A reference fixture under `tests/fixtures/` (such as `tiny-sd15`): a saved diffusers
+/// model and the tensors and JSON diffusers computed from it.
+pub struct Fixture(PathBuf);
+
+impl Fixture {
+    pub fn new(name: &str) -> Self {
+        Self(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(name),
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// The diffusers pipeline folder.
+    pub fn model_dir(&self) -> PathBuf {
+        self.0.join("model")
+    }
+
+    /// The tensors of one of the fixture's safetensors files.
+    pub fn tensors(&self, file: &str) -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(self.0.join(file), &Device::Cpu).unwrap()
+    }
+
+    /// One of the fixture's JSON files.
+    pub fn json(&self, file: &str) -> Value {
+        let text = std::fs::read_to_string(self.0.join(file)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
 
 /// Token ids as rows of u32, from the i64 tensors the references store.
 pub fn token_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
