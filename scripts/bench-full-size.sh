@@ -23,7 +23,7 @@ export DWD_SOCKET="$dir/dwd.sock"
 trap 'target/release/dwctl stop >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
 cat > "$dir/flow.json" <<JSON
 {"id": "sd15_random", "seed": 1, "steps": [{"name": "main", "pipeline": {
-  "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+  "configuration": {"component_type": "StableDiffusionPipeline"},
   "from_pretrained_arguments": {"model_name": "$model"},
   "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}},
   "arguments": {"prompt": "a fox", "num_inference_steps": $steps, "height": $size, "width": $size}}}]}

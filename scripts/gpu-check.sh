@@ -96,7 +96,7 @@ start=$(date +%s)
 echo "made in $(( $(date +%s) - start )) s: $(du -sh "$model" | cut -f1)"
 cat > "$dir/full.json" <<JSON
 {"id": "sd15_random", "seed": 1, "steps": [{"name": "main", "pipeline": {
-  "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+  "configuration": {"component_type": "StableDiffusionPipeline"},
   "from_pretrained_arguments": {"model_name": "$model", "torch_dtype": "torch.float16"},
   "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}},
   "arguments": {"prompt": "a fox", "num_inference_steps": 20, "height": 512, "width": 512}}}]}

@@ -1,8 +1,8 @@
-//! Writing outputs: PNG (with the generation parameters in text chunks) or JPEG, always
-//! to a temporary name first and renamed into place, so no partial file ever carries the
-//! final name.
+//! Writing outputs: PNG (with the generation parameters in text chunks), JPEG or WebP
+//! images, text and JSON files, always to a fresh temporary file in the same directory
+//! (created exclusively, never through a link) and renamed into place, so no partial file
+//! ever carries the final name.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -39,45 +39,64 @@ pub fn write_image(
     }
     write_atomically(path, |file| match content_type {
         "image/jpeg" => encode_jpeg(file, image),
+        "image/webp" => encode_webp(file, image),
         _ => encode_png(file, image, text),
     })
+}
+
+/// Writes `bytes` as they are (text and JSON results), atomically.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_atomically(path, |file| {
+        file.write_all(bytes).map_err(|e| e.to_string())
+    })
+}
+
+fn encode_webp(out: &mut impl Write, image: &RgbView<'_>) -> Result<(), String> {
+    image::codecs::webp::WebPEncoder::new_lossless(out)
+        .encode(
+            image.pixels,
+            image.width,
+            image.height,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| e.to_string())
 }
 
 /// Writes `path` through a temporary file in the same directory, renamed on success.
 pub fn write_atomically(
     path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> Result<(), String>,
+    write: impl FnOnce(&mut BufWriter<tempfile::NamedTempFile>) -> Result<(), String>,
 ) -> Result<(), String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temp: PathBuf = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let file =
-            File::create(&temp).map_err(|e| format!("cannot create {}: {e}", temp.display()))?;
-        let mut writer = BufWriter::new(file);
-        write(&mut writer).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        crate::run::trace("encoded");
-        let file = writer
-            .into_inner()
-            .map_err(|e| format!("cannot write {}: {}", temp.display(), e.error()))?;
-        file.sync_data()
-            .map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
-        crate::run::trace("synced");
-        std::fs::rename(&temp, path).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                temp.display(),
-                path.display()
-            )
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
+    let temp_path: PathBuf = temp.path().to_path_buf();
+    let mut writer = BufWriter::new(temp);
+    write(&mut writer).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    crate::run::trace("encoded");
+    let temp = writer
+        .into_inner()
+        .map_err(|e| format!("cannot write {}: {}", temp_path.display(), e.error()))?;
+    temp.as_file()
+        .sync_data()
+        .map_err(|e| format!("cannot write {}: {e}", temp_path.display()))?;
+    crate::run::trace("synced");
+    temp.persist(path).map_err(|e| {
+        format!(
+            "cannot rename {} to {}: {}",
+            temp_path.display(),
+            path.display(),
+            e.error
+        )
+    })?;
+    Ok(())
 }
 
 /// Writes one f32 tensor (little-endian bytes) as a `.safetensors` file, atomically, with an
@@ -173,7 +192,8 @@ mod tests {
         };
         write_image(&path, "image/png", &image, Some(&text)).unwrap();
 
-        let decoder = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         reader.next_frame(&mut buf).unwrap();

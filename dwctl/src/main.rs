@@ -7,6 +7,7 @@ mod files;
 mod human;
 mod preview;
 mod run;
+mod validate;
 mod watch;
 
 use std::path::PathBuf;
@@ -16,7 +17,6 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use protocol::message::{ClientMessage, ServerMessage, StatusReport};
 use protocol::paths::DaemonPaths;
-use protocol::workflow::Workflow;
 use serde_json::json;
 
 use connection::Connection;
@@ -155,6 +155,11 @@ enum Command {
         workflow: PathBuf,
         #[arg(value_name = "NAME=VALUE")]
         assignments: Vec<String>,
+        /// Fail (exit 2) when a model the workflow names is not on this machine; without
+        /// it a missing model is only a warning, so workflows can be checked where no
+        /// models are.
+        #[arg(long)]
+        require_models: bool,
     },
 }
 
@@ -250,7 +255,8 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
         Command::Validate {
             workflow,
             assignments,
-        } => validate(&workflow, &assignments),
+            require_models,
+        } => validate::validate(&workflow, &assignments, require_models),
     }
 }
 
@@ -526,27 +532,4 @@ fn ping(paths: &DaemonPaths) -> Result<u8, Failure> {
         }
         other => Err(unexpected(other)),
     }
-}
-
-fn validate(path: &std::path::Path, assignments: &[String]) -> Result<u8, Failure> {
-    let workflow =
-        Workflow::load(path, assignments).map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
-    let steps: Vec<String> = workflow
-        .steps
-        .iter()
-        .map(|s| {
-            format!(
-                "{} ({} on {})",
-                s.name, s.pipeline.pipeline_type, s.pipeline.model_name
-            )
-        })
-        .collect();
-    println!(
-        "{}: ok: workflow `{}`, {} step(s): {}",
-        path.display(),
-        workflow.id,
-        steps.len(),
-        steps.join(", ")
-    );
-    Ok(EXIT_OK)
 }

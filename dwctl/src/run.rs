@@ -17,12 +17,13 @@ use protocol::message::{
 use protocol::paths::DaemonPaths;
 use protocol::shm::MappedOutput;
 use protocol::units::KeepAlive;
-use protocol::workflow::{extension_for, output_file_name, Workflow};
+use protocol::workflow::results::is_plain_file_name;
+use protocol::workflow::Workflow;
 use serde_json::json;
 
 use crate::connection::{died, Connection};
 use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
-use crate::files::{write_image, write_tensor, PngText, RgbView};
+use crate::files::{write_bytes, write_image, write_tensor, PngText, RgbView};
 use crate::human::human_bytes;
 
 /// What `run` was asked to do.
@@ -427,18 +428,21 @@ fn write_output(
             descriptor.step
         ))
     })?;
-    let name = output_file_name(
-        &descriptor.file_base_name,
-        &descriptor.workflow_id,
-        &descriptor.step,
-        descriptor.step_index,
-        descriptor.result_index,
-        descriptor.artifact_index,
-        extension_for(&descriptor.content_type),
-    );
+    // The daemon names the file; it must stay inside the output directory.
+    if !is_plain_file_name(&descriptor.file_name) {
+        return Err(failed(format!(
+            "the daemon named an output {:?}, which is not a plain file name; nothing was written",
+            descriptor.file_name
+        )));
+    }
+    let name = &descriptor.file_name;
     let path = dir.join(name);
     let mut rgb = None;
     let (width, height) = match (descriptor.element_type, &descriptor.shape[..]) {
+        (ElementType::U8, [_]) if !descriptor.content_type.starts_with("image/") => {
+            write_bytes(&path, mapped.bytes()).map_err(failed)?;
+            (0, 0)
+        }
         (ElementType::U8, [height, width, 3]) => {
             let image = RgbView {
                 width: *width as u32,

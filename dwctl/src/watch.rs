@@ -35,8 +35,8 @@ fn watched_files(workflow: &Path, assignments: &[String]) -> Vec<PathBuf> {
     let mut files = vec![workflow.to_path_buf()];
     if let Ok(parsed) = Workflow::load(workflow, assignments) {
         let base = parsed.base_dir().to_path_buf();
-        for step in &parsed.steps {
-            let args = &step.pipeline.arguments;
+        for step in parsed.steps.iter().filter_map(|s| s.pipeline()) {
+            let args = &step.arguments;
             if let Some(latents) = &args.latents {
                 files.push(base.join(latents));
             }

@@ -1,38 +1,47 @@
-//! The workflow engine: runs a job's steps in order on loaded pipelines.
+//! The workflow engine: runs a job's steps in order.
 //!
-//! For each step it resolves the model, takes each component from the cache (loading what
-//! is missing), runs the pipeline with the step's arguments while reporting progress and
-//! honouring cancellation, and hands every output image to the client through a sealed
-//! memfd. It returns the run's summary: outcome, timings and cache hits and misses.
+//! A step runs once per combination of the earlier results it references ([`fanout`]):
+//! a `pipeline` step resolves its model, takes each component from the cache (loading what
+//! is missing) and runs every combination from one generator; a `pipeline_reference` runs
+//! an earlier step's pipeline again; a `task` runs a command on values; a `workflow` step
+//! runs a child file. Each run's result is written as the step's `result` asks
+//! ([`saving`]). The engine returns the run's summary: outcome, timings and cache hits and
+//! misses.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use protocol::message::{
-    CacheCounts, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, RunError,
-    RunPlan, RunSummary, Timings,
+    CacheCounts, ErrorKind, LogLevel, Outcome, Phase, RunError, RunPlan, RunSummary, Timings,
 };
 use protocol::units::KeepAlive;
-use protocol::workflow::{OutputType, Step, Workflow};
-use serde_json::json;
+use protocol::workflow::{
+    read_source, Action, ChildWorkflow, Given, OutputType, PipelineKind, PipelineStep,
+    SchedulerSpec, Severity, StableDiffusionArguments, Step, Workflow,
+};
+use serde_json::{json, Map, Value};
 
 use crate::cache::{ComponentCache, ComponentKey};
-use crate::inputs::{
-    images_to_tensor, load_images, load_latents, resolve_path, InputError, StepResults,
-};
+use crate::fanout::{self, Artifact, Run, StepResults};
+use crate::inputs::{bound_images, images_to_tensor, load_images, load_latents, resolve_path};
 use crate::loading::{
     all_keys, evicted_component, load_pipeline, missing, plan_step, planned_component, LoadCounts,
     LoadError, StepPlan,
 };
 use crate::memory::{human_bytes, measured_bytes, release_freed_memory, Baseline};
-use crate::output::segment_with;
+use crate::pipelines::noise::SeededNoise;
 use crate::pipelines::{
     self, images_to_rgb8, GenerateArgs, PipelineError, RgbImage, StableDiffusionPipeline,
 };
 use crate::queue::{CancelReason, Job, JobEvent};
+use crate::saving::{Destination, Metadata};
+use crate::tasks;
+
+/// How deep child workflows may nest.
+const MAX_WORKFLOW_DEPTH: usize = 8;
 
 /// Why a job stopped before finishing.
 #[derive(Debug)]
@@ -48,6 +57,7 @@ impl From<LoadError> for StepError {
         match e {
             LoadError::Invalid(message) => StepError::Invalid(message),
             LoadError::Failed(message) => StepError::Failed(message),
+            LoadError::Cancelled => StepError::Cancelled(CancelReason::Client),
         }
     }
 }
@@ -94,12 +104,144 @@ struct RunCounters {
     used: Vec<ComponentKey>,
     /// Model folders of finished steps, for `reused_components`.
     model_dirs: HashMap<String, PathBuf>,
+    /// Pipelines of finished `pipeline` steps, for `pipeline_reference` (child workflows
+    /// share them, as in diffusers-workflow).
+    pipelines: HashMap<String, PreparedPipeline>,
 }
 
 /// A pipeline assembled for one step, and how it was configured.
+#[derive(Clone)]
 struct PreparedPipeline {
-    pipeline: StableDiffusionPipeline,
-    model_dir: PathBuf,
+    pipeline: Arc<StableDiffusionPipeline>,
+    kind: PipelineKind,
+    model_name: String,
+    scheduler: Option<SchedulerSpec>,
+    /// `configuration.vae.enable_slicing`.
+    vae_slicing: bool,
+    /// Its components in the cache.
+    keys: Vec<ComponentKey>,
+}
+
+/// The step being run, and where it sits.
+struct StepContext<'a> {
+    job: &'a Job,
+    workflow: &'a Workflow,
+    step: &'a Step,
+    results: &'a StepResults,
+    depth: usize,
+}
+
+impl StepContext<'_> {
+    fn log(&self, level: LogLevel, message: String) {
+        self.job.send(JobEvent::Log { level, message });
+    }
+
+    /// An invalid input of this step: `file: step `name`: what`.
+    fn invalid(&self, e: impl std::fmt::Display) -> StepError {
+        StepError::Invalid(format!(
+            "{}: step `{}`: {e}",
+            self.workflow.path.display(),
+            self.step.name
+        ))
+    }
+
+    fn runs(&self, template: &Map<String, Value>) -> Result<Vec<Run>, StepError> {
+        fanout::runs(template, self.results).map_err(|e| self.invalid(e))
+    }
+
+    fn save(&self, run: usize, item: &Artifact, metadata: &Metadata) -> Result<(), StepError> {
+        let destination = Destination {
+            job: self.job,
+            workflow_id: &self.workflow.id,
+            step: self.step,
+        };
+        destination
+            .save(run, item, metadata)
+            .map_err(|e| StepError::Failed(format!("{}: {e}", self.workflow.path.display())))
+    }
+
+    /// diffusers-workflow's metadata JSON (`step_name`, plus `extra`), with ours.
+    fn metadata(&self, extra: Value) -> Metadata {
+        let mut dw = json!({
+            "step_name": self.step.name,
+            "workflow_id": self.workflow.id,
+            "workflow_sha256": self.workflow.sha256,
+        });
+        if let (Value::Object(dw), Value::Object(extra)) = (&mut dw, extra) {
+            dw.extend(extra);
+        }
+        Metadata {
+            parameters: Vec::new(),
+            dw: dw.to_string(),
+        }
+    }
+
+    /// Metadata of one pipeline run: dw's `model_name` and `arguments`, the seed and
+    /// scheduler, and the AUTOMATIC1111 text for each image.
+    fn pipeline_metadata(
+        &self,
+        prepared: &PreparedPipeline,
+        args: &GenerateArgs,
+        seed: u64,
+        run: &Run,
+        output: &Generated,
+    ) -> Metadata {
+        let scheduler_type = args
+            .scheduler_type
+            .clone()
+            .or_else(|| prepared.pipeline.scheduler.class_name.clone())
+            .unwrap_or_else(|| "DDIMScheduler".to_string());
+        let mut metadata = self.metadata(json!({
+            "model_name": prepared.model_name,
+            "arguments": run.arguments,
+            "seed": seed,
+            "scheduler": scheduler_type,
+        }));
+        if let Generated::Images(images) = output {
+            let per_prompt = args.num_images_per_prompt.max(1);
+            metadata.parameters = images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| {
+                    let prompt = args
+                        .prompts
+                        .get(i / per_prompt)
+                        .map(String::as_str)
+                        .unwrap_or("");
+                    a1111_parameters(&Generation {
+                        prompt,
+                        negative: args.negative_prompt.as_deref().unwrap_or(""),
+                        steps: args.num_inference_steps,
+                        scheduler_type: &scheduler_type,
+                        cfg: args.guidance_scale,
+                        seed,
+                        width: image.width,
+                        height: image.height,
+                        model: &prepared.model_name,
+                    })
+                })
+                .collect();
+        }
+        metadata
+    }
+}
+
+/// A child workflow takes its parent step's seed unless it has its own.
+fn inherit_seed(workflow: &mut Workflow, seed: Option<u64>) {
+    for step in &mut workflow.steps {
+        let inherited = step.seed.is_none();
+        if inherited {
+            step.seed = seed;
+        }
+        let pipeline_seed = match &mut step.action {
+            Action::Pipeline(p) => &mut p.seed,
+            Action::Reference(r) => &mut r.seed,
+            _ => continue,
+        };
+        if pipeline_seed.is_none() {
+            *pipeline_seed = seed;
+        }
+    }
 }
 
 impl Engine {
@@ -119,10 +261,18 @@ impl Engine {
         let mut model_dirs = HashMap::new();
         let mut plans: Vec<(String, StepPlan)> = Vec::new();
         for step in &workflow.steps {
-            let plan = plan_step(workflow, step, &self.device, &self.device_name, &model_dirs)
-                .map_err(|e| match e {
-                    LoadError::Invalid(m) | LoadError::Failed(m) => m,
-                })?;
+            let Some(spec) = step.pipeline() else {
+                continue;
+            };
+            let plan = plan_step(
+                workflow,
+                step,
+                spec,
+                &self.device,
+                &self.device_name,
+                &model_dirs,
+            )
+            .map_err(|e| e.to_string())?;
             model_dirs.insert(step.name.clone(), plan.model_dir.clone());
             plans.push((step.name.clone(), plan));
         }
@@ -159,22 +309,15 @@ impl Engine {
     }
 
     /// Runs every step of `job` and returns its summary. Cancellation is checked before
-    /// each step, each component load and each denoising step.
+    /// each step, each run of a step, each component load and each denoising step.
     pub fn run(&self, job: &Job) -> RunSummary {
         let started = Instant::now();
         let mut counters = RunCounters::default();
-        let mut results = StepResults::default();
-        let mut result = Ok(());
-        for step in &job.workflow.steps {
-            if let Some(reason) = job.cancel.reason() {
-                result = Err(StepError::Cancelled(reason));
-                break;
-            }
-            result = self.run_step(job, step, &mut counters, &mut results);
-            if result.is_err() {
-                break;
-            }
-        }
+        let result = self
+            .run_workflow(job, &job.workflow, &mut counters, 0)
+            .map(|_| ());
+        // The run's pipelines hold their components; let go before keep-alive decides.
+        counters.pipelines.clear();
         self.after_run(job, &counters.used);
         let run_ms = started.elapsed().as_millis() as u64;
         let timings = Timings {
@@ -182,8 +325,8 @@ impl Engine {
             run_ms,
             total_ms: job.accepted_at.elapsed().as_millis() as u64,
         };
-        let (outcome, error) = match result {
-            Ok(()) => (Outcome::Finished, None),
+        let error = match result {
+            Ok(()) => None,
             Err(StepError::Cancelled(reason)) => {
                 let summary = job.cancelled_summary(reason, run_ms);
                 return RunSummary {
@@ -192,83 +335,299 @@ impl Engine {
                     ..summary
                 };
             }
-            Err(StepError::Invalid(message)) => (
-                Outcome::Failed,
-                Some(RunError {
-                    kind: ErrorKind::InvalidWorkflow,
-                    message,
-                }),
-            ),
-            Err(StepError::Failed(message)) => (
-                Outcome::Failed,
-                Some(RunError {
-                    kind: ErrorKind::Failed,
-                    message,
-                }),
-            ),
-            Err(StepError::OverBudget(message)) => (
-                Outcome::Failed,
-                Some(RunError {
-                    kind: ErrorKind::OverBudget,
-                    message,
-                }),
-            ),
+            Err(StepError::Invalid(message)) => Some((ErrorKind::InvalidWorkflow, message)),
+            Err(StepError::Failed(message)) => Some((ErrorKind::Failed, message)),
+            Err(StepError::OverBudget(message)) => Some((ErrorKind::OverBudget, message)),
         };
         RunSummary {
             job_id: job.id,
-            outcome,
+            outcome: if error.is_some() {
+                Outcome::Failed
+            } else {
+                Outcome::Finished
+            },
             workflow: job.workflow_info(),
             timings,
             cache: counters.cache,
-            error,
+            error: error.map(|(kind, message)| RunError { kind, message }),
         }
+    }
+
+    /// Runs a workflow's steps in order (the job's own, or a child's) and returns the
+    /// items of its last step.
+    fn run_workflow(
+        &self,
+        job: &Job,
+        workflow: &Workflow,
+        counters: &mut RunCounters,
+        depth: usize,
+    ) -> Result<Vec<Artifact>, StepError> {
+        for note in &workflow.notes {
+            let level = match note.severity {
+                Severity::Info => LogLevel::Info,
+                Severity::Warning => LogLevel::Warn,
+            };
+            job.send(JobEvent::Log {
+                level,
+                message: workflow.note_text(note),
+            });
+        }
+        let mut results = StepResults::default();
+        let mut last = Vec::new();
+        for step in &workflow.steps {
+            if let Some(reason) = job.cancel.reason() {
+                return Err(StepError::Cancelled(reason));
+            }
+            let context = StepContext {
+                job,
+                workflow,
+                step,
+                results: &results,
+                depth,
+            };
+            let items = self.run_step(&context, counters)?;
+            if step.release_pipeline {
+                self.release_pipeline(job, step, counters);
+            }
+            results.record(&step.name, items.clone());
+            last = items;
+        }
+        Ok(last)
     }
 
     fn run_step(
         &self,
-        job: &Job,
-        step: &Step,
+        context: &StepContext<'_>,
         counters: &mut RunCounters,
-        results: &mut StepResults,
-    ) -> Result<(), StepError> {
-        let spec = &step.pipeline;
-        let args = &spec.arguments;
-        let invalid_input = |e: InputError| {
-            StepError::Invalid(format!(
-                "{}: step `{}`: {e}",
-                job.workflow.path.display(),
-                step.name
-            ))
+    ) -> Result<Vec<Artifact>, StepError> {
+        let step = context.step;
+        let runs = match &step.action {
+            Action::Task(task) => match &task.inputs {
+                Some(inputs) => fanout::input_runs(inputs),
+                None => context.runs(task.arguments.as_ref().unwrap_or(&Map::new()))?,
+            },
+            Action::Pipeline(spec) => context.runs(&spec.arguments_json)?,
+            Action::Reference(spec) => context.runs(&spec.arguments_json)?,
+            Action::Workflow(child) => context.runs(&child.arguments)?,
         };
-        let base_dir = job.workflow.base_dir();
-        // Inputs first: a bad file fails the step before anything is loaded.
-        let latents = args
-            .latents
-            .as_deref()
-            .map(|p| load_latents(&resolve_path(base_dir, p)))
-            .transpose()
-            .map_err(invalid_input)?;
-        let init_image = match &args.image {
-            Some(source) => Some(
-                images_to_tensor(&load_images(source, base_dir, results).map_err(invalid_input)?)
-                    .map_err(invalid_input)?,
-            ),
-            None => None,
-        };
+        if runs.is_empty() {
+            context.log(
+                LogLevel::Warn,
+                format!(
+                    "step `{}`: its `previous_result:` references hold nothing, so it does not run",
+                    step.name
+                ),
+            );
+            return Ok(Vec::new());
+        }
+        match &step.action {
+            Action::Pipeline(spec) => {
+                let prepared = self.prepare(context, spec, counters)?;
+                let items = self.run_pipeline(
+                    context,
+                    &prepared,
+                    &runs,
+                    spec.seed,
+                    spec.options.no_generator,
+                )?;
+                counters.pipelines.insert(step.name.clone(), prepared);
+                Ok(items)
+            }
+            Action::Reference(spec) => {
+                let prepared = counters
+                    .pipelines
+                    .get(&spec.reference_name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        StepError::Invalid(format!(
+                            "step `{}`: the pipeline of step `{}` is not loaded (was it released?)",
+                            step.name, spec.reference_name
+                        ))
+                    })?;
+                let prepared = PreparedPipeline {
+                    kind: spec.kind,
+                    ..prepared
+                };
+                self.run_pipeline(context, &prepared, &runs, spec.seed, false)
+            }
+            Action::Task(task) => self.run_task(context, &task.command, &runs),
+            Action::Workflow(child) => self.run_child(context, child, &runs, counters),
+        }
+    }
 
+    fn run_task(
+        &self,
+        context: &StepContext<'_>,
+        command: &str,
+        runs: &[Run],
+    ) -> Result<Vec<Artifact>, StepError> {
+        let mut items = Vec::new();
+        let metadata = context.metadata(json!({"task_command": command}));
+        for run in runs {
+            let output = tasks::run(command, run, context.workflow.base_dir())
+                .map_err(|e| context.invalid(e))?;
+            for item in output {
+                context.save(items.len(), &item, &metadata)?;
+                items.push(item);
+            }
+        }
+        Ok(items)
+    }
+
+    /// A child workflow runs once per run of the step, with the run's arguments as its
+    /// variables; its own steps write under its own id, and its last step's items are
+    /// this step's result.
+    fn run_child(
+        &self,
+        context: &StepContext<'_>,
+        child: &ChildWorkflow,
+        runs: &[Run],
+        counters: &mut RunCounters,
+    ) -> Result<Vec<Artifact>, StepError> {
+        if context.depth >= MAX_WORKFLOW_DEPTH {
+            return Err(context.invalid(format!(
+                "child workflows nest deeper than {MAX_WORKFLOW_DEPTH}; does `{}` include itself?",
+                child.path
+            )));
+        }
+        let path = resolve_path(context.workflow.base_dir(), &child.path);
+        let source = read_source(&path).map_err(|e| context.invalid(e))?;
+        let mut items = Vec::new();
+        for run in runs {
+            if let Some(unbound) = run.bound.keys().next() {
+                return Err(context.invalid(format!("`{unbound}` takes {} from `previous_result:`; a child workflow's arguments take JSON values", run.bound[unbound].describe())));
+            }
+            let given: Vec<(String, Given)> = run
+                .arguments
+                .iter()
+                .map(|(k, v)| (k.clone(), Given::Json(v.clone())))
+                .collect();
+            let mut workflow = Workflow::parse_with(&path, &source, &given)
+                .map_err(|e| StepError::Invalid(e.to_string()))?;
+            if context.step.seed.is_some() {
+                inherit_seed(&mut workflow, context.step.seed);
+            }
+            for item in self.run_workflow(context.job, &workflow, counters, context.depth + 1)? {
+                context.save(items.len(), &item, &context.metadata(json!({})))?;
+                items.push(item);
+            }
+        }
+        Ok(items)
+    }
+
+    /// Drops a step's pipeline once the step is done (`release_pipeline`).
+    fn release_pipeline(&self, job: &Job, step: &Step, counters: &mut RunCounters) {
+        let Some(prepared) = counters.pipelines.remove(&step.name) else {
+            return;
+        };
+        let cleared = self
+            .cache
+            .keep_alive(&prepared.keys, KeepAlive::For(std::time::Duration::ZERO));
+        job.send(JobEvent::Log {
+            level: LogLevel::Info,
+            message: format!(
+                "step `{}`: released its pipeline ({} component(s), {})",
+                step.name,
+                cleared.unloaded,
+                human_bytes(cleared.bytes_freed)
+            ),
+        });
+    }
+
+    /// Runs a pipeline once per run, all runs drawing from the step's one generator.
+    fn run_pipeline(
+        &self,
+        context: &StepContext<'_>,
+        prepared: &PreparedPipeline,
+        runs: &[Run],
+        seed: Option<u64>,
+        no_generator: bool,
+    ) -> Result<Vec<Artifact>, StepError> {
+        let step = context.step;
+        let seed = match seed.filter(|_| !no_generator) {
+            Some(seed) => seed,
+            None => {
+                let seed = rand::random();
+                context.log(
+                    LogLevel::Info,
+                    format!("step `{}`: no seed given, using {seed}", step.name),
+                );
+                seed
+            }
+        };
+        let mut noise = SeededNoise::new(seed);
+        let mut items = Vec::with_capacity(runs.len());
+        for (index, run) in runs.iter().enumerate() {
+            if let Some(reason) = context.job.cancel.reason() {
+                return Err(StepError::Cancelled(reason));
+            }
+            let generate = self.generate_args(context, prepared, run)?;
+            let output = self.generate(context, prepared, &generate, &mut noise)?;
+            let metadata = context.pipeline_metadata(prepared, &generate, seed, run, &output);
+            let item = match output {
+                Generated::Images(images) => {
+                    Artifact::Images(images.into_iter().map(Arc::new).collect())
+                }
+                Generated::Latents(latents) => Artifact::Latents(latents),
+            };
+            context.save(index, &item, &metadata)?;
+            items.push(item);
+        }
+        Ok(items)
+    }
+
+    /// One run's typed arguments, with the images and latents bound to it.
+    fn generate_args(
+        &self,
+        context: &StepContext<'_>,
+        prepared: &PreparedPipeline,
+        run: &Run,
+    ) -> Result<GenerateArgs, StepError> {
+        let args = StableDiffusionArguments::from_json(&run.arguments, prepared.kind)
+            .map_err(|e| context.invalid(format!("`{}`: {}", e.key, e.message)))?;
+        if let Some((key, value)) = run
+            .bound
+            .iter()
+            .find(|(k, _)| *k != "image" && *k != "latents")
+        {
+            return Err(context.invalid(format!(
+                "`{key}` cannot take {} from `previous_result:`",
+                value.describe()
+            )));
+        }
+        if args.prompt.0.is_empty() {
+            return Err(context.invalid("`prompt` must be text or a list of texts"));
+        }
+        let base_dir = context.workflow.base_dir();
+        let latents = match (run.bound.get("latents"), args.latents.as_deref()) {
+            (Some(Artifact::Latents(t)), _) => Some(t.clone()),
+            (Some(other), _) => {
+                return Err(
+                    context.invalid(format!("`latents` takes latents, not {}", other.describe()))
+                )
+            }
+            (None, Some(path)) => {
+                Some(load_latents(&resolve_path(base_dir, path)).map_err(|e| context.invalid(e))?)
+            }
+            (None, None) => None,
+        };
+        let init_image = match (&args.image, run.bound.get("image")) {
+            (_, Some(artifact)) => Some(
+                images_to_tensor(&bound_images(artifact).map_err(|e| context.invalid(e))?)
+                    .map_err(|e| context.invalid(e))?,
+            ),
+            (Some(source), None) => Some(
+                images_to_tensor(&load_images(source, base_dir).map_err(|e| context.invalid(e))?)
+                    .map_err(|e| context.invalid(e))?,
+            ),
+            (None, None) => None,
+        };
         #[cfg(debug_assertions)]
         if args.prompt.0.iter().any(|p| p == TEST_PANIC_PROMPT) {
             panic!("a test asked this job to panic");
         }
-        let prepared = self.prepare(job, step, counters)?;
-        let seed = spec.seed.unwrap_or_else(rand::random);
-        if spec.seed.is_none() {
-            job.send(JobEvent::Log {
-                level: LogLevel::Info,
-                message: format!("step `{}`: no seed given, using {seed}", step.name),
-            });
-        }
-        let generate = GenerateArgs {
+        let scheduler = prepared.scheduler.as_ref();
+        Ok(GenerateArgs {
             prompts: args.prompt.0.clone(),
             negative_prompt: args.negative_prompt.clone(),
             num_inference_steps: args.num_inference_steps,
@@ -276,24 +635,28 @@ impl Engine {
             height: args.height,
             width: args.width,
             num_images_per_prompt: args.num_images_per_prompt,
-            seed,
+            seed: 0,
             latents,
-            scheduler_type: spec.scheduler.as_ref().map(|s| s.scheduler_type.clone()),
-            scheduler_overrides: spec
-                .scheduler
-                .as_ref()
+            scheduler_type: scheduler.map(|s| s.scheduler_type.clone()),
+            scheduler_overrides: scheduler
                 .map(|s| s.from_config_args.clone())
                 .unwrap_or_default(),
             init_image,
             strength: args.strength,
             output_latents: args.output_type == OutputType::Latent,
-        };
-        let scheduler_type = generate
-            .scheduler_type
-            .clone()
-            .or_else(|| prepared.pipeline.scheduler.class_name.clone())
-            .unwrap_or_else(|| "DDIMScheduler".to_string());
+            vae_slicing: prepared.vae_slicing,
+        })
+    }
 
+    fn generate(
+        &self,
+        context: &StepContext<'_>,
+        prepared: &PreparedPipeline,
+        generate: &GenerateArgs,
+        noise: &mut SeededNoise,
+    ) -> Result<Generated, StepError> {
+        let job = context.job;
+        let step = &context.step.name;
         let mut on_progress = |progress: pipelines::Progress| {
             if job.cancel.reason().is_some() {
                 return Err(PipelineError::Cancelled);
@@ -304,7 +667,7 @@ impl Engine {
                 pipelines::Phase::Decoding => Phase::Decoding,
             };
             job.send(JobEvent::Progress {
-                step: step.name.clone(),
+                step: step.clone(),
                 phase,
                 i: progress.step as u32,
                 n: progress.total as u32,
@@ -313,81 +676,46 @@ impl Engine {
         };
         let output = prepared
             .pipeline
-            .generate(&generate, &mut on_progress)
-            .map_err(|e| pipeline_error(job, e, &step.name))?;
-
-        let metadata = OutputMetadata {
-            scheduler_type: &scheduler_type,
-            seed,
-            dw: json!({
-                "workflow_id": job.workflow.id,
-                "workflow_sha256": job.workflow.sha256,
-                "step": step.name,
-                "model": spec.model_name,
-                "model_dir": prepared.model_dir.display().to_string(),
-                "pipeline_type": spec.pipeline_type,
-                "scheduler": scheduler_type,
-                "seed": seed,
-                "arguments": spec.arguments_json,
-            })
-            .to_string(),
-        };
+            .generate_with_noise(generate, noise, &mut on_progress)
+            .map_err(|e| pipeline_error(context, e))?;
         if generate.output_latents {
-            self.send_latents(job, step, &output, &metadata)?;
-        } else {
-            let images = images_to_rgb8(&output).map_err(|e| pipeline_error(job, e, &step.name))?;
-            for (artifact_index, image) in images.iter().enumerate() {
-                self.send_image(job, step, artifact_index, image, &metadata)?;
-            }
-            results.record_images(&step.name, images);
+            return Ok(Generated::Latents(output));
         }
-        Ok(())
+        images_to_rgb8(&output)
+            .map(Generated::Images)
+            .map_err(|e| pipeline_error(context, e))
     }
 
     /// Resolves the step's model, makes room for what is missing (or refuses before
     /// loading anything), and takes each component from the cache.
     fn prepare(
         &self,
-        job: &Job,
-        step: &Step,
+        context: &StepContext<'_>,
+        spec: &PipelineStep,
         counters: &mut RunCounters,
     ) -> Result<PreparedPipeline, StepError> {
+        let (job, step) = (context.job, context.step);
         let plan = plan_step(
-            &job.workflow,
+            context.workflow,
             step,
+            spec,
             &self.device,
             &self.device_name,
             &counters.model_dirs,
         )?;
-        if let Some(notice) = &plan.dtype_notice {
-            job.send(JobEvent::Log {
-                level: LogLevel::Warn,
-                message: notice.clone(),
-            });
+        for notice in plan
+            .dtype_notice
+            .iter()
+            .chain(&placement_notices(spec, &self.device_name))
+        {
+            context.log(LogLevel::Warn, notice.clone());
         }
-        let (missing_keys, needed) = missing(&[&plan], &self.cache);
-        if !missing_keys.is_empty() {
-            let evicted = self
-                .cache
-                .make_room(needed, &all_keys(&[&plan]))
-                .map_err(|over| StepError::OverBudget(format!("step `{}`: {over}", step.name)))?;
-            for e in evicted {
-                job.send(JobEvent::Log {
-                    level: LogLevel::Info,
-                    message: format!(
-                        "unloaded {} of {} ({}) to make room",
-                        e.key.component_type,
-                        e.key.model.display(),
-                        human_bytes(e.bytes)
-                    ),
-                });
-            }
-        }
-        let user = format!("{}:{}", job.workflow.id, step.name);
+        self.make_room(context, &plan)?;
+        let user = format!("{}:{}", context.workflow.id, step.name);
         let mut counts = LoadCounts::default();
         let mut before_each = |i: usize| -> Result<(), LoadError> {
             if job.cancel.reason().is_some() {
-                return Err(LoadError::Failed("cancelled".to_string()));
+                return Err(LoadError::Cancelled);
             }
             job.send(JobEvent::Progress {
                 step: step.name.clone(),
@@ -401,7 +729,7 @@ impl Engine {
             &plan,
             &self.cache,
             &self.device,
-            step.pipeline.variant.as_deref(),
+            spec.variant.as_deref(),
             &user,
             &mut counts,
             &mut before_each,
@@ -409,15 +737,14 @@ impl Engine {
         counters.cache.hits += counts.hits;
         counters.cache.misses += counts.misses;
         counters.load_ms += counts.load_ms;
-        counters
-            .used
-            .extend(plan.components.iter().map(|c| c.key.clone()));
+        let keys: Vec<ComponentKey> = plan.components.iter().map(|c| c.key.clone()).collect();
+        counters.used.extend(keys.iter().cloned());
         counters
             .model_dirs
             .insert(step.name.clone(), plan.model_dir.clone());
         let pipeline = match loaded {
             Ok(pipeline) => pipeline,
-            Err(_) if job.cancel.reason().is_some() => {
+            Err(LoadError::Cancelled) => {
                 return Err(StepError::Cancelled(
                     job.cancel.reason().unwrap_or(CancelReason::Client),
                 ))
@@ -435,9 +762,39 @@ impl Engine {
             self.baseline.set(measured_bytes(&self.device));
         }
         Ok(PreparedPipeline {
-            pipeline,
-            model_dir: plan.model_dir,
+            pipeline: Arc::new(pipeline),
+            kind: spec.kind,
+            model_name: spec.model_name.clone(),
+            scheduler: spec.scheduler.clone(),
+            vae_slicing: spec.options.vae_slicing,
+            keys,
         })
+    }
+
+    /// Unloads idle components until the plan fits, or refuses with the sizes.
+    fn make_room(&self, context: &StepContext<'_>, plan: &StepPlan) -> Result<(), StepError> {
+        let (missing_keys, needed) = missing(&[plan], &self.cache);
+        if missing_keys.is_empty() {
+            return Ok(());
+        }
+        let evicted = self
+            .cache
+            .make_room(needed, &all_keys(&[plan]))
+            .map_err(|over| {
+                StepError::OverBudget(format!("step `{}`: {over}", context.step.name))
+            })?;
+        for e in evicted {
+            context.log(
+                LogLevel::Info,
+                format!(
+                    "unloaded {} of {} ({}) to make room",
+                    e.key.component_type,
+                    e.key.model.display(),
+                    human_bytes(e.bytes)
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// After a run, whatever its outcome: apply its keep-alive to what it used, and warn if
@@ -481,161 +838,72 @@ impl Engine {
             }
         }
     }
-
-    fn send_image(
-        &self,
-        job: &Job,
-        step: &Step,
-        artifact_index: usize,
-        image: &RgbImage,
-        metadata: &OutputMetadata<'_>,
-    ) -> Result<(), StepError> {
-        let args = &step.pipeline.arguments;
-        let prompt = args
-            .prompt
-            .0
-            .get(artifact_index / args.num_images_per_prompt.max(1))
-            .cloned()
-            .unwrap_or_default();
-        let parameters = a1111_parameters(
-            &prompt,
-            args.negative_prompt.as_deref().unwrap_or(""),
-            args.num_inference_steps,
-            metadata.scheduler_type,
-            args.guidance_scale,
-            metadata.seed,
-            image,
-            &step.pipeline.model_name,
-        );
-        let shape = vec![image.height as u64, image.width as u64, 3];
-        let output = Output {
-            artifact_index,
-            content_type: step.result.content_type.clone(),
-            element_type: ElementType::U8,
-            shape,
-            parameters,
-        };
-        self.send_output(job, step, output, &image.pixels, metadata)
-    }
-
-    /// Final latents (`output_type: "latent"`), written by the client as `.safetensors`.
-    fn send_latents(
-        &self,
-        job: &Job,
-        step: &Step,
-        latents: &Tensor,
-        metadata: &OutputMetadata<'_>,
-    ) -> Result<(), StepError> {
-        let failed = |e: candle_core::Error| {
-            StepError::Failed(format!(
-                "step `{}`: cannot read the latents back: {e}",
-                step.name
-            ))
-        };
-        let latents = latents
-            .to_dtype(DType::F32)
-            .and_then(|t| t.to_device(&Device::Cpu))
-            .and_then(|t| t.contiguous())
-            .map_err(failed)?;
-        let values = latents
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(failed)?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let shape = latents.dims().iter().map(|&d| d as u64).collect();
-        let output = Output {
-            artifact_index: 0,
-            content_type: "application/x-safetensors".to_string(),
-            element_type: ElementType::F32,
-            shape,
-            parameters: String::new(),
-        };
-        self.send_output(job, step, output, &bytes, metadata)
-    }
-
-    fn send_output(
-        &self,
-        job: &Job,
-        step: &Step,
-        output: Output,
-        bytes: &[u8],
-        metadata: &OutputMetadata<'_>,
-    ) -> Result<(), StepError> {
-        let segment = segment_with(bytes)
-            .map_err(|e| StepError::Failed(format!("cannot create the output segment: {e}")))?;
-        let descriptor = OutputDescriptor {
-            job_id: job.id,
-            workflow_id: job.workflow.id.clone(),
-            step: step.name.clone(),
-            step_index: step.index as u32,
-            result_index: 0,
-            artifact_index: output.artifact_index as u32,
-            file_base_name: step.result.file_base_name.clone(),
-            content_type: output.content_type,
-            element_type: output.element_type,
-            shape: output.shape,
-            byte_len: bytes.len() as u64,
-            embed_metadata: step.result.embed_metadata,
-            parameters: output.parameters,
-            dw_metadata: metadata.dw.clone(),
-        };
-        job.send(JobEvent::Output {
-            descriptor,
-            segment,
-        });
-        Ok(())
-    }
 }
 
-/// What every output of a step records about how it was made.
-struct OutputMetadata<'a> {
-    scheduler_type: &'a str,
-    seed: u64,
-    /// The `dw` JSON: workflow id and sha256, step, model, scheduler, seed, arguments.
-    dw: String,
+/// What a pipeline run gave back.
+enum Generated {
+    Images(Vec<RgbImage>),
+    Latents(Tensor),
 }
 
-/// One output before it is handed over.
-struct Output {
-    artifact_index: usize,
-    content_type: String,
-    element_type: ElementType,
-    shape: Vec<u64>,
-    parameters: String,
-}
-
-fn pipeline_error(job: &Job, e: PipelineError, step: &str) -> StepError {
+fn pipeline_error(context: &StepContext<'_>, e: PipelineError) -> StepError {
     match e {
         PipelineError::Cancelled => {
-            StepError::Cancelled(job.cancel.reason().unwrap_or(CancelReason::Client))
+            StepError::Cancelled(context.job.cancel.reason().unwrap_or(CancelReason::Client))
         }
         PipelineError::Unsupported { .. } | PipelineError::InvalidArgument { .. } => {
-            StepError::Invalid(format!(
-                "{}: step `{step}`: {e}",
-                job.workflow.path.display()
-            ))
+            context.invalid(e)
         }
-        other => StepError::Failed(format!("step `{step}`: {other}")),
+        other => StepError::Failed(format!("step `{}`: {other}", context.step.name)),
     }
+}
+
+/// Notices for placement options the CPU (or this build) gives no effect.
+fn placement_notices(spec: &PipelineStep, device_name: &str) -> Vec<String> {
+    let options = &spec.options;
+    let mut notices = Vec::new();
+    if let Some(offload) = &options.offload {
+        notices.push(format!("`offload: \"{offload}\"` has no effect on {device_name}: every component stays where the pipeline runs"));
+    }
+    if options.group_offload {
+        notices.push(format!("`group_offload` has no effect on {device_name}: every component stays where the pipeline runs"));
+    }
+    if let Some(device) = options
+        .device
+        .as_deref()
+        .filter(|d| !device_name.starts_with(d))
+    {
+        notices.push(format!("`device: \"{device}\"` is not this daemon's device; running on {device_name} (start dwd with --device to choose)"));
+    }
+    notices
+}
+
+/// What an image's AUTOMATIC1111 `parameters` text records.
+struct Generation<'a> {
+    prompt: &'a str,
+    negative: &'a str,
+    steps: usize,
+    scheduler_type: &'a str,
+    cfg: f64,
+    seed: u64,
+    width: usize,
+    height: usize,
+    model: &'a str,
 }
 
 /// The AUTOMATIC1111 `parameters` text that image tools read.
-#[allow(clippy::too_many_arguments)]
-fn a1111_parameters(
-    prompt: &str,
-    negative: &str,
-    steps: usize,
-    scheduler_type: &str,
-    cfg: f64,
-    seed: u64,
-    image: &RgbImage,
-    model: &str,
-) -> String {
+fn a1111_parameters(g: &Generation<'_>) -> String {
     format!(
-        "{prompt}\nNegative prompt: {negative}\nSteps: {steps}, Sampler: {}, CFG scale: {cfg}, Seed: {seed}, Size: {}x{}, Model: {model}",
-        sampler_name(scheduler_type),
-        image.width,
-        image.height
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        g.prompt,
+        g.negative,
+        g.steps,
+        sampler_name(g.scheduler_type),
+        g.cfg,
+        g.seed,
+        g.width,
+        g.height,
+        g.model
     )
 }
 
@@ -668,21 +936,17 @@ mod tests {
 
     #[test]
     fn parameters_follow_the_automatic1111_layout() {
-        let image = RgbImage {
+        let text = a1111_parameters(&Generation {
+            prompt: "a fox",
+            negative: "blurry",
+            steps: 4,
+            scheduler_type: "DDIMScheduler",
+            cfg: 7.5,
+            seed: 42,
             width: 64,
             height: 48,
-            pixels: vec![],
-        };
-        let text = a1111_parameters(
-            "a fox",
-            "blurry",
-            4,
-            "DDIMScheduler",
-            7.5,
-            42,
-            &image,
-            "tiny",
-        );
+            model: "tiny",
+        });
         assert_eq!(
             text,
             "a fox\nNegative prompt: blurry\nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 64x48, Model: tiny"

@@ -1,12 +1,12 @@
 //! A step's inputs from disk or from earlier steps: initial latents from a `.safetensors`
-//! file, and images from PNG/JPEG files or from an earlier step's outputs.
+//! file, and images from PNG/JPEG/WebP files or from an earlier step's outputs.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use protocol::workflow::ImageSource;
 
+use crate::fanout::Artifact;
 use crate::pipelines::RgbImage;
 
 /// A problem with a step's input, phrased for the user.
@@ -14,23 +14,27 @@ use crate::pipelines::RgbImage;
 #[error("{0}")]
 pub struct InputError(String);
 
-/// What earlier steps of the running job produced, by step name.
-#[derive(Default)]
-pub struct StepResults {
-    images: HashMap<String, Vec<RgbImage>>,
+impl InputError {
+    pub fn new(message: impl Into<String>) -> Self {
+        InputError(message.into())
+    }
 }
 
-impl StepResults {
-    pub fn record_images(&mut self, step: &str, images: Vec<RgbImage>) {
-        self.images.insert(step.to_string(), images);
-    }
-
-    fn images(&self, step: &str) -> Result<&[RgbImage], InputError> {
-        match self.images.get(step) {
-            Some(images) if !images.is_empty() => Ok(images),
-            Some(_) => Err(InputError(format!("step `{step}` produced no images to use as `image`"))),
-            None => Err(InputError(format!("step `{step}` produced latents, not images; `image` needs images (drop its `output_type: \"latent\"`)"))),
+/// The images an earlier step's result gave a run: one image, or a run's batch.
+pub fn bound_images(artifact: &Artifact) -> Result<Vec<RgbImage>, InputError> {
+    match artifact {
+        Artifact::Image(image) => Ok(vec![image.as_ref().clone()]),
+        Artifact::Images(images) if !images.is_empty() => {
+            Ok(images.iter().map(|i| i.as_ref().clone()).collect())
         }
+        other => Err(InputError(format!(
+            "`image` takes images, but the step it refers to produced {}{}",
+            other.describe(),
+            match other {
+                Artifact::Latents(_) => " (drop its `output_type: \"{latent}\"`)",
+                _ => "",
+            }
+        ))),
     }
 }
 
@@ -74,41 +78,50 @@ pub fn load_latents(path: &Path) -> Result<Tensor, InputError> {
         .map_err(|e| InputError(format!("latents in {}: {e}", path.display())))
 }
 
-/// Loads the images `source` names, as RGB.
-pub fn load_images(
-    source: &ImageSource,
-    base_dir: &Path,
-    results: &StepResults,
-) -> Result<Vec<RgbImage>, InputError> {
+/// Loads the image a file `source` names, as RGB (an earlier step's images are bound to
+/// the run instead; see [`bound_images`]).
+pub fn load_images(source: &ImageSource, base_dir: &Path) -> Result<Vec<RgbImage>, InputError> {
     match source {
-        ImageSource::PreviousResult { step } => Ok(results.images(step)?.to_vec()),
+        ImageSource::PreviousResult { reference } => Err(InputError(format!(
+            "`previous_result:{}` gave this run no image",
+            reference.reference
+        ))),
         ImageSource::File { location, size } => {
-            let path = resolve_path(base_dir, location);
-            let decoded = image::ImageReader::open(&path)
-                .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?
-                .with_guessed_format()
-                .map_err(|e| InputError(format!("cannot read image {}: {e}", path.display())))?
-                .decode()
-                .map_err(|e| {
-                    InputError(format!(
-                        "cannot decode image {} (PNG and JPEG are supported): {e}",
-                        path.display()
-                    ))
-                })?;
-            let decoded = match size {
-                Some((width, height)) => {
-                    decoded.resize_exact(*width, *height, image::imageops::FilterType::Lanczos3)
-                }
-                None => decoded,
-            };
-            let rgb = decoded.to_rgb8();
-            Ok(vec![RgbImage {
-                width: rgb.width() as usize,
-                height: rgb.height() as usize,
-                pixels: rgb.into_raw(),
-            }])
+            Ok(vec![load_image_file(base_dir, location, *size)?])
         }
     }
+}
+
+/// Loads an image file (relative to `base_dir`) as RGB, resized to `size` when given.
+pub fn load_image_file(
+    base_dir: &Path,
+    location: &str,
+    size: Option<(u32, u32)>,
+) -> Result<RgbImage, InputError> {
+    let path = resolve_path(base_dir, location);
+    let decoded = image::ImageReader::open(&path)
+        .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?
+        .with_guessed_format()
+        .map_err(|e| InputError(format!("cannot read image {}: {e}", path.display())))?
+        .decode()
+        .map_err(|e| {
+            InputError(format!(
+                "cannot decode image {} (PNG, JPEG and WebP are read): {e}",
+                path.display()
+            ))
+        })?;
+    let decoded = match size {
+        Some((width, height)) => {
+            decoded.resize_exact(width, height, image::imageops::FilterType::Lanczos3)
+        }
+        None => decoded,
+    };
+    let rgb = decoded.to_rgb8();
+    Ok(RgbImage {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        pixels: rgb.into_raw(),
+    })
 }
 
 /// Images as one f32 tensor (N, 3, H, W) in [0, 1]; all must share one size.
@@ -144,6 +157,7 @@ pub fn images_to_tensor(images: &[RgbImage]) -> Result<Tensor, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn latents_load_from_a_file_with_one_tensor_or_one_named_latents() {
@@ -186,7 +200,7 @@ mod tests {
             location: "expected_DDIMScheduler.png".into(),
             size: None,
         };
-        let images = load_images(&source, &fixture, &StepResults::default()).unwrap();
+        let images = load_images(&source, &fixture).unwrap();
         assert_eq!(
             (images[0].width, images[0].height, images[0].pixels.len()),
             (64, 64, 64 * 64 * 3)
@@ -195,28 +209,24 @@ mod tests {
             location: "expected_DDIMScheduler.png".into(),
             size: Some((32, 16)),
         };
-        let images = load_images(&resized, &fixture, &StepResults::default()).unwrap();
+        let images = load_images(&resized, &fixture).unwrap();
         assert_eq!((images[0].width, images[0].height), (32, 16));
         let tensor = images_to_tensor(&images).unwrap();
         assert_eq!(tensor.dims(), &[1, 3, 16, 32]);
     }
 
     #[test]
-    fn a_missing_image_or_step_result_is_named() {
+    fn a_missing_image_or_a_result_that_is_not_images_is_named() {
         let source = ImageSource::File {
             location: "nope.png".into(),
             size: None,
         };
-        let e = load_images(&source, Path::new("/tmp"), &StepResults::default())
+        let e = load_images(&source, Path::new("/tmp"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("/tmp/nope.png"), "{e}");
-        let source = ImageSource::PreviousResult {
-            step: "base".into(),
-        };
-        let e = load_images(&source, Path::new("/tmp"), &StepResults::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("step `base`"), "{e}");
+        let text = Artifact::Json(serde_json::json!("a fox"));
+        let e = bound_images(&text).unwrap_err().to_string();
+        assert!(e.contains("produced text"), "{e}");
     }
 }

@@ -10,12 +10,15 @@
 pub mod budget;
 pub mod cache;
 pub mod engine;
+pub mod fanout;
 pub mod inputs;
 pub mod loading;
 pub mod memory;
-pub mod models;
+pub use protocol::models;
 pub mod output;
 pub mod pipelines;
 pub mod queue;
+pub mod saving;
 pub mod server;
+pub mod tasks;
 pub mod warm_up;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use protocol::message::PlannedComponent;
-use protocol::workflow::{Step, Workflow, WorkflowError};
+use protocol::workflow::{PipelineStep, Position, Step, Workflow, WorkflowError};
 
 use crate::budget::weights_bytes;
 use crate::cache::{ComponentCache, ComponentKey, Evicted, FileIdentity, Lookup};
@@ -51,12 +51,17 @@ impl ComponentKind {
 }
 
 /// Why a step cannot be planned or loaded.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The workflow points at something that is not there (exit 2).
+    #[error("{0}")]
     Invalid(String),
     /// A file is missing, unreadable or malformed, or loading failed (exit 1).
+    #[error("{0}")]
     Failed(String),
+    /// The job was cancelled between two components.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// One component a step needs.
@@ -104,26 +109,12 @@ pub fn dtype_for(torch_dtype: &str, device: &Device) -> (DType, Option<String>) 
 pub fn plan_step(
     workflow: &Workflow,
     step: &Step,
+    spec: &PipelineStep,
     device: &Device,
     device_name: &str,
     model_dirs: &HashMap<String, PathBuf>,
 ) -> Result<StepPlan, LoadError> {
-    let spec = &step.pipeline;
-    let model_dir = resolve_model(
-        workflow.base_dir(),
-        &spec.model_name,
-        hub_cache_dir().as_deref(),
-    )
-    .map_err(|e| {
-        LoadError::Invalid(
-            WorkflowError {
-                file: workflow.path.clone(),
-                position: Some(spec.model_name_at),
-                message: e.to_string(),
-            }
-            .to_string(),
-        )
-    })?;
+    let model_dir = resolve_at(workflow, &spec.model_name, spec.model_name_at)?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, device);
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let failed = |what: String| {
@@ -146,7 +137,20 @@ pub fn plan_step(
                 .unwrap_or_else(|| model_dir.clone()),
             None => model_dir.clone(),
         };
-        let dir = source.join(kind.name());
+        let (source, dir) = match spec.components.iter().find(|c| c.slot == kind.name()) {
+            Some(component) => {
+                let root = resolve_at(workflow, &component.model_name, component.at)?;
+                let dir = match &component.subfolder {
+                    Some(sub) => root.join(sub),
+                    None => root.clone(),
+                };
+                (root, dir)
+            }
+            None => {
+                let dir = source.join(kind.name());
+                (source, dir)
+            }
+        };
         let (files, weights) = match kind {
             ComponentKind::Tokenizer => {
                 let mut files = vec![dir.join("vocab.json"), dir.join("merges.txt")];
@@ -195,6 +199,20 @@ pub fn plan_step(
         dtype,
         dtype_notice,
         components,
+    })
+}
+
+/// Resolves a `model_name` written at `at` in the workflow.
+fn resolve_at(workflow: &Workflow, model_name: &str, at: Position) -> Result<PathBuf, LoadError> {
+    resolve_model(workflow.base_dir(), model_name, hub_cache_dir().as_deref()).map_err(|e| {
+        LoadError::Invalid(
+            WorkflowError {
+                file: workflow.path.clone(),
+                position: Some(at),
+                message: e.to_string(),
+            }
+            .to_string(),
+        )
     })
 }
 

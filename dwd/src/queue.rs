@@ -413,7 +413,7 @@ mod tests {
 
     fn workflow() -> Workflow {
         let src = r#"{"id": "w", "steps": [{"name": "s", "pipeline": {
-            "configuration": {"pipeline_type": "StableDiffusionPipeline"},
+            "configuration": {"component_type": "StableDiffusionPipeline"},
             "from_pretrained_arguments": {"model_name": "m"},
             "arguments": {"prompt": "p"}}}]}"#;
         Workflow::parse(Path::new("w.json"), src, &[]).unwrap()

@@ -2,6 +2,7 @@
 //!
 //! - [`frame`]: length-prefixed MessagePack frames and their size limit.
 //! - [`message`]: what client and daemon say to each other (handshake, requests, run events).
+//! - [`models`]: where a workflow's `model_name` points (a folder, or the hub cache).
 //! - [`paths`]: where the socket, lock and log files live.
 //! - [`fdpass`]: sending and receiving frames that carry a file descriptor (SCM_RIGHTS).
 //! - [`shm`]: sealed memfd segments that carry output tensors from the daemon to the client.
@@ -12,6 +13,7 @@
 pub mod fdpass;
 pub mod frame;
 pub mod message;
+pub mod models;
 pub mod paths;
 pub mod shm;
 pub mod units;

@@ -196,9 +196,11 @@ pub struct OutputDescriptor {
     pub step_index: u32,
     pub result_index: u32,
     pub artifact_index: u32,
-    /// Prefix of the output file name, from the step's `result.file_base_name`.
-    pub file_base_name: String,
-    /// `image/png`, `image/jpeg`, or `application/x-safetensors` for plain tensors.
+    /// The file to write inside the output directory, named as diffusers-workflow names
+    /// it; the client writes it only if it is a plain file name.
+    pub file_name: String,
+    /// `image/png`, `image/jpeg`, `image/webp`, `text/plain`, `application/json`, or
+    /// `application/x-safetensors` for plain tensors.
     pub content_type: String,
     pub element_type: ElementType,
     /// Row-major shape; images are `[height, width, channels]`.

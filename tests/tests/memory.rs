@@ -17,7 +17,7 @@ fn model(name: &str) -> PathBuf {
 fn workflow(daemon: &TestDaemon, name: &str, model_dir: &Path, prompt: &str) -> PathBuf {
     let text = format!(
         r#"{{"id": "{name}", "seed": 1, "steps": [{{"name": "main", "pipeline": {{
-            "configuration": {{"pipeline_type": "StableDiffusionPipeline"}},
+            "configuration": {{"component_type": "StableDiffusionPipeline"}},
             "from_pretrained_arguments": {{"model_name": "{}"}},
             "scheduler": {{"configuration": {{"scheduler_type": "DDIMScheduler"}}}},
             "arguments": {{"prompt": "{prompt}", "num_inference_steps": 2}}}}}}]}}"#,
@@ -226,11 +226,11 @@ fn a_shared_vae_is_loaded_once_for_two_steps_on_different_models() {
     let daemon = TestDaemon::new();
     let text = format!(
         r#"{{"id": "shared", "seed": 1, "steps": [
-          {{"name": "a", "pipeline": {{"configuration": {{"pipeline_type": "StableDiffusionPipeline"}},
+          {{"name": "a", "pipeline": {{"configuration": {{"component_type": "StableDiffusionPipeline"}},
             "from_pretrained_arguments": {{"model_name": "{sd15}"}}, "shared_components": ["vae"],
             "scheduler": {{"configuration": {{"scheduler_type": "DDIMScheduler"}}}},
             "arguments": {{"prompt": "a fox", "num_inference_steps": 2}}}}}},
-          {{"name": "b", "pipeline": {{"configuration": {{"pipeline_type": "StableDiffusionPipeline"}},
+          {{"name": "b", "pipeline": {{"configuration": {{"component_type": "StableDiffusionPipeline"}},
             "from_pretrained_arguments": {{"model_name": "{sd2}"}}, "reused_components": ["vae"],
             "scheduler": {{"configuration": {{"scheduler_type": "DDIMScheduler"}}}},
             "arguments": {{"prompt": "a fox", "num_inference_steps": 2, "height": 64, "width": 48}}}}}}]}}"#,

@@ -35,10 +35,11 @@ fn workflow(
 ) -> PathBuf {
     let text = format!(
         r#"{{"id": "{name}", "seed": 3, "steps": [{{"name": "main", "pipeline": {{
-            "configuration": {{"pipeline_type": "StableDiffusionPipeline"}},
+            "configuration": {{"component_type": "StableDiffusionPipeline"}},
             "from_pretrained_arguments": {{"model_name": "{model}"{pipeline_extra}}},
             "scheduler": {{"configuration": {{"scheduler_type": "DDIMScheduler"}}}},
-            "arguments": {{{arguments}}}}}}}]}}"#
+            "arguments": {{{arguments}}}}},
+            "result": {{"content_type": "image/png", "embed_metadata": true}}}}]}}"#
     );
     let path = daemon.dir.path().join(format!("{name}.json"));
     std::fs::write(&path, text).unwrap();

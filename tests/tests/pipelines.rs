@@ -63,7 +63,7 @@ fn output_type_latent_writes_the_final_latents_as_safetensors() {
     let daemon = TestDaemon::new();
     let text = dw_tests::example_text("tiny-sd-reference.json").replace(
         "\"guidance_scale\": 7.5,",
-        "\"guidance_scale\": 7.5, \"output_type\": \"latent\",",
+        "\"guidance_scale\": 7.5, \"output_type\": \"{latent}\",",
     );
     let workflow = daemon.dir.path().join("latent.json");
     std::fs::write(&workflow, text).unwrap();

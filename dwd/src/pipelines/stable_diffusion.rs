@@ -68,6 +68,9 @@ pub struct GenerateArgs {
     pub strength: f64,
     /// Return the final latents (N, latent channels, h, w) instead of decoded images.
     pub output_latents: bool,
+    /// Decode one image at a time (diffusers' `enable_slicing`): the same images, the
+    /// decoder's activations for one image at a time.
+    pub vae_slicing: bool,
 }
 
 impl Default for GenerateArgs {
@@ -87,6 +90,7 @@ impl Default for GenerateArgs {
             init_image: None,
             strength: 0.8,
             output_latents: false,
+            vae_slicing: false,
         }
     }
 }
@@ -290,7 +294,18 @@ impl StableDiffusionPipeline {
         let scaled = (latents / self.vae.scaling_factor())
             .and_then(|scaled| scaled.to_dtype(self.dtype))
             .in_component(COMPONENT)?;
-        let decoded = self.vae.decode(&scaled)?;
+        let decoded = if args.vae_slicing {
+            let count = scaled.dim(0).in_component(COMPONENT)?;
+            let images = (0..count)
+                .map(|i| {
+                    let one = scaled.narrow(0, i, 1).in_component(COMPONENT)?;
+                    self.vae.decode(&one)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Tensor::cat(&images, 0).in_component(COMPONENT)?
+        } else {
+            self.vae.decode(&scaled)?
+        };
         to_unit_range(&decoded).in_component("vae")
     }
 

@@ -20,7 +20,7 @@ const TXT2IMG_ARGUMENTS: &[&str] = &["height", "width", "latents"];
 /// Only image-to-image.
 const IMG2IMG_ARGUMENTS: &[&str] = &["image", "strength"];
 
-/// Which pipeline a step runs, as named by `configuration.pipeline_type`.
+/// Which pipeline a step runs, as named by `configuration.component_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipelineKind {
     TextToImage,
@@ -32,8 +32,8 @@ impl PipelineKind {
     pub const SUPPORTED: &'static [&'static str] =
         &["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"];
 
-    pub fn from_type(pipeline_type: &str) -> Option<Self> {
-        match pipeline_type {
+    pub fn from_type(component_type: &str) -> Option<Self> {
+        match component_type {
             "StableDiffusionPipeline" => Some(PipelineKind::TextToImage),
             "StableDiffusionImg2ImgPipeline" => Some(PipelineKind::ImageToImage),
             _ => None,
@@ -49,11 +49,68 @@ impl PipelineKind {
         COMMON_ARGUMENTS.iter().chain(specific).copied().collect()
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             PipelineKind::TextToImage => "StableDiffusionPipeline",
             PipelineKind::ImageToImage => "StableDiffusionImg2ImgPipeline",
         }
+    }
+}
+
+/// Classes diffusers resolves from a model folder's `model_index.json`.
+const AUTO_CLASSES: &[&str] = &[
+    "DiffusionPipeline",
+    "AutoPipelineForText2Image",
+    "AutoPipelineForImage2Image",
+    "AutoPipelineForInpainting",
+];
+
+/// The pipeline a `component_type` names (bare, or as `diffusers.Name`), or why it
+/// cannot run.
+pub fn pipeline_kind(component_type: &str) -> Result<PipelineKind, String> {
+    let class = component_type
+        .strip_prefix("diffusers.")
+        .unwrap_or(component_type);
+    if let Some(kind) = PipelineKind::from_type(class) {
+        return Ok(kind);
+    }
+    let supported = PipelineKind::SUPPORTED.join(", ");
+    if AUTO_CLASSES.contains(&class) {
+        return Err(format!("pipeline class `{class}` is not supported yet: resolving a class from the model's model_index.json is not built; name the class itself ({supported})"));
+    }
+    if class.contains('.') {
+        return Err(format!("pipeline class `{component_type}` is not supported: dw runs diffusers' own pipelines, not Python code from other modules; supported: {supported}"));
+    }
+    Err(format!(
+        "pipeline class `{class}` is not supported yet; supported: {supported}"
+    ))
+}
+
+/// The class each component of a Stable Diffusion pipeline must be.
+const SD_COMPONENTS: &[(&str, &str)] = &[
+    ("vae", "AutoencoderKL"),
+    ("unet", "UNet2DConditionModel"),
+    ("text_encoder", "transformers.CLIPTextModel"),
+    ("tokenizer", "transformers.CLIPTokenizer"),
+];
+
+/// Checks a component block (`"vae": {"configuration": {"component_type": ...}}`) against
+/// the components a Stable Diffusion pipeline has.
+pub fn check_component(slot: &str, component_type: &str) -> Result<(), String> {
+    let Some((_, class)) = SD_COMPONENTS.iter().find(|(s, _)| *s == slot) else {
+        let slots: Vec<&str> = SD_COMPONENTS.iter().map(|(s, _)| *s).collect();
+        return Err(format!(
+            "`{slot}` is not supported here: a Stable Diffusion pipeline has no `{slot}`; its components are {}",
+            slots.join(", ")
+        ));
+    };
+    let bare = |name: &str| name.strip_prefix("diffusers.").unwrap_or(name).to_string();
+    if bare(component_type) == bare(class) {
+        Ok(())
+    } else {
+        Err(format!(
+            "component class `{component_type}` is not supported for `{slot}`; a Stable Diffusion `{slot}` is `{class}`"
+        ))
     }
 }
 
@@ -78,8 +135,8 @@ pub enum ImageSource {
         location: String,
         size: Option<(u32, u32)>,
     },
-    /// The images an earlier step produced.
-    PreviousResult { step: String },
+    /// An earlier step's images: one run per image (fan-out).
+    PreviousResult { reference: PreviousResult },
 }
 
 /// Typed Stable Diffusion arguments (text-to-image and image-to-image).
@@ -108,56 +165,94 @@ pub struct ArgumentError {
     pub message: String,
 }
 
-/// A `"previous_result:step[.property]"` reference.
+/// A `"previous_result:REF"` reference, as written; which step and property it names
+/// depends on the steps before it (step names may contain dots).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviousResult {
-    pub step: String,
-    pub property: Option<String>,
+    pub reference: String,
 }
 
 impl PreviousResult {
-    /// Recognises `"previous_result:step"` and `"previous_result:step.prop"`.
+    /// Recognises a whole `"previous_result:..."` string.
     pub fn parse(value: &Value) -> Option<PreviousResult> {
         let reference = value.as_str()?.strip_prefix("previous_result:")?;
-        let (step, property) = match reference.split_once('.') {
-            Some((step, prop)) => (step.to_string(), Some(prop.to_string())),
-            None => (reference.to_string(), None),
-        };
-        Some(PreviousResult { step, property })
+        Some(PreviousResult {
+            reference: reference.to_string(),
+        })
+    }
+
+    /// The step and property this names among `earlier` step names, as diffusers-workflow
+    /// resolves it (`dw/previous_results.py`): a whole step name, else the longest step
+    /// name followed by `.` and a property.
+    pub fn resolve<'a>(
+        &self,
+        earlier: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(String, Option<String>), String> {
+        let reference = self.reference.as_str();
+        if earlier.clone().any(|name| name == reference) {
+            return Ok((reference.to_string(), None));
+        }
+        let step = earlier
+            .clone()
+            .filter(|name| {
+                reference
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+            })
+            .max_by_key(|name| name.len());
+        match step {
+            Some(step) => Ok((
+                step.to_string(),
+                Some(reference[step.len() + 1..].to_string()),
+            )),
+            None => {
+                let names: Vec<&str> = earlier.collect();
+                let names = if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                };
+                Err(format!("`previous_result:{reference}` refers to no earlier step; steps before this one: {names}"))
+            }
+        }
     }
 }
 
 impl StableDiffusionArguments {
-    /// Checks `arguments` (variables already substituted) for `kind`. `earlier_steps` are
-    /// the names of the steps before this one, which `previous_result:` may refer to.
+    /// Checks `arguments` (variables already substituted) for `kind`. A
+    /// `previous_result:` value other than an `image` is checked once it is known, when the
+    /// step runs.
     pub fn from_json(
         arguments: &Map<String, Value>,
         kind: PipelineKind,
-        earlier_steps: &[&str],
     ) -> Result<Self, ArgumentError> {
         let accepted = kind.accepted_arguments();
-        for (key, value) in arguments {
-            if !accepted.contains(&key.as_str()) {
-                return Err(err(
-                    key,
-                    format!(
-                        "unknown or unsupported argument `{key}` for {}; accepted: {}",
-                        kind.name(),
-                        accepted.join(", ")
-                    ),
-                ));
-            }
-            if let Some(reference) = PreviousResult::parse(value) {
-                check_reference(key, &reference, earlier_steps)?;
-                if key != "image" {
-                    return Err(err(key, format!(
-                        "`{key}` cannot take `previous_result:{}`: step results are images, and `{key}` takes {}",
-                        reference.step,
-                        expected_type(key)
-                    )));
-                }
-            }
+        if let Some(key) = arguments.keys().find(|k| !accepted.contains(&k.as_str())) {
+            return Err(err(
+                key,
+                format!(
+                    "unknown or unsupported argument `{key}` for {}; accepted: {}",
+                    kind.name(),
+                    accepted.join(", ")
+                ),
+            ));
         }
+        let deferred: Map<String, Value> = arguments
+            .iter()
+            .filter(|(k, v)| *k == "image" || PreviousResult::parse(v).is_none())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let prompt_deferred = deferred.len() != arguments.len()
+            && !deferred.contains_key("prompt")
+            && arguments.contains_key("prompt");
+        Self::typed(&deferred, kind, prompt_deferred)
+    }
+
+    fn typed(
+        arguments: &Map<String, Value>,
+        kind: PipelineKind,
+        prompt_deferred: bool,
+    ) -> Result<Self, ArgumentError> {
         let prompt = match arguments.get("prompt") {
             Some(Value::String(s)) => Prompts(vec![s.clone()]),
             Some(Value::Array(items)) if !items.is_empty() => Prompts(
@@ -181,6 +276,7 @@ impl StableDiffusionArguments {
                     ),
                 ))
             }
+            None if prompt_deferred => Prompts(Vec::new()),
             None => return Err(err("", "missing `prompt` in `arguments`")),
         };
         let negative_prompt = match arguments.get("negative_prompt") {
@@ -201,9 +297,12 @@ impl StableDiffusionArguments {
             integer(arguments, "num_images_per_prompt", 1, 64)?.unwrap_or(1);
         let output_type = match arguments.get("output_type") {
             None | Some(Value::Null) => OutputType::Image,
-            Some(Value::String(s)) if s == "pil" || s == "np" => OutputType::Image,
-            Some(Value::String(s)) if s == "latent" => OutputType::Latent,
-            Some(other) => return Err(err("output_type", format!("unsupported `output_type` {other}; accepted: \"pil\", \"np\" (both write images), \"latent\" (writes .safetensors)"))),
+            Some(Value::String(s)) if s == "{pil}" || s == "{np}" => OutputType::Image,
+            Some(Value::String(s)) if s == "{latent}" => OutputType::Latent,
+            Some(Value::String(s)) if ["pil", "np", "latent"].contains(&s.as_str()) => return Err(err("output_type", format!(
+                "`output_type` \"{s}\" would be read as a Python type name by diffusers-workflow (every `*_type` value is); write \"{{{s}}}\""
+            ))),
+            Some(other) => return Err(err("output_type", format!("unsupported `output_type` {other}; accepted: \"{{pil}}\", \"{{np}}\" (both write images), \"{{latent}}\" (writes .safetensors)"))),
         };
         let latents = match arguments.get("latents") {
             None | Some(Value::Null) => None,
@@ -239,36 +338,9 @@ impl StableDiffusionArguments {
     }
 }
 
-fn check_reference(
-    key: &str,
-    reference: &PreviousResult,
-    earlier_steps: &[&str],
-) -> Result<(), ArgumentError> {
-    if !earlier_steps.contains(&reference.step.as_str()) {
-        let earlier = if earlier_steps.is_empty() {
-            "none".to_string()
-        } else {
-            earlier_steps.join(", ")
-        };
-        return Err(err(
-            key,
-            format!(
-                "`previous_result:{}` refers to no earlier step; steps before this one: {earlier}",
-                reference.step
-            ),
-        ));
-    }
-    match reference.property.as_deref() {
-        None | Some("images") => Ok(()),
-        Some(other) => Err(err(key, format!("`previous_result:{}.{other}`: a step's result has no property `{other}`; use `previous_result:{}` or `.images`", reference.step, reference.step))),
-    }
-}
-
 fn image_source(value: &Value) -> Result<ImageSource, ArgumentError> {
     if let Some(reference) = PreviousResult::parse(value) {
-        return Ok(ImageSource::PreviousResult {
-            step: reference.step,
-        });
+        return Ok(ImageSource::PreviousResult { reference });
     }
     let (location, size) = match value {
         Value::String(s) => (s.clone(), None),
@@ -308,16 +380,6 @@ fn err(key: &str, message: impl Into<String>) -> ArgumentError {
     ArgumentError {
         key: key.to_string(),
         message: message.into(),
-    }
-}
-
-fn expected_type(key: &str) -> &'static str {
-    match key {
-        "prompt" => "text or a list of texts",
-        "negative_prompt" | "output_type" => "text",
-        "latents" => "the path of a .safetensors file",
-        "guidance_scale" | "strength" => "a number",
-        _ => "a whole number",
     }
 }
 

@@ -1,0 +1,311 @@
+//! End-to-end: diffusers-workflow's format as its users write it, through the real
+//! binaries on the tiny SD 1.5 model. Each test names the diffusers-workflow source
+//! (dkackman/diffusers-workflow) whose behaviour it pins down.
+
+use std::path::{Path, PathBuf};
+
+use dw_tests::{repo_root, Run, TestDaemon};
+use serde_json::Value;
+
+fn model() -> String {
+    repo_root()
+        .join("tests/fixtures/tiny-sd15/model")
+        .display()
+        .to_string()
+}
+
+/// Writes `text` (with `MODEL` standing for the tiny model's folder) as `name` in the
+/// test's folder.
+fn write(daemon: &TestDaemon, name: &str, text: &str) -> PathBuf {
+    let path = daemon.dir.path().join(name);
+    std::fs::write(&path, text.replace("MODEL", &model())).unwrap();
+    path
+}
+
+fn run(daemon: &TestDaemon, workflow: &Path, extra: &[&str]) -> Run {
+    let out = daemon.output_dir();
+    let mut args = vec![
+        "run",
+        workflow.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    daemon.dwctl(&args)
+}
+
+/// The names of the files a run wrote, in order.
+fn written(run: &Run) -> Vec<String> {
+    run.json()["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            Path::new(o["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+fn read_json(daemon: &TestDaemon, name: &str) -> Value {
+    let text = std::fs::read_to_string(daemon.output_dir().join(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+const PIPELINE: &str = r#""configuration": {"component_type": "StableDiffusionPipeline"},
+    "from_pretrained_arguments": {"model_name": "MODEL"},
+    "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}}"#;
+
+// dw/previous_results.py get_iterations: one run per artifact of the referenced step;
+// dw/result.py save: `{id}-{step}.{step_index}-{run}.{artifact}{ext}`; dw/step.py: a step
+// without `result` is kept for later steps but never written.
+#[test]
+fn two_images_make_two_img2img_runs_and_an_unsaved_step_feeds_the_next() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "fan.json",
+        &r#"{"id": "fan", "seed": 5, "steps": [
+          {"name": "gen", "pipeline": {PIPELINE,
+            "arguments": {"prompt": "a fox", "num_inference_steps": 2, "num_images_per_prompt": 2}}},
+          {"name": "refine", "pipeline": {
+            "configuration": {"component_type": "StableDiffusionImg2ImgPipeline"},
+            "from_pretrained_arguments": {"model_name": "MODEL"},
+            "arguments": {"prompt": "a fox", "image": "previous_result:gen", "strength": 0.5, "num_inference_steps": 4}},
+           "result": {"content_type": "image/png"}}]}"#
+            .replace("PIPELINE", PIPELINE),
+    );
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(0);
+    assert_eq!(
+        written(&result),
+        ["fan-refine.1-0.0.png", "fan-refine.1-1.0.png"]
+    );
+    assert_eq!(
+        result.json()["cache"]["misses"],
+        4,
+        "one model, loaded once"
+    );
+}
+
+// tests/test_previous_results.py: several references multiply, the first varying
+// slowest; dw/result.py writes a JSON result as one `-{run}.json` file per run.
+#[test]
+fn references_multiply_in_written_order_and_json_results_are_one_file_per_run() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "product.json",
+        r#"{"id": "product", "steps": [
+          {"name": "systems", "task": {"command": "gather_inputs", "inputs": ["s0", "s1"]}},
+          {"name": "users", "task": {"command": "gather_inputs", "inputs": ["u0", "u1", "u2"]}},
+          {"name": "chat", "task": {"command": "format_chat_message", "arguments": {
+            "system_prompt": "previous_result:systems", "user_message": "previous_result:users"}},
+           "result": {"content_type": "application/json"}}]}"#,
+    );
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(0);
+    let names = written(&result);
+    assert_eq!(names.len(), 6);
+    assert_eq!(names[0], "product-chat.2-0.json");
+    let pair = |i: usize| {
+        let chat = read_json(&daemon, &format!("product-chat.2-{i}.json"));
+        (
+            chat["text_inputs"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            chat["text_inputs"][1]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    assert_eq!(pair(0), ("s0".into(), "u0".into()));
+    assert_eq!(pair(1), ("s0".into(), "u1".into()));
+    assert_eq!(pair(3), ("s1".into(), "u0".into()));
+    assert_eq!(pair(5), ("s1".into(), "u2".into()));
+    assert_eq!(result.json()["cache"]["misses"], 0, "tasks load no model");
+}
+
+// dw/variables.py get_value: a list splits on commas, booleans take yes/no, numbers
+// convert by the default's type; dw/variables.py replace_variables: whole values only.
+#[test]
+fn command_line_values_convert_by_the_defaults_type() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "vars.json",
+        r#"{"id": "vars", "variables": {"tags": ["x"], "fast": false, "n": 1, "label": "a"},
+          "steps": [{"name": "echo", "task": {"command": "gather_inputs", "arguments": {
+            "tags": "variable:tags", "fast": "variable:fast", "n": "variable:n",
+            "text": "label is variable:label"}},
+           "result": {"content_type": "application/json"}}]}"#,
+    );
+    let result = run(&daemon, &flow, &["tags=a fox, a cat", "fast=yes", "n=3"]);
+    result.assert_code(0);
+    let echoed = read_json(&daemon, "vars-echo.0-0.json");
+    assert_eq!(echoed["tags"], serde_json::json!(["a fox", "a cat"]));
+    assert_eq!(echoed["fast"], true);
+    assert_eq!(echoed["n"], 3);
+    assert_eq!(echoed["text"], "label is variable:label");
+
+    let bad = run(&daemon, &flow, &["n=2.5"]);
+    bad.assert_code(2);
+    assert!(
+        bad.stderr
+            .contains("variable `n` is an integer (default 1); the given `2.5` is not an integer"),
+        "{}",
+        bad.stderr
+    );
+}
+
+// dw/workflow.py: a pipeline_reference runs the named step's loaded pipeline again.
+#[test]
+fn a_pipeline_reference_runs_the_earlier_pipeline_without_loading_it_again() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "reference.json",
+        &r#"{"id": "ref", "seed": 1, "steps": [
+          {"name": "first", "pipeline": {PIPELINE,
+            "arguments": {"prompt": "a fox", "num_inference_steps": 2}},
+           "result": {"content_type": "image/png"}},
+          {"name": "again", "pipeline_reference": {"reference_name": "first",
+            "arguments": {"prompt": "a cat", "num_inference_steps": 2}},
+           "result": {"content_type": "image/jpeg"}}]}"#
+            .replace("PIPELINE", PIPELINE),
+    );
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(0);
+    assert_eq!(
+        written(&result),
+        ["ref-first.0-0.0.png", "ref-again.1-0.0.jpg"]
+    );
+    assert_eq!(result.json()["cache"]["misses"], 4);
+    assert_eq!(result.json()["cache"]["hits"], 0);
+}
+
+// dw/workflow.py: a `workflow` step runs the child with its arguments as variables; the
+// child writes under its own id, and its last step's results are the step's own.
+#[test]
+fn a_child_workflow_writes_under_its_own_id_and_again_under_the_parent_step() {
+    let daemon = TestDaemon::new();
+    write(
+        &daemon,
+        "child.json",
+        r#"{"id": "child", "variables": {"who": "nobody"}, "steps": [
+          {"name": "greet", "task": {"command": "extract_sections", "arguments": {
+            "text": "variable:who", "sections": []}},
+           "result": {"content_type": "text/plain"}}]}"#,
+    );
+    let parent = write(
+        &daemon,
+        "parent.json",
+        r#"{"id": "parent", "steps": [
+          {"name": "names", "task": {"command": "gather_inputs", "inputs": ["fox", "cat"]}},
+          {"name": "sub", "workflow": {"path": "child.json", "arguments": {"who": "previous_result:names"}},
+           "result": {"content_type": "text/plain"}}]}"#,
+    );
+    let result = run(&daemon, &parent, &[]);
+    result.assert_code(0);
+    assert_eq!(
+        written(&result),
+        [
+            "child-greet.0-0.0.txt",
+            "parent-sub.1-0.0.txt",
+            "child-greet.0-0.0.txt",
+            "parent-sub.1-1.0.txt"
+        ]
+    );
+    let text = |name: &str| std::fs::read_to_string(daemon.output_dir().join(name)).unwrap();
+    assert_eq!(text("parent-sub.1-0.0.txt"), "fox");
+    assert_eq!(text("parent-sub.1-1.0.txt"), "cat");
+    assert_eq!(
+        text("child-greet.0-0.0.txt"),
+        "cat",
+        "the last run wins, as in dw"
+    );
+}
+
+/// `dwctl validate` on `text`: exit code and stderr.
+fn validate(daemon: &TestDaemon, text: &str) -> Run {
+    let flow = write(daemon, "check.json", text);
+    daemon.dwctl(&["validate", flow.to_str().unwrap()])
+}
+
+// dw/workflow_schema.json: every key has a fate; what dw cannot do is refused by name.
+#[test]
+fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
+    let daemon = TestDaemon::new();
+    let flux = validate(
+        &daemon,
+        r#"{"id": "f", "steps": [{"name": "s", "pipeline": {
+          "configuration": {"component_type": "FluxPipeline", "offload": "model"},
+          "from_pretrained_arguments": {"model_name": "black-forest-labs/FLUX.1-dev"},
+          "arguments": {"prompt": "x"}}}]}"#,
+    );
+    flux.assert_code(2);
+    assert!(
+        flux.stderr
+            .contains("pipeline class `FluxPipeline` is not supported yet"),
+        "{}",
+        flux.stderr
+    );
+
+    let lora = validate(
+        &daemon,
+        &r#"{"id": "l", "steps": [{"name": "s", "pipeline": {PIPELINE,
+          "loras": [{"model_name": "x"}], "arguments": {"prompt": "x"}}}]}"#
+            .replace("PIPELINE", PIPELINE),
+    );
+    lora.assert_code(2);
+    assert!(
+        lora.stderr
+            .contains("`loras` is not supported: LoRA adapters are not built yet"),
+        "{}",
+        lora.stderr
+    );
+
+    let video = validate(
+        &daemon,
+        r#"{"id": "v", "steps": [{"name": "s", "task": {"command": "gather_inputs", "inputs": [1]},
+          "result": {"content_type": "video/mp4"}}]}"#,
+    );
+    video.assert_code(2);
+    assert!(
+        video
+            .stderr
+            .contains("content_type `video/mp4` is not supported"),
+        "{}",
+        video.stderr
+    );
+
+    let tuned = validate(
+        &daemon,
+        r#"{"id": "t", "steps": [{"name": "s", "pipeline": {
+          "configuration": {"component_type": "StableDiffusionPipeline", "enable_attention_slicing": true,
+            "unet": {"attn_processor_type": "diffusers.models.attention_processor.AttnProcessor2_0"}},
+          "from_pretrained_arguments": {"model_name": "MODEL", "safety_checker": null},
+          "arguments": {"prompt": "x"}}}]}"#,
+    );
+    tuned.assert_code(0);
+    assert!(
+        tuned
+            .stderr
+            .contains("note: `enable_attention_slicing` only tunes PyTorch's runtime"),
+        "{}",
+        tuned.stderr
+    );
+    assert!(
+        tuned
+            .stderr
+            .contains("note: `attn_processor_type` only tunes"),
+        "{}",
+        tuned.stderr
+    );
+}
