@@ -210,6 +210,9 @@ pub fn execute(
         workflow_path: workflow_path.display().to_string(),
         workflow_source: source,
         overrides: options.assignments.clone(),
+        cwd: std::env::current_dir()
+            .ok()
+            .map(|dir| dir.display().to_string()),
         timeout_ms: options.timeout.map(|t| t.as_millis() as u64),
         keep_alive_ms: options.keep_alive.map(KeepAlive::to_ms),
         session: Some(session_id()),

@@ -18,8 +18,11 @@ const MAX_DEPTH: usize = 8;
 
 /// Checks `path` and prints what it found; the exit code says whether it is valid.
 pub fn validate(path: &Path, assignments: &[String], require_models: bool) -> Result<u8, Failure> {
-    let workflow =
-        Workflow::load(path, assignments).map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
+    let workflow = Workflow {
+        cwd: std::env::current_dir().ok(),
+        ..Workflow::load(path, assignments)
+            .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?
+    };
     let mut problems = Problems::default();
     check(&workflow, 0, &mut problems);
     for warning in &problems.warnings {
@@ -89,7 +92,8 @@ fn check(workflow: &Workflow, depth: usize, problems: &mut Problems) {
 }
 
 fn check_model(workflow: &Workflow, name: &str, at: Position, problems: &mut Problems) {
-    if let Err(e) = resolve_model(workflow.base_dir(), name, hub_cache_dir().as_deref()) {
+    let hub = hub_cache_dir();
+    if let Err(e) = resolve_model(name, &workflow.model_places(hub.as_deref())) {
         problems.missing_models.push(located(
             workflow,
             at,
@@ -114,7 +118,14 @@ fn check_child(workflow: &Workflow, step: &Step, depth: usize, problems: &mut Pr
     let parsed = protocol::workflow::read_source(&path)
         .and_then(|source| Workflow::parse_with(&path, &source, &given));
     match parsed {
-        Ok(child) => check(&child, depth + 1, problems),
+        Ok(child) => check(
+            &Workflow {
+                cwd: workflow.cwd.clone(),
+                ..child
+            },
+            depth + 1,
+            problems,
+        ),
         Err(e) => problems
             .errors
             .push(format!("{}\n  (child workflow of step `{}`)", e, step.name)),

@@ -204,7 +204,8 @@ pub fn plan_step(
 
 /// Resolves a `model_name` written at `at` in the workflow.
 fn resolve_at(workflow: &Workflow, model_name: &str, at: Position) -> Result<PathBuf, LoadError> {
-    resolve_model(workflow.base_dir(), model_name, hub_cache_dir().as_deref()).map_err(|e| {
+    let hub = hub_cache_dir();
+    resolve_model(model_name, &workflow.model_places(hub.as_deref())).map_err(|e| {
         LoadError::Invalid(
             WorkflowError {
                 file: workflow.path.clone(),

@@ -301,7 +301,10 @@ async fn serve_run(
 ) -> Result<(), FrameError> {
     let path = Path::new(&request.workflow_path);
     let workflow = match Workflow::parse(path, &request.workflow_source, &request.overrides) {
-        Ok(workflow) => workflow,
+        Ok(workflow) => Workflow {
+            cwd: request.cwd.as_ref().map(std::path::PathBuf::from),
+            ..workflow
+        },
         Err(e) => {
             let summary = RunSummary {
                 job_id: 0,

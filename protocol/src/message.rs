@@ -42,6 +42,9 @@ pub struct RunRequest {
     /// `NAME=VALUE` variable overrides, as typed on the command line.
     #[serde(default)]
     pub overrides: Vec<String>,
+    /// The client's working directory, where a relative `model_name` is looked for first.
+    #[serde(default)]
+    pub cwd: Option<String>,
     /// Cancel the job if it has not finished this long after it was accepted.
     #[serde(default)]
     pub timeout_ms: Option<u64>,

@@ -309,3 +309,64 @@ fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
         tuned.stderr
     );
 }
+
+// Linting where no models are: a missing model is a warning unless --require-models.
+#[test]
+fn validate_warns_about_a_missing_model_unless_models_are_required() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "missing.json",
+        r#"{"id": "m", "steps": [{"name": "s", "pipeline": {
+          "configuration": {"component_type": "StableDiffusionPipeline"},
+          "from_pretrained_arguments": {"model_name": "nobody/no-such-model"},
+          "arguments": {"prompt": "x"}}}]}"#,
+    );
+    let lint = daemon.dwctl(&["validate", flow.to_str().unwrap()]);
+    lint.assert_code(0);
+    assert!(
+        lint.stderr
+            .contains(":3:55: warning: model `nobody/no-such-model` not found; searched: "),
+        "{}",
+        lint.stderr
+    );
+    let strict = daemon.dwctl(&["validate", flow.to_str().unwrap(), "--require-models"]);
+    strict.assert_code(2);
+    assert!(
+        strict
+            .stderr
+            .contains("model `nobody/no-such-model` not found"),
+        "{}",
+        strict.stderr
+    );
+}
+
+// A child workflow is checked with its parent: a mistake in it is found before any run.
+#[test]
+fn validate_checks_child_workflows_too() {
+    let daemon = TestDaemon::new();
+    write(
+        &daemon,
+        "child.json",
+        r#"{"id": "child", "variables": {"n": 1}, "steps": [{"name": "s",
+          "task": {"command": "upscale", "arguments": {}}}]}"#,
+    );
+    let parent = write(
+        &daemon,
+        "parent.json",
+        r#"{"id": "parent", "steps": [{"name": "sub", "workflow": {"path": "child.json", "arguments": {"n": 2}}}]}"#,
+    );
+    let lint = daemon.dwctl(&["validate", parent.to_str().unwrap()]);
+    lint.assert_code(2);
+    assert!(
+        lint.stderr
+            .contains("child.json:2:31: task `upscale` is not supported"),
+        "{}",
+        lint.stderr
+    );
+    assert!(
+        lint.stderr.contains("(child workflow of step `sub`)"),
+        "{}",
+        lint.stderr
+    );
+}

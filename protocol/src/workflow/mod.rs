@@ -98,6 +98,9 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// Notes to show before a run (info and warnings).
     pub notes: Vec<Note>,
+    /// The working directory of whoever asked for the run, where a relative `model_name`
+    /// is looked for first (as diffusers' `from_pretrained` does).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Workflow {
@@ -282,6 +285,15 @@ impl Workflow {
     /// The directory relative paths in this workflow resolve against.
     pub fn base_dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Where this workflow's `model_name`s are looked for.
+    pub fn model_places<'a>(&'a self, hub_cache: Option<&'a Path>) -> crate::models::Places<'a> {
+        crate::models::Places {
+            cwd: self.cwd.as_deref(),
+            workflow_dir: self.base_dir(),
+            hub_cache,
+        }
     }
 }
 

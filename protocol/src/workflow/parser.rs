@@ -105,6 +105,7 @@ impl<'a> Parser<'a> {
             variables,
             steps,
             notes,
+            cwd: None,
         })
     }
 
@@ -197,7 +198,25 @@ impl<'a> Parser<'a> {
             };
             out.insert(key.clone(), value);
         }
+        self.refuse_constants(&Value::Object(out.clone()), "")?;
         Ok(out)
+    }
+
+    /// `"constant:NAME"` names a Python object diffusers-workflow imports; dw cannot.
+    fn refuse_constants(&self, value: &Value, pointer: &str) -> Parsed<()> {
+        match value {
+            Value::String(s) if s.starts_with("constant:") => Err(self.at_value(pointer, format!(
+                "`{s}` is not supported: a `constant:` reference names a Python object, which dw cannot import; write its value instead"
+            ))),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| self.refuse_constants(v, &format!("{pointer}/{i}"))),
+            Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                self.refuse_constants(v, &format!("{pointer}/{}", pointer_segment(k)))
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A non-empty string that becomes part of output file names.

@@ -395,3 +395,20 @@ fn invalid_json_positions_start_at_column_one_and_count_characters() {
         "{e}"
     );
 }
+
+// dw/arguments.py realize_args: `constant:` imports a Python object; dw refuses it by name.
+#[test]
+fn a_constant_reference_is_refused_by_name_where_it_is_written() {
+    let src = GOOD.replace(
+        "\"guidance_scale\": \"variable:guidance\"",
+        "\"guidance_scale\": \"constant:diffusers.SOME_VALUE\"",
+    );
+    let e = error(&src, &[]);
+    assert!(
+        e.starts_with("flow.json:20:29: `constant:diffusers.SOME_VALUE` is not supported"),
+        "{e}"
+    );
+    let src = GOOD.replace("\"fast\": false", "\"fast\": \"constant:x.Y\"");
+    let e = error(&src, &["prompt=a"]);
+    assert!(e.contains("`constant:x.Y` is not supported"), "{e}");
+}
