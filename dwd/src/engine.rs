@@ -26,6 +26,7 @@ use serde_json::{json, Map, Value};
 
 use crate::cache::{ComponentCache, ComponentKey};
 use crate::fanout::{self, Artifact, Run, StepResults};
+use crate::fetch::Fetcher;
 use crate::inputs::{bound_images, images_to_tensor, load_images, load_latents, resolve_path};
 use crate::loading::{
     all_keys, evicted_component, load_pipeline, missing, plan_step, planned_component, LoadCounts,
@@ -93,6 +94,8 @@ pub struct Engine {
     pub policy: MemoryPolicy,
     /// Memory right after the last load.
     pub baseline: Arc<Baseline>,
+    /// How images named by URL are fetched.
+    pub fetcher: Fetcher,
 }
 
 /// Counters of one run.
@@ -118,6 +121,8 @@ struct PreparedPipeline {
     scheduler: Option<SchedulerSpec>,
     /// `configuration.vae.enable_slicing`.
     vae_slicing: bool,
+    /// `configuration.vae.enable_tiling`.
+    vae_tiling: bool,
     /// Its components in the cache.
     keys: Vec<ComponentKey>,
 }
@@ -253,6 +258,7 @@ impl Engine {
             device_name,
             policy,
             baseline: Arc::default(),
+            fetcher: Fetcher::default(),
         }
     }
 
@@ -464,7 +470,7 @@ impl Engine {
         let mut items = Vec::new();
         let metadata = context.metadata(json!({"task_command": command}));
         for run in runs {
-            let output = tasks::run(command, run, context.workflow.base_dir())
+            let output = tasks::run(command, run, context.workflow.base_dir(), &self.fetcher)
                 .map_err(|e| context.invalid(e))?;
             for item in output {
                 context.save(items.len(), &item, &metadata)?;
@@ -617,8 +623,11 @@ impl Engine {
                     .map_err(|e| context.invalid(e))?,
             ),
             (Some(source), None) => Some(
-                images_to_tensor(&load_images(source, base_dir).map_err(|e| context.invalid(e))?)
-                    .map_err(|e| context.invalid(e))?,
+                images_to_tensor(
+                    &load_images(source, base_dir, &self.fetcher)
+                        .map_err(|e| context.invalid(e))?,
+                )
+                .map_err(|e| context.invalid(e))?,
             ),
             (None, None) => None,
         };
@@ -645,6 +654,7 @@ impl Engine {
             strength: args.strength,
             output_latents: args.output_type == OutputType::Latent,
             vae_slicing: prepared.vae_slicing,
+            vae_tiling: prepared.vae_tiling,
         })
     }
 
@@ -767,6 +777,7 @@ impl Engine {
             model_name: spec.model_name.clone(),
             scheduler: spec.scheduler.clone(),
             vae_slicing: spec.options.vae_slicing,
+            vae_tiling: spec.options.vae_tiling,
             keys,
         })
     }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use protocol::workflow::ImageSource;
 
 use crate::fanout::Artifact;
+use crate::fetch::Fetcher;
 use crate::pipelines::RgbImage;
 
 /// A problem with a step's input, phrased for the user.
@@ -80,8 +81,20 @@ pub fn load_latents(path: &Path) -> Result<Tensor, InputError> {
 
 /// Loads the image a file `source` names, as RGB (an earlier step's images are bound to
 /// the run instead; see [`bound_images`]).
-pub fn load_images(source: &ImageSource, base_dir: &Path) -> Result<Vec<RgbImage>, InputError> {
+pub fn load_images(
+    source: &ImageSource,
+    base_dir: &Path,
+    fetcher: &Fetcher,
+) -> Result<Vec<RgbImage>, InputError> {
     match source {
+        ImageSource::Url { url, size } => {
+            let path = fetcher.fetch(url)?;
+            Ok(vec![load_image_file(
+                base_dir,
+                &path.display().to_string(),
+                *size,
+            )?])
+        }
         ImageSource::PreviousResult { reference } => Err(InputError(format!(
             "`previous_result:{}` gave this run no image",
             reference.reference
@@ -200,7 +213,7 @@ mod tests {
             location: "expected_DDIMScheduler.png".into(),
             size: None,
         };
-        let images = load_images(&source, &fixture).unwrap();
+        let images = load_images(&source, &fixture, &Fetcher::default()).unwrap();
         assert_eq!(
             (images[0].width, images[0].height, images[0].pixels.len()),
             (64, 64, 64 * 64 * 3)
@@ -209,7 +222,7 @@ mod tests {
             location: "expected_DDIMScheduler.png".into(),
             size: Some((32, 16)),
         };
-        let images = load_images(&resized, &fixture).unwrap();
+        let images = load_images(&resized, &fixture, &Fetcher::default()).unwrap();
         assert_eq!((images[0].width, images[0].height), (32, 16));
         let tensor = images_to_tensor(&images).unwrap();
         assert_eq!(tensor.dims(), &[1, 3, 16, 32]);
@@ -221,7 +234,7 @@ mod tests {
             location: "nope.png".into(),
             size: None,
         };
-        let e = load_images(&source, Path::new("/tmp"))
+        let e = load_images(&source, Path::new("/tmp"), &Fetcher::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("/tmp/nope.png"), "{e}");

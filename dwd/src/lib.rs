@@ -11,6 +11,7 @@ pub mod budget;
 pub mod cache;
 pub mod engine;
 pub mod fanout;
+pub mod fetch;
 pub mod inputs;
 pub mod loading;
 pub mod memory;

@@ -77,6 +77,15 @@ struct Args {
     #[arg(long, default_value = "256MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
     growth_warn: SizeLimit,
 
+    /// How long fetching an image named by an http(s) URL may take, from connecting to
+    /// the last byte.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    fetch_timeout: Duration,
+
+    /// Largest image a URL may deliver; a larger one is refused without being kept.
+    #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    fetch_limit: SizeLimit,
+
     /// Exit once no job has been queued or running for this long (e.g. 10m), so a CI job or
     /// a Makefile leaves no daemon behind [default: never].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -169,7 +178,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         growth_warn_bytes: args.growth_warn.of(total),
     };
     tracing::info!(budget = %human_bytes(budget), keep_alive = ?policy.keep_alive, "memory policy");
-    let engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
+    let mut engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
+    engine.fetcher.timeout = args.fetch_timeout;
+    engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
     let result = runtime.block_on(serve_until_stopped(
         listener,
         paths.clone(),

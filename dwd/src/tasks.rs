@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use crate::fanout::{Artifact, Run};
+use crate::fetch::{is_url, Fetcher};
 use crate::inputs::{load_image_file, InputError};
 use crate::pipelines::RgbImage;
 
@@ -15,7 +16,12 @@ use crate::pipelines::RgbImage;
 pub type TaskOutput = Vec<Artifact>;
 
 /// Runs `command` on one run's arguments (`input` holds an `inputs` item).
-pub fn run(command: &str, run: &Run, base_dir: &Path) -> Result<TaskOutput, InputError> {
+pub fn run(
+    command: &str,
+    run: &Run,
+    base_dir: &Path,
+    fetcher: &Fetcher,
+) -> Result<TaskOutput, InputError> {
     let args = &run.arguments;
     match command {
         "gather_inputs" => Ok(gather_inputs(args)),
@@ -23,13 +29,13 @@ pub fn run(command: &str, run: &Run, base_dir: &Path) -> Result<TaskOutput, Inpu
         "format_chat_message" => format_chat_message(args),
         "extract_sections" => extract_sections(args),
         "get_image_size" => {
-            let image = image_argument(run, base_dir)?;
+            let image = image_argument(run, base_dir, fetcher)?;
             Ok(vec![Artifact::Json(
                 json!({"width": image.width, "height": image.height}),
             )])
         }
         "crop_square" => {
-            let image = image_argument(run, base_dir)?;
+            let image = image_argument(run, base_dir, fetcher)?;
             Ok(vec![Artifact::Image(Arc::new(crop_square(&image)))])
         }
         other => Err(InputError::new(format!("task `{other}` is not supported"))),
@@ -178,22 +184,35 @@ fn first_paragraph(body: &str) -> String {
     body[..end].trim().to_string()
 }
 
-fn image_argument(run: &Run, base_dir: &Path) -> Result<Arc<RgbImage>, InputError> {
-    match run.bound.get("image") {
-        Some(Artifact::Image(image)) => Ok(image.clone()),
-        Some(other) => Err(InputError::new(format!(
-            "`image` is {}, not an image",
-            other.describe()
-        ))),
-        None => match run.arguments.get("image") {
-            Some(Value::String(path)) => Ok(Arc::new(load_image_file(base_dir, path, None)?)),
-            Some(Value::Object(map)) => match map.get("location").and_then(Value::as_str) {
-                Some(path) => Ok(Arc::new(load_image_file(base_dir, path, None)?)),
-                None => Err(InputError::new("`image` needs a `location`")),
-            },
-            _ => Err(InputError::new("this task needs an `image`")),
-        },
+/// A task's `image`: an earlier step's image, a file, or a URL.
+fn image_argument(
+    run: &Run,
+    base_dir: &Path,
+    fetcher: &Fetcher,
+) -> Result<Arc<RgbImage>, InputError> {
+    if let Some(bound) = run.bound.get("image") {
+        return match bound {
+            Artifact::Image(image) => Ok(image.clone()),
+            other => Err(InputError::new(format!(
+                "`image` is {}, not an image",
+                other.describe()
+            ))),
+        };
     }
+    let location = match run.arguments.get("image") {
+        Some(Value::String(location)) => location.as_str(),
+        Some(Value::Object(map)) => map
+            .get("location")
+            .and_then(Value::as_str)
+            .ok_or_else(|| InputError::new("`image` needs a `location`"))?,
+        _ => return Err(InputError::new("this task needs an `image`")),
+    };
+    let path = if is_url(location) {
+        fetcher.fetch(location)?.display().to_string()
+    } else {
+        location.to_string()
+    };
+    Ok(Arc::new(load_image_file(base_dir, &path, None)?))
 }
 
 /// `crop_square`: the centred square as large as the shorter side.

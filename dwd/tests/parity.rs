@@ -89,6 +89,20 @@ fn vae_decode_matches() {
     assert_close("vae decode", &got, &expected["vae_out"], VAE_TOLERANCE);
 }
 
+// diffusers' AutoencoderKL.enable_tiling(): tiles of sample_size/scale latents every
+// three quarters of a tile, blended over a quarter tile (tests/fixtures/make_tiled_reference.py).
+#[test]
+fn vae_tiled_decode_matches_diffusers_enable_tiling() {
+    let vae = Vae::load(&fixture().model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let want = fixture().tensors("vae_tiled.safetensors");
+    let tiled = vae.decode_tiled(&want["latents"]).unwrap();
+    assert_close("tiled decode", &tiled, &want["tiled"], VAE_TOLERANCE);
+    let plain = vae.decode(&want["latents"]).unwrap();
+    assert_close("plain decode", &plain, &want["plain"], VAE_TOLERANCE);
+    let batch = vae.decode_tiled(&want["latents_batch"]).unwrap();
+    assert_close("tiled batch", &batch, &want["tiled_batch"], VAE_TOLERANCE);
+}
+
 #[test]
 fn vae_encode_mean_matches() {
     let expected = fixture().tensors("expected.safetensors");

@@ -370,3 +370,106 @@ fn validate_checks_child_workflows_too() {
         lint.stderr
     );
 }
+
+/// A loopback HTTP server that answers every request with `body`; the count of requests
+/// it served.
+fn serve_image(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/in.png", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, hits)
+}
+
+// dw/arguments.py fetch_image: an http(s) URL is an image input; dw fetches it once.
+#[test]
+fn an_image_url_is_fetched_once_into_the_cache() {
+    let daemon = TestDaemon::new();
+    let png =
+        std::fs::read(repo_root().join("tests/fixtures/tiny-sd15/expected_DDIMScheduler.png"))
+            .unwrap();
+    let (url, hits) = serve_image(png);
+    let flow = write(
+        &daemon,
+        "url.json",
+        &r#"{"id": "url", "seed": 2, "steps": [{"name": "refine", "pipeline": {
+            "configuration": {"component_type": "StableDiffusionImg2ImgPipeline"},
+            "from_pretrained_arguments": {"model_name": "MODEL"},
+            "arguments": {"prompt": "a fox", "image": "URL", "strength": 0.5, "num_inference_steps": 2}},
+           "result": {"content_type": "image/png"}}]}"#
+            .replace("URL", &url),
+    );
+    let cache = daemon.dir.path().join("cache");
+    let run_once = || {
+        let mut command = daemon.command(&[
+            "run",
+            flow.to_str().unwrap(),
+            "-o",
+            daemon.output_dir().to_str().unwrap(),
+            "--json",
+        ]);
+        command.env("XDG_CACHE_HOME", &cache);
+        let output = command.output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run_once();
+    run_once();
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(daemon.output_dir().join("url-refine.0-0.0.png").is_file());
+    assert_eq!(
+        std::fs::read_dir(cache.join("dw/images")).unwrap().count(),
+        1
+    );
+}
+
+// dw's configuration.vae.enable_tiling calls diffusers' enable_tiling(): the decode runs in
+// overlapping tiles, which changes the pixels of an image larger than one tile (the
+// decoder itself is checked against diffusers in dwd/tests/parity.rs).
+#[test]
+fn vae_tiling_decodes_in_tiles_when_the_workflow_asks() {
+    let daemon = TestDaemon::new();
+    let flow = |tiling: bool| {
+        write(
+            &daemon,
+            &format!("tiles-{tiling}.json"),
+            &r#"{"id": "tiles", "seed": 4, "steps": [{"name": "gen", "pipeline": {
+              "configuration": {"component_type": "StableDiffusionPipeline", "vae": {"enable_tiling": TILING, "enable_slicing": true}},
+              "from_pretrained_arguments": {"model_name": "MODEL"},
+              "arguments": {"prompt": "a fox", "num_inference_steps": 2, "height": 80, "width": 96}},
+             "result": {"content_type": "image/png", "file_base_name": "TILING_"}}]}"#
+                .replace("TILING", &tiling.to_string()),
+        )
+    };
+    run(&daemon, &flow(false), &[]).assert_code(0);
+    run(&daemon, &flow(true), &[]).assert_code(0);
+    let (w, h, plain) =
+        dw_tests::png_pixels(&daemon.output_dir().join("false_tiles-gen.0-0.0.png"));
+    let (tw, th, tiled) =
+        dw_tests::png_pixels(&daemon.output_dir().join("true_tiles-gen.0-0.0.png"));
+    assert_eq!((w, h, tw, th), (96, 80, 96, 80));
+    assert_ne!(plain, tiled, "tiling changes a decode larger than one tile");
+}

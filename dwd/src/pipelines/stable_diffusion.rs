@@ -71,6 +71,8 @@ pub struct GenerateArgs {
     /// Decode one image at a time (diffusers' `enable_slicing`): the same images, the
     /// decoder's activations for one image at a time.
     pub vae_slicing: bool,
+    /// Decode in overlapping tiles (diffusers' `enable_tiling`), so large images fit.
+    pub vae_tiling: bool,
 }
 
 impl Default for GenerateArgs {
@@ -91,6 +93,7 @@ impl Default for GenerateArgs {
             strength: 0.8,
             output_latents: false,
             vae_slicing: false,
+            vae_tiling: false,
         }
     }
 }
@@ -294,17 +297,18 @@ impl StableDiffusionPipeline {
         let scaled = (latents / self.vae.scaling_factor())
             .and_then(|scaled| scaled.to_dtype(self.dtype))
             .in_component(COMPONENT)?;
+        let decode = |latents: &Tensor| match args.vae_tiling {
+            true => self.vae.decode_tiled(latents),
+            false => self.vae.decode(latents),
+        };
         let decoded = if args.vae_slicing {
             let count = scaled.dim(0).in_component(COMPONENT)?;
             let images = (0..count)
-                .map(|i| {
-                    let one = scaled.narrow(0, i, 1).in_component(COMPONENT)?;
-                    self.vae.decode(&one)
-                })
+                .map(|i| decode(&scaled.narrow(0, i, 1).in_component(COMPONENT)?))
                 .collect::<Result<Vec<_>, _>>()?;
             Tensor::cat(&images, 0).in_component(COMPONENT)?
         } else {
-            self.vae.decode(&scaled)?
+            decode(&scaled)?
         };
         to_unit_range(&decoded).in_component("vae")
     }

@@ -36,6 +36,8 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     /// Latents are multiplied by this after encoding and divided by it before decoding.
     pub scaling_factor: f64,
+    /// The image size the VAE was trained on: the tile size of a tiled decode.
+    pub sample_size: usize,
 }
 
 impl VaeConfig {
@@ -89,6 +91,14 @@ impl VaeConfig {
             use_quant_conv: config.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: config.bool_or("use_post_quant_conv", true)?,
             scaling_factor: config.f64_or("scaling_factor", 0.18215)?,
+            sample_size: match config.value("sample_size") {
+                Some(serde_json::Value::Array(sizes)) => sizes
+                    .first()
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| config.bad("sample_size", "is an empty or non-numeric list"))?,
+                _ => config.usize_or("sample_size", 512)?,
+            },
             block_out_channels,
         })
     }
@@ -342,6 +352,60 @@ impl Vae {
         decode().in_component(COMPONENT)
     }
 
+    /// [`Vae::decode`] in overlapping tiles, as diffusers' `enable_tiling()` decodes: tiles
+    /// of `sample_size / scale_factor` latents every three quarters of a tile, each decoded
+    /// alone, blended linearly with the tile above and to the left over a quarter of a
+    /// tile, and cropped to the stride. Latents no larger than one tile decode whole.
+    pub fn decode_tiled(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        self.check_channels("latents", latents, self.config.latent_channels)?;
+        let tile = (self.config.sample_size / self.config.scale_factor()).max(1);
+        let (_, _, height, width) = latents.dims4().in_component(COMPONENT)?;
+        if height <= tile && width <= tile {
+            return self.decode(latents);
+        }
+        let tiled = || -> candle_core::Result<Tensor> {
+            let stride = (tile as f64 * 0.75) as usize;
+            let blend = (self.config.sample_size as f64 * 0.25) as usize;
+            let limit = self.config.sample_size - blend;
+            let mut rows: Vec<Vec<Tensor>> = Vec::new();
+            for top in (0..height).step_by(stride.max(1)) {
+                let mut row = Vec::new();
+                for left in (0..width).step_by(stride.max(1)) {
+                    let part = latents.narrow(2, top, tile.min(height - top))?.narrow(
+                        3,
+                        left,
+                        tile.min(width - left),
+                    )?;
+                    let part = match &self.post_quant_conv {
+                        Some(conv) => conv.forward(&part)?,
+                        None => part,
+                    };
+                    let mut decoded = self.decoder.forward(&part)?;
+                    if let Some(above) = rows.last().map(|r: &Vec<Tensor>| &r[row.len()]) {
+                        decoded = blend_edges(above, &decoded, blend, 2)?;
+                    }
+                    if let Some(before) = row.last() {
+                        decoded = blend_edges(before, &decoded, blend, 3)?;
+                    }
+                    row.push(decoded);
+                }
+                rows.push(row);
+            }
+            let cropped = rows
+                .iter()
+                .map(|row| {
+                    let parts = row
+                        .iter()
+                        .map(|t| crop_to(t, limit))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 3)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&cropped, 2)
+        };
+        tiled().in_component(COMPONENT)
+    }
+
     /// Mean of the latent distribution (before the scaling factor) for images
     /// (batch, in_channels, h, w) in [-1, 1]; h and w must be multiples of the scale factor.
     pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor, PipelineError> {
@@ -414,4 +478,31 @@ impl Vae {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+}
+
+/// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3): the first `extent` rows (or
+/// columns) of `b` fade from `a`'s last ones into `b`'s own, row `i` weighing `a` by
+/// `1 - i/extent`.
+fn blend_edges(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let a_len = a.dim(dim)?;
+    let mut parts = Vec::with_capacity(extent + 1);
+    for i in 0..extent {
+        let weight = i as f64 / extent as f64;
+        let from_a = a.narrow(dim, a_len - extent + i, 1)?;
+        let from_b = b.narrow(dim, i, 1)?;
+        parts.push(((from_a * (1.0 - weight))? + (from_b * weight)?)?);
+    }
+    parts.push(b.narrow(dim, extent, b.dim(dim)? - extent)?);
+    Tensor::cat(&parts, dim)
+}
+
+/// The top-left `limit` x `limit` of a decoded tile (less where the tile is smaller).
+fn crop_to(tile: &Tensor, limit: usize) -> candle_core::Result<Tensor> {
+    let (_, _, height, width) = tile.dims4()?;
+    tile.narrow(2, 0, limit.min(height))?
+        .narrow(3, 0, limit.min(width))
 }

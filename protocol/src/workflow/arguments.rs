@@ -135,6 +135,11 @@ pub enum ImageSource {
         location: String,
         size: Option<(u32, u32)>,
     },
+    /// An `http(s)` URL, fetched once into a cache.
+    Url {
+        url: String,
+        size: Option<(u32, u32)>,
+    },
     /// An earlier step's images: one run per image (fan-out).
     PreviousResult { reference: PreviousResult },
 }
@@ -370,8 +375,17 @@ fn image_source(value: &Value) -> Result<ImageSource, ArgumentError> {
         }
         other => return Err(err("image", format!("`image` must be a file path, {{\"location\": path}} or \"previous_result:step\", found {other}"))),
     };
-    if location.starts_with("http://") || location.starts_with("https://") {
-        return Err(err("image", format!("`image` {location:?} is a URL; dw never downloads: save the image and give its path")));
+    if let Some(rest) = location
+        .strip_prefix("http://")
+        .or_else(|| location.strip_prefix("https://"))
+    {
+        if rest.split('/').next().is_none_or(str::is_empty) {
+            return Err(err("image", format!("`image` {location:?} names no host")));
+        }
+        return Ok(ImageSource::Url {
+            url: location,
+            size,
+        });
     }
     Ok(ImageSource::File { location, size })
 }

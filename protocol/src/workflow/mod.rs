@@ -202,6 +202,8 @@ pub struct PipelineOptions {
     pub no_generator: bool,
     /// `vae.enable_slicing`: decode one image at a time.
     pub vae_slicing: bool,
+    /// `vae.enable_tiling`: decode in overlapping tiles.
+    pub vae_tiling: bool,
 }
 
 /// A component loaded from its own model folder.

@@ -531,6 +531,7 @@ impl<'a> Parser<'a> {
             device,
             no_generator: self.flag(configuration, pointer, "no_generator")?,
             vae_slicing: false,
+            vae_tiling: false,
         };
         for (slot, level) in [
             ("vae", &schema::CONFIGURATION_VAE),
@@ -549,6 +550,7 @@ impl<'a> Parser<'a> {
         }
         if let Some(Value::Object(vae)) = configuration.get("vae") {
             options.vae_slicing = self.flag(vae, &vae_ptr, "enable_slicing")?;
+            options.vae_tiling = self.flag(vae, &vae_ptr, "enable_tiling")?;
         }
         Ok(options)
     }

@@ -223,10 +223,7 @@ pub const CONFIGURATION_VAE: Level = Level {
     path: "steps[].pipeline.configuration.vae",
     keys: &[
         done("enable_slicing"),
-        refused(
-            "enable_tiling",
-            "tiled VAE decoding is not built yet; decode at a smaller size, or with `enable_slicing`",
-        ),
+        done("enable_tiling"),
         runtime("channels_last"),
         done("torch_dtype"),
     ],

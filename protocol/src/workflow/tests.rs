@@ -301,7 +301,7 @@ fn an_img2img_step_needs_an_image_and_refuses_txt2img_only_arguments() {
 }
 
 #[test]
-fn an_image_can_be_a_path_or_a_location_with_a_size_but_not_a_url() {
+fn an_image_can_be_a_path_a_location_with_a_size_or_a_url() {
     let with = |image: &str| TWO_STEPS.replace("\"previous_result:base\"", image);
     let wf = parse(&with("\"in.png\""), &[]).unwrap();
     assert_eq!(
@@ -323,8 +323,17 @@ fn an_image_can_be_a_path_or_a_location_with_a_size_but_not_a_url() {
             size: Some((64, 48))
         })
     );
-    let e = error(&with("\"https://example.com/x.png\""), &[]);
-    assert!(e.contains("is a URL; dw never downloads"), "{e}");
+    // dw/arguments.py fetch_image: http(s) URLs are loaded too.
+    let wf = parse(&with("\"https://example.com/x.png\""), &[]).unwrap();
+    assert_eq!(
+        wf.steps[1].pipeline().unwrap().arguments.image,
+        Some(ImageSource::Url {
+            url: "https://example.com/x.png".into(),
+            size: None
+        })
+    );
+    let e = error(&with("\"https:///x.png\""), &[]);
+    assert!(e.contains("names no host"), "{e}");
     let e = error(&with("\"previous_result:refine\""), &[]);
     assert!(
         e.contains("refers to no earlier step; steps before this one: base"),
