@@ -469,9 +469,17 @@ impl Engine {
     ) -> Result<Vec<Artifact>, StepError> {
         let mut items = Vec::new();
         let metadata = context.metadata(json!({"task_command": command}));
+        let places = tasks::Places {
+            workflow_dir: context.workflow.base_dir().to_path_buf(),
+            cwd: context
+                .workflow
+                .cwd
+                .clone()
+                .unwrap_or_else(|| context.workflow.base_dir().to_path_buf()),
+        };
         for run in runs {
-            let output = tasks::run(command, run, context.workflow.base_dir(), &self.fetcher)
-                .map_err(|e| context.invalid(e))?;
+            let output =
+                tasks::run(command, run, &places, &self.fetcher).map_err(|e| context.invalid(e))?;
             for item in output {
                 context.save(items.len(), &item, &metadata)?;
                 items.push(item);
@@ -523,12 +531,13 @@ impl Engine {
 
     /// Drops a step's pipeline once the step is done (`release_pipeline`).
     fn release_pipeline(&self, job: &Job, step: &Step, counters: &mut RunCounters) {
-        let Some(prepared) = counters.pipelines.remove(&step.name) else {
+        // The pipeline holds its components: let go of it before unloading them.
+        let Some(keys) = counters.pipelines.remove(&step.name).map(|p| p.keys) else {
             return;
         };
         let cleared = self
             .cache
-            .keep_alive(&prepared.keys, KeepAlive::For(std::time::Duration::ZERO));
+            .keep_alive(&keys, KeepAlive::For(std::time::Duration::ZERO));
         job.send(JobEvent::Log {
             level: LogLevel::Info,
             message: format!(

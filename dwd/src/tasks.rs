@@ -2,13 +2,14 @@
 //! needs a model. A task takes one run's arguments and returns its value; a list adds one
 //! result item per element, anything else one item.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use crate::fanout::{Artifact, Run};
 use crate::fetch::{is_url, Fetcher};
+use crate::imaging::{canny, Filter, Pixels};
 use crate::inputs::{load_image_file, InputError};
 use crate::pipelines::RgbImage;
 
@@ -16,12 +17,20 @@ use crate::pipelines::RgbImage;
 pub type TaskOutput = Vec<Artifact>;
 
 /// Runs `command` on one run's arguments (`input` holds an `inputs` item).
+/// Where a task's relative paths go: images beside the workflow, globs from the working
+/// directory (as in dw).
+pub struct Places {
+    pub workflow_dir: PathBuf,
+    pub cwd: PathBuf,
+}
+
 pub fn run(
     command: &str,
     run: &Run,
-    base_dir: &Path,
+    places: &Places,
     fetcher: &Fetcher,
 ) -> Result<TaskOutput, InputError> {
+    let base_dir = places.workflow_dir.as_path();
     let args = &run.arguments;
     match command {
         "gather_inputs" => Ok(gather_inputs(args)),
@@ -37,6 +46,46 @@ pub fn run(
         "crop_square" => {
             let image = image_argument(run, base_dir, fetcher)?;
             Ok(vec![Artifact::Image(Arc::new(crop_square(&image)))])
+        }
+        "canny_cv" => {
+            let image = Pixels::from_rgb(image_argument(run, base_dir, fetcher)?.as_ref());
+            let (low, high) = (
+                number(args, "low_threshold", 100.0)?,
+                number(args, "high_threshold", 200.0)?,
+            );
+            Ok(vec![Artifact::Image(Arc::new(
+                canny(&image, low, high).into_rgb(),
+            ))])
+        }
+        "qr_code" => Ok(vec![Artifact::Image(Arc::new(qr_code(args)?.into_rgb()))]),
+        "gather_images" => gather_images(args, places, fetcher),
+        "strip_exif" => {
+            // Pixels only: dw's copy drops metadata, which decoded pixels never carry.
+            let image = image_argument(run, base_dir, fetcher)?;
+            Ok(vec![Artifact::Image(image)])
+        }
+        "resize_center_crop" | "resize_rescale" | "resize_resample" | "resize_bucket" => {
+            let image = Pixels::from_rgb(image_argument(run, base_dir, fetcher)?.as_ref());
+            let resized = resize_task(command, &image, args)?;
+            Ok(vec![Artifact::Image(Arc::new(resized.into_rgb()))])
+        }
+        "add_border_and_mask" | "add_border_and_mask_with_size" => {
+            let image = Pixels::from_rgb(image_argument(run, base_dir, fetcher)?.as_ref());
+            let (bordered, mask) = match command {
+                "add_border_and_mask" => add_border_and_mask(&image, &Zoom::from_args(args)?),
+                _ => add_border_and_mask_with_size(&image, args)?,
+            };
+            let members = [
+                (
+                    "bordered_image".to_string(),
+                    Artifact::Image(Arc::new(bordered.into_rgb())),
+                ),
+                (
+                    "mask".to_string(),
+                    Artifact::Image(Arc::new(mask.into_rgb())),
+                ),
+            ];
+            Ok(vec![Artifact::Map(members.into_iter().collect())])
         }
         other => Err(InputError::new(format!("task `{other}` is not supported"))),
     }
@@ -213,6 +262,346 @@ fn image_argument(
         location.to_string()
     };
     Ok(Arc::new(load_image_file(base_dir, &path, None)?))
+}
+
+/// The most images one `gather_images` run gathers.
+pub const MAX_GATHERED_IMAGES: usize = 256;
+
+/// `gather_images(glob, urls)`: the files a glob pattern matches (relative to the working
+/// directory, as in dw; sorted by name here, where dw takes the file system's order), then
+/// the URLs in order, one result item per image.
+fn gather_images(
+    args: &Map<String, Value>,
+    places: &Places,
+    fetcher: &Fetcher,
+) -> Result<TaskOutput, InputError> {
+    let mut locations: Vec<String> = Vec::new();
+    if let Some(pattern) = args.get("glob").filter(|v| !v.is_null()) {
+        let pattern = pattern
+            .as_str()
+            .ok_or_else(|| InputError::new("`glob` must be a pattern such as \"images/*.png\""))?;
+        let rooted = places.cwd.join(pattern);
+        let matches = glob::glob(&rooted.to_string_lossy())
+            .map_err(|e| InputError::new(format!("`glob` {pattern:?}: {e}")))?;
+        let mut files: Vec<PathBuf> = matches
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        locations.extend(files.iter().map(|p| p.display().to_string()));
+    }
+    match args.get("urls") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(urls)) => {
+            for url in urls {
+                match url.as_str() {
+                    Some(url) if is_url(url) => locations.push(url.to_string()),
+                    _ => {
+                        return Err(InputError::new(format!(
+                            "`urls` holds {url}, which is not an http(s) URL"
+                        )))
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(InputError::new(format!(
+                "`urls` must be a list of URLs, found {other}"
+            )))
+        }
+    }
+    if locations.is_empty() {
+        return Err(InputError::new("`gather_images` found no images (check `glob`, which is relative to the working directory, and `urls`)"));
+    }
+    if locations.len() > MAX_GATHERED_IMAGES {
+        return Err(InputError::new(format!(
+            "`gather_images` found {} images; the limit is {MAX_GATHERED_IMAGES}",
+            locations.len()
+        )));
+    }
+    locations
+        .iter()
+        .map(|location| {
+            let path = if is_url(location) {
+                fetcher.fetch(location)?.display().to_string()
+            } else {
+                location.clone()
+            };
+            Ok(Artifact::Image(Arc::new(load_image_file(
+                &places.workflow_dir,
+                &path,
+                None,
+            )?)))
+        })
+        .collect()
+}
+
+/// `qr_code(qr_code_contents, height=768, width=768)`: error correction H, 10-pixel
+/// modules, a 4-module border, black on white, then `resize_resample` to the larger side.
+fn qr_code(args: &Map<String, Value>) -> Result<Pixels, InputError> {
+    let contents = text(args, "qr_code_contents", "qr_code")?;
+    let modules = crate::qr::modules(contents.as_bytes(), qrcode::EcLevel::H)
+        .map_err(|e| InputError::new(format!("task `qr_code`: {e}")))?;
+    let side = (modules.len() + 8) * 10;
+    let mut image = Pixels::filled(side, side, 1, 255);
+    let dark = Pixels::filled(10, 10, 1, 0);
+    for (row, line) in modules.iter().enumerate() {
+        for (col, &is_dark) in line.iter().enumerate() {
+            if is_dark {
+                image.paste(&dark, (col + 4) * 10, (row + 4) * 10);
+            }
+        }
+    }
+    let resolution = size(args, "height", 768.0)?.max(size(args, "width", 768.0)?);
+    let mut resample = Map::new();
+    resample.insert("resolution".to_string(), json!(resolution));
+    resize_task("resize_resample", &image, &resample)
+}
+
+/// A number argument, or its default.
+fn number(args: &Map<String, Value>, key: &str, default: f64) -> Result<f64, InputError> {
+    match args.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => value
+            .as_f64()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| InputError::new(format!("`{key}` must be a number, found {value}"))),
+    }
+}
+
+/// A size argument (pixels), or its default; bounded so no task allocates without limit.
+fn size(args: &Map<String, Value>, key: &str, default: f64) -> Result<f64, InputError> {
+    let value = number(args, key, default)?;
+    if !(1.0..=16384.0).contains(&value) {
+        return Err(InputError::new(format!(
+            "`{key}` must be from 1 to 16384, found {value}"
+        )));
+    }
+    Ok(value)
+}
+
+/// Python's `round`: halves to even.
+fn round(value: f64) -> f64 {
+    value.round_ties_even()
+}
+
+/// The four resizing tasks of `dw/tasks/image_utils.py`.
+fn resize_task(
+    command: &str,
+    image: &Pixels,
+    args: &Map<String, Value>,
+) -> Result<Pixels, InputError> {
+    let (w, h) = (image.width as f64, image.height as f64);
+    let out = match command {
+        "resize_center_crop" => {
+            let side = w.min(h);
+            let cropped = image.crop_rounded(
+                (w - side) / 2.0,
+                (h - side) / 2.0,
+                (w + side) / 2.0,
+                (h + side) / 2.0,
+            );
+            let (width, height) = (size(args, "width", 768.0)?, size(args, "height", 768.0)?);
+            return Ok(cropped.resize(width as usize, height as usize, Filter::Bicubic));
+        }
+        "resize_rescale" => (
+            size(args, "width", 768.0)?,
+            size(args, "height", 768.0)?,
+            Filter::Bicubic,
+        ),
+        "resize_resample" => {
+            let k = size(args, "resolution", 1024.0)? / w.min(h);
+            (
+                round(w * k / 64.0) * 64.0,
+                round(h * k / 64.0) * 64.0,
+                Filter::Lanczos,
+            )
+        }
+        _ => {
+            let (width, height) = bucket(w, h, args)?;
+            (width, height, Filter::Lanczos)
+        }
+    };
+    let (width, height, filter) = out;
+    if !(1.0..=16384.0).contains(&width) || !(1.0..=16384.0).contains(&height) {
+        return Err(InputError::new(format!(
+            "`{command}` would make a {width}x{height} image"
+        )));
+    }
+    Ok(image.resize(width as usize, height as usize, filter))
+}
+
+/// `resize_bucket`'s size: the closest ratio (first on a tie), its short side at
+/// `resolution`, both sides aligned.
+fn bucket(w: f64, h: f64, args: &Map<String, Value>) -> Result<(f64, f64), InputError> {
+    const RATIOS: [(f64, f64); 9] = [
+        (1., 1.),
+        (4., 3.),
+        (3., 4.),
+        (3., 2.),
+        (2., 3.),
+        (16., 9.),
+        (9., 16.),
+        (21., 9.),
+        (9., 21.),
+    ];
+    let ratios: Vec<(f64, f64)> = match args.get("ratios") {
+        None | Some(Value::Null) => RATIOS.to_vec(),
+        Some(Value::Array(pairs)) => pairs
+            .iter()
+            .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                Some([a, b]) => a.as_f64().zip(b.as_f64()).filter(|(_, b)| *b > 0.0),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| InputError::new("`ratios` must be a list of [width, height] pairs"))?,
+        Some(other) => {
+            return Err(InputError::new(format!(
+                "`ratios` must be a list of [width, height] pairs, found {other}"
+            )))
+        }
+    };
+    let (resolution, alignment) = (
+        size(args, "resolution", 1024.0)?,
+        size(args, "alignment", 64.0)?,
+    );
+    let input = w / h;
+    let mut best = ratios[0];
+    for ratio in &ratios[1..] {
+        if (ratio.0 / ratio.1 - input).abs() < (best.0 / best.1 - input).abs() {
+            best = *ratio;
+        }
+    }
+    let ratio = best.0 / best.1;
+    let short = round(resolution / alignment) * alignment;
+    Ok(if ratio >= 1.0 {
+        (round(short * ratio / alignment) * alignment, short)
+    } else {
+        (short, round(short / ratio / alignment) * alignment)
+    })
+}
+
+/// `add_border_and_mask`'s arguments: padding per side as a share of the image.
+struct Zoom {
+    all: f64,
+    left: f64,
+    right: f64,
+    up: f64,
+    down: f64,
+    overlap: f64,
+}
+
+impl Zoom {
+    fn from_args(args: &Map<String, Value>) -> Result<Zoom, InputError> {
+        let zoom = Zoom {
+            all: number(args, "zoom_all", 1.0)?,
+            left: number(args, "zoom_left", 0.0)?,
+            right: number(args, "zoom_right", 0.0)?,
+            up: number(args, "zoom_up", 0.0)?,
+            down: number(args, "zoom_down", 0.0)?,
+            overlap: number(args, "overlap", 0.0)?,
+        };
+        let sides = [zoom.all, zoom.left, zoom.right, zoom.up, zoom.down];
+        if sides.iter().any(|z| !(0.0..=16.0).contains(z)) || !(0.0..=1.0).contains(&zoom.overlap) {
+            return Err(InputError::new(
+                "zoom values must be from 0 to 16 and `overlap` from 0 to 1",
+            ));
+        }
+        Ok(zoom)
+    }
+}
+
+/// `add_border_and_mask`: the image on a black canvas grown by the zooms (each side a
+/// multiple of 32), and a mask white over the border, black over the image inset by
+/// `overlap`.
+fn add_border_and_mask(image: &Pixels, zoom: &Zoom) -> (Pixels, Pixels) {
+    let (w, h) = (image.width as f64, image.height as f64);
+    let extra = if zoom.all > 1.0 {
+        (zoom.all - 1.0) / 2.0
+    } else {
+        0.0
+    };
+    let pad = |size: f64, share: f64| {
+        (size * share).trunc()
+            + if extra > 0.0 {
+                (size * extra).trunc()
+            } else {
+                0.0
+            }
+    };
+    let (left, right, top, bottom) = (
+        pad(w, zoom.left),
+        pad(w, zoom.right),
+        pad(h, zoom.up),
+        pad(h, zoom.down),
+    );
+    let (overlap_x, overlap_y) = ((w * zoom.overlap).trunc(), (h * zoom.overlap).trunc());
+    let new_width = (32.0 * round((w + left + right) / 32.0)) as usize;
+    let new_height = (32.0 * round((h + top + bottom) / 32.0)) as usize;
+    let mut bordered = Pixels::filled(new_width, new_height, 3, 0);
+    bordered.paste(image, left as usize, top as usize);
+    let mut mask = Pixels::filled(new_width, new_height, 1, 255);
+    let hole = Pixels::filled(
+        (w - 2.0 * overlap_x).max(0.0) as usize,
+        (h - 2.0 * overlap_y).max(0.0) as usize,
+        1,
+        0,
+    );
+    mask.paste(
+        &hole,
+        (left + overlap_x) as usize,
+        (top + overlap_y) as usize,
+    );
+    (bordered, mask)
+}
+
+/// `add_border_and_mask_with_size`: the image fitted inside `width` x `height` (each a
+/// multiple of 32), centred with borders.
+fn add_border_and_mask_with_size(
+    image: &Pixels,
+    args: &Map<String, Value>,
+) -> Result<(Pixels, Pixels), InputError> {
+    let width = 32.0
+        * round(
+            size(args, "width", f64::NAN).map_err(|_| {
+                InputError::new(
+                    "task `add_border_and_mask_with_size` needs `width` from 1 to 16384",
+                )
+            })? / 32.0,
+        );
+    let height = 32.0
+        * round(
+            size(args, "height", f64::NAN).map_err(|_| {
+                InputError::new(
+                    "task `add_border_and_mask_with_size` needs `height` from 1 to 16384",
+                )
+            })? / 32.0,
+        );
+    let overlap = number(args, "overlap", 0.0)?;
+    let aspect = image.width as f64 / image.height as f64;
+    let (new_width, new_height) = if aspect > width / height {
+        (width, (width / aspect).trunc())
+    } else {
+        ((height * aspect).trunc(), height)
+    };
+    if new_width < 1.0 || new_height < 1.0 {
+        return Err(InputError::new(format!(
+            "the image does not fit in {width}x{height}"
+        )));
+    }
+    let resized = image.resize(new_width as usize, new_height as usize, Filter::Lanczos);
+    let left = ((width - new_width) / 2.0).floor();
+    let top = ((height - new_height) / 2.0).floor();
+    let zoom = Zoom {
+        all: 1.0,
+        left: left / new_width,
+        right: (width - new_width - left) / new_width,
+        up: top / new_height,
+        down: (height - new_height - top) / new_height,
+        overlap,
+    };
+    Ok(add_border_and_mask(&resized, &zoom))
 }
 
 /// `crop_square`: the centred square as large as the shorter side.

@@ -473,3 +473,72 @@ fn vae_tiling_decodes_in_tiles_when_the_workflow_asks() {
     assert_eq!((w, h, tw, th), (96, 80, 96, 80));
     assert_ne!(plain, tiled, "tiling changes a decode larger than one tile");
 }
+
+// dw/pipeline_processors/pipeline.py: one generator per step, shared by all its runs, so
+// two runs of the same prompt continue one stream of noise and differ; dw/step.py and
+// dw/result.py: embedded metadata is dw's JSON (step_name, model_name, arguments).
+#[test]
+fn runs_of_a_step_share_its_generator_and_metadata_is_dws_json() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "stream.json",
+        &r#"{"id": "stream", "seed": 9, "steps": [
+          {"name": "prompts", "task": {"command": "gather_inputs", "inputs": ["a fox", "a fox"]}},
+          {"name": "gen", "pipeline": {PIPELINE,
+            "arguments": {"prompt": "previous_result:prompts", "num_inference_steps": 2}},
+           "result": {"content_type": "image/png", "embed_metadata": true}}]}"#
+            .replace("PIPELINE", PIPELINE),
+    );
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(0);
+    assert_eq!(
+        written(&result),
+        ["stream-gen.1-0.0.png", "stream-gen.1-1.0.png"]
+    );
+    let (_, _, first) = dw_tests::png_pixels(&daemon.output_dir().join("stream-gen.1-0.0.png"));
+    let (_, _, second) = dw_tests::png_pixels(&daemon.output_dir().join("stream-gen.1-1.0.png"));
+    assert_ne!(
+        first, second,
+        "the second run draws the generator's next noise"
+    );
+    let chunks = dw_tests::png_text_chunks(&daemon.output_dir().join("stream-gen.1-1.0.png"));
+    let dw: Value =
+        serde_json::from_str(&chunks.iter().find(|(k, _)| k == "dw").unwrap().1).unwrap();
+    assert_eq!(dw["step_name"], "gen");
+    assert_eq!(dw["model_name"], model());
+    assert_eq!(dw["arguments"]["prompt"], "a fox");
+    assert_eq!(dw["seed"], 9);
+    let parameters = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        parameters.starts_with("a fox\nNegative prompt: \nSteps: 2, Sampler: DDIM"),
+        "{parameters}"
+    );
+}
+
+// dw/workflow.py: release_pipeline unloads the step's pipeline once it is done; offload
+// has no effect on a CPU and says so, as dw does.
+#[test]
+fn release_pipeline_unloads_after_the_step_and_offload_is_a_notice_on_cpu() {
+    let daemon = TestDaemon::new();
+    let flow = write(
+        &daemon,
+        "release.json",
+        r#"{"id": "release", "seed": 1, "steps": [
+          {"name": "gen", "release_pipeline": true, "pipeline": {
+            "configuration": {"component_type": "StableDiffusionPipeline", "offload": "model"},
+            "from_pretrained_arguments": {"model_name": "MODEL"},
+            "arguments": {"prompt": "a fox", "num_inference_steps": 2}}}]}"#,
+    );
+    let out = daemon.output_dir();
+    let result = daemon.dwctl(&["run", flow.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    result.assert_code(0);
+    assert!(
+        result
+            .stderr
+            .contains("`offload: \"model\"` has no effect on cpu"),
+        "{}",
+        result.stderr
+    );
+    assert_eq!(daemon.status()["loaded"].as_array().unwrap().len(), 0);
+}

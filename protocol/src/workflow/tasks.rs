@@ -10,6 +10,16 @@ pub const IMPLEMENTED: &[&str] = &[
     "extract_sections",
     "get_image_size",
     "crop_square",
+    "strip_exif",
+    "resize_center_crop",
+    "resize_rescale",
+    "resize_resample",
+    "resize_bucket",
+    "add_border_and_mask",
+    "add_border_and_mask_with_size",
+    "canny_cv",
+    "qr_code",
+    "gather_images",
 ];
 
 const NEEDS_MODEL: &str = "it runs a model that dw does not build";
@@ -18,16 +28,6 @@ const NOT_YET: &str = "this image operation is not built yet";
 
 /// Commands diffusers-workflow registers that dw refuses, and why.
 pub const REFUSED: &[(&str, &str)] = &[
-    ("gather_images", NOT_YET),
-    ("qr_code", NOT_YET),
-    ("resize_center_crop", NOT_YET),
-    ("resize_resample", NOT_YET),
-    ("resize_rescale", NOT_YET),
-    ("resize_bucket", NOT_YET),
-    ("add_border_and_mask", NOT_YET),
-    ("add_border_and_mask_with_size", NOT_YET),
-    ("strip_exif", NOT_YET),
-    ("canny_cv", NOT_YET),
     ("add_watermark", NOT_YET),
     ("gather_videos", VIDEO_AUDIO),
     ("concat_videos", VIDEO_AUDIO),

@@ -421,3 +421,146 @@ fn a_constant_reference_is_refused_by_name_where_it_is_written() {
     let e = error(&src, &["prompt=a"]);
     assert!(e.contains("`constant:x.Y` is not supported"), "{e}");
 }
+
+/// A workflow that uses every implemented key of diffusers-workflow's schema at its level
+/// (the pipeline's component slots only as far as a Stable Diffusion pipeline has them).
+const EVERY_KEY: &str = r#"{
+  "id": "every", "description": "uses every key", "variables": {"p": "a fox"}, "seed": 1,
+  "steps": [
+    {"name": "gen", "seed": 2, "release_pipeline": false, "release_models": false,
+     "pipeline": {
+       "configuration": {
+         "component_type": "StableDiffusionPipeline", "offload": "model",
+         "exclude_from_cpu_offload": ["vae"], "group_offload": {"offload_type": "block_level"},
+         "device": "cpu", "no_generator": false,
+         "vae": {"enable_slicing": true, "enable_tiling": true, "torch_dtype": "torch.float32"},
+         "unet": {"torch_dtype": "torch.float32"}, "transformer": {},
+         "text_encoder": {"torch_dtype": "torch.float32"},
+         "shared_components": ["unet"], "reused_components": []
+       },
+       "shared_components": ["vae"], "reused_components": [],
+       "scheduler": {"configuration": {"scheduler_type": "DDIMScheduler"}, "from_config_args": {}},
+       "vae": {"configuration": {"component_type": "AutoencoderKL", "device": "cpu"},
+               "group_offload": {"offload_type": "leaf_level"},
+               "from_pretrained_arguments": {"model_name": "other", "subfolder": "vae"}},
+       "unet": {"configuration": {"component_type": "UNet2DConditionModel"},
+                "from_pretrained_arguments": {"model_name": "m", "subfolder": "unet"}},
+       "text_encoder": {"configuration": {"component_type": "transformers.CLIPTextModel"},
+                "from_pretrained_arguments": {"model_name": "m", "subfolder": "text_encoder"}},
+       "tokenizer": {"configuration": {"component_type": "transformers.CLIPTokenizer"},
+                "from_pretrained_arguments": {"model_name": "m", "subfolder": "tokenizer"}},
+       "from_pretrained_arguments": {"model_name": "m", "torch_dtype": "torch.float32",
+         "variant": null, "use_safetensors": true, "safety_checker": null,
+         "requires_safety_checker": false},
+       "seed": 3,
+       "arguments": {"prompt": "variable:p"}
+     },
+     "result": {"content_type": "image/png", "save": true, "file_base_name": "x_", "embed_metadata": true}},
+    {"name": "size", "task": {"command": "get_image_size", "arguments": {"image": "previous_result:gen"}, "inputs": null}},
+    {"name": "again", "pipeline_reference": {"reference_name": "gen", "arguments": {"prompt": "a cat"}}},
+    {"name": "child", "workflow": {"path": "child.json", "arguments": {}}}
+  ]
+}"#;
+
+/// Where each level of the schema sits in [`EVERY_KEY`], as JSON pointers.
+fn level_pointers(level: &schema::Level) -> &'static [&'static str] {
+    match level.path {
+        "(top level)" => &[""],
+        "steps[]" => &["/steps/0", "/steps/1", "/steps/2", "/steps/3"],
+        "steps[].pipeline" => &["/steps/0/pipeline"],
+        "steps[].pipeline.configuration" => &["/steps/0/pipeline/configuration"],
+        "steps[].pipeline.configuration.vae" => &["/steps/0/pipeline/configuration/vae"],
+        "steps[].pipeline.configuration.unet" => &["/steps/0/pipeline/configuration/unet"],
+        "steps[].pipeline.configuration.transformer" => {
+            &["/steps/0/pipeline/configuration/transformer"]
+        }
+        "steps[].pipeline.configuration.text_encoder" => {
+            &["/steps/0/pipeline/configuration/text_encoder"]
+        }
+        "steps[].pipeline.<component>" => &["/steps/0/pipeline/vae"],
+        "steps[].pipeline.<component>.configuration" => &["/steps/0/pipeline/vae/configuration"],
+        "steps[].pipeline.from_pretrained_arguments" => &[
+            "/steps/0/pipeline/from_pretrained_arguments",
+            "/steps/0/pipeline/vae/from_pretrained_arguments",
+        ],
+        "steps[].pipeline.scheduler" => &["/steps/0/pipeline/scheduler"],
+        "steps[].pipeline.scheduler.configuration" => {
+            &["/steps/0/pipeline/scheduler/configuration"]
+        }
+        "steps[].result" => &["/steps/0/result"],
+        "steps[].task" => &["/steps/1/task"],
+        "steps[].pipeline_reference" => &["/steps/2/pipeline_reference"],
+        "steps[].workflow" => &["/steps/3/workflow"],
+        other => panic!("no place for level {other} in EVERY_KEY"),
+    }
+}
+
+// dw/workflow_schema.json, key by key: every implemented key is used and accepted, every
+// runtime-only key adds one note, every refused key is refused by name with its reason.
+#[test]
+fn a_workflow_using_every_key_gets_each_keys_documented_fate() {
+    let base: Value = serde_json::from_str(EVERY_KEY).unwrap();
+    let parsed = parse(EVERY_KEY, &[]).unwrap();
+    assert!(parsed.notes.is_empty(), "{:?}", parsed.notes);
+    for level in schema::LEVELS {
+        let pointers = level_pointers(level);
+        for key in level.keys {
+            let used = pointers
+                .iter()
+                .any(|p| base.pointer(p).and_then(|o| o.get(key.name)).is_some());
+            let with_key = |value: Value| {
+                let mut doc = base.clone();
+                let object = doc
+                    .pointer_mut(pointers[0])
+                    .unwrap()
+                    .as_object_mut()
+                    .unwrap();
+                object.insert(key.name.to_string(), value);
+                serde_json::to_string_pretty(&doc).unwrap()
+            };
+            match key.fate {
+                schema::Fate::Implemented => {
+                    let other_slot = level.path == "steps[].pipeline"
+                        && schema::COMPONENT_SLOTS.contains(&key.name)
+                        && !SHAREABLE_COMPONENTS.contains(&key.name);
+                    if other_slot {
+                        let e = error(
+                            &with_key(
+                                serde_json::json!({"configuration": {"component_type": "X"}, "from_pretrained_arguments": {}}),
+                            ),
+                            &[],
+                        );
+                        assert!(
+                            e.contains(&format!(
+                                "`{}` is not supported here: a Stable Diffusion pipeline has no",
+                                key.name
+                            )),
+                            "{e}"
+                        );
+                    } else {
+                        assert!(
+                            used,
+                            "EVERY_KEY does not use `{}` at {}",
+                            key.name, level.path
+                        );
+                    }
+                }
+                schema::Fate::RuntimeOnly => {
+                    let wf = parse(&with_key(Value::Bool(true)), &[]).unwrap();
+                    assert_eq!(wf.notes.len(), 1, "{}", key.name);
+                    assert!(wf.notes[0]
+                        .message
+                        .starts_with(&format!("`{}` only tunes", key.name)));
+                }
+                schema::Fate::Unsupported(why) => {
+                    let e = error(&with_key(Value::Bool(true)), &[]);
+                    assert!(
+                        e.contains(&format!("`{}` is not supported: {why}", key.name)),
+                        "{}: {e}",
+                        key.name
+                    );
+                }
+            }
+        }
+    }
+}
