@@ -542,3 +542,57 @@ fn release_pipeline_unloads_after_the_step_and_offload_is_a_notice_on_cpu() {
     );
     assert_eq!(daemon.status()["loaded"].as_array().unwrap().len(), 0);
 }
+
+// A Stable Diffusion 1.5 file as diffusers-workflow users write it (a hub id, float16, a
+// list variable from the command line, dw's output name with its file_base_name prefix)
+// runs unmodified; the hub id resolves to the hub cache, the model here being the tiny one.
+#[test]
+fn an_sd15_file_as_dw_users_write_it_runs_unmodified() {
+    let daemon = TestDaemon::new();
+    let hf_home = daemon.dir.path().join("hf");
+    let repo = hf_home.join("hub/models--some-org--sd15");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc").unwrap();
+    std::os::unix::fs::symlink(model(), repo.join("snapshots/abc")).unwrap();
+    let flow = write(
+        &daemon,
+        "sd15.json",
+        r#"{
+    "variables": {"prompt": "an apple", "num_images_per_prompt": 1},
+    "id": "test_job",
+    "steps": [{
+        "name": "main",
+        "pipeline": {
+            "configuration": {"component_type": "StableDiffusionPipeline"},
+            "from_pretrained_arguments": {"model_name": "some-org/sd15", "torch_dtype": "torch.float16"},
+            "arguments": {"prompt": "variable:prompt", "num_inference_steps": 3,
+                          "num_images_per_prompt": "variable:num_images_per_prompt"}
+        },
+        "result": {"content_type": "image/jpeg", "file_base_name": "test_image"}
+    }]
+}"#,
+    );
+    let mut command = daemon.command(&[
+        "run",
+        flow.to_str().unwrap(),
+        "prompt=a pear",
+        "num_images_per_prompt=2",
+        "-o",
+        daemon.output_dir().to_str().unwrap(),
+    ]);
+    command.env("HF_HOME", &hf_home);
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("torch.float16 is slow or unsupported on the CPU"),
+        "{stderr}"
+    );
+    for name in [
+        "test_imagetest_job-main.0-0.0.jpg",
+        "test_imagetest_job-main.0-0.1.jpg",
+    ] {
+        assert!(daemon.output_dir().join(name).is_file(), "{name}");
+    }
+}

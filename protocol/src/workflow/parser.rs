@@ -959,13 +959,11 @@ impl<'a> Parser<'a> {
         };
         let from_config_args = match scheduler.get("from_config_args") {
             None => Map::new(),
-            Some(value) => self
-                .object(
-                    value,
-                    &format!("{pointer}/from_config_args"),
-                    "`from_config_args`",
-                )?
-                .clone(),
+            Some(value) => unbrace_types(self.object(
+                value,
+                &format!("{pointer}/from_config_args"),
+                "`from_config_args`",
+            )?),
         };
         Ok(SchedulerSpec {
             scheduler_type,
@@ -1017,6 +1015,25 @@ struct ModelSource {
     torch_dtype: String,
     variant: Option<String>,
     subfolder: Option<String>,
+}
+
+/// diffusers-workflow reads every `*_type` / `*_dtype` value as a Python type name unless
+/// it is written in braces, which it strips (`"algorithm_type": "{dpmsolver++}"`); dw
+/// strips them the same way and also takes the bare value diffusers' config holds.
+fn unbrace_types(arguments: &Map<String, Value>) -> Map<String, Value> {
+    arguments
+        .iter()
+        .map(|(key, value)| {
+            let typed = key.ends_with("_type") || key.ends_with("_dtype") || key == "dtype";
+            let value = match value.as_str() {
+                Some(text) if typed && text.starts_with('{') && text.ends_with('}') => {
+                    Value::String(text.trim_matches(|c| c == '{' || c == '}').to_string())
+                }
+                _ => value.clone(),
+            };
+            (key.clone(), value)
+        })
+        .collect()
 }
 
 fn object(value: &Value) -> Option<&Map<String, Value>> {

@@ -564,3 +564,25 @@ fn a_workflow_using_every_key_gets_each_keys_documented_fate() {
         }
     }
 }
+
+// dw/arguments.py realize_args: a `*_type` value in braces is the plain string inside.
+#[test]
+fn scheduler_type_values_in_braces_are_unwrapped_as_dw_does() {
+    let src = GOOD.replace(
+        "{\"clip_sample\": false}",
+        "{\"clip_sample\": false, \"prediction_type\": \"{v_prediction}\", \"timestep_spacing\": \"{x}\"}",
+    );
+    let wf = parse(&src, &[]).unwrap();
+    let args = &wf.steps[0]
+        .pipeline()
+        .unwrap()
+        .scheduler
+        .as_ref()
+        .unwrap()
+        .from_config_args;
+    assert_eq!(args["prediction_type"], "v_prediction");
+    assert_eq!(
+        args["timestep_spacing"], "{x}",
+        "only `*_type` keys are unwrapped"
+    );
+}
