@@ -23,9 +23,14 @@ fn expected(file: &str) -> RgbImage {
     }
 }
 
-fn run_case(case: &Value) -> Vec<Artifact> {
-    let mut arguments: Map<String, Value> = case["arguments"].as_object().cloned().unwrap();
-    if let Some(input) = case["input"].as_str() {
+/// Runs `task` on `arguments` (with `image` set to `input`) in the fixture folder.
+fn run_task(
+    task: &str,
+    arguments: &Value,
+    input: Option<&str>,
+) -> Result<Vec<Artifact>, dwd::inputs::InputError> {
+    let mut arguments: Map<String, Value> = arguments.as_object().cloned().unwrap();
+    if let Some(input) = input {
         arguments.insert("image".into(), Value::String(input.into()));
     }
     let places = Places {
@@ -36,11 +41,14 @@ fn run_case(case: &Value) -> Vec<Artifact> {
         arguments,
         bound: Default::default(),
     };
-    tasks::run(
+    tasks::run(task, &run, &places, &Fetcher::default())
+}
+
+fn run_case(case: &Value) -> Vec<Artifact> {
+    run_task(
         case["task"].as_str().unwrap(),
-        &run,
-        &places,
-        &Fetcher::default(),
+        &case["arguments"],
+        case["input"].as_str(),
     )
     .unwrap()
 }
@@ -94,17 +102,7 @@ fn every_image_task_gives_diffusers_workflows_pixels() {
 // dw's resize_resample: round(32 / 64) is 0, and Pillow refuses a 0-pixel size.
 #[test]
 fn a_resize_to_nothing_is_an_error_not_an_empty_image() {
-    let case = serde_json::json!({"task": "resize_resample", "input": "input_wide.png", "arguments": {"resolution": 32}});
-    let mut arguments: Map<String, Value> = case["arguments"].as_object().cloned().unwrap();
-    arguments.insert("image".into(), Value::String("input_wide.png".into()));
-    let places = Places {
-        workflow_dir: fixtures(),
-        cwd: fixtures(),
-    };
-    let run = Run {
-        arguments,
-        bound: Default::default(),
-    };
-    let e = tasks::run("resize_resample", &run, &places, &Fetcher::default()).unwrap_err();
+    let arguments = serde_json::json!({"resolution": 32});
+    let e = run_task("resize_resample", &arguments, Some("input_wide.png")).unwrap_err();
     assert!(e.to_string().contains("would make a 64x0 image"), "{e}");
 }

@@ -86,6 +86,22 @@ impl Run {
         })
     }
 
+    /// The file names of the outputs a `run --json` wrote, in order.
+    pub fn output_names(&self) -> Vec<String> {
+        self.json()["outputs"]
+            .as_array()
+            .expect("outputs")
+            .iter()
+            .map(|o| {
+                Path::new(o["path"].as_str().expect("path"))
+                    .file_name()
+                    .expect("a file name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Self {
         assert_eq!(
@@ -153,6 +169,20 @@ impl TestDaemon {
             .current_dir(self.dir.path())
             .stdin(Stdio::null());
         command
+    }
+
+    /// `dwctl run WORKFLOW -o <output dir> --json EXTRA...`.
+    pub fn run_json(&self, workflow: &Path, extra: &[&str]) -> Run {
+        let out = self.output_dir();
+        let mut args = vec![
+            "run",
+            workflow.to_str().expect("utf-8 path"),
+            "-o",
+            out.to_str().expect("utf-8 path"),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        self.dwctl(&args)
     }
 
     /// Runs `dwctl` to completion.

@@ -23,32 +23,12 @@ fn write(daemon: &TestDaemon, name: &str, text: &str) -> PathBuf {
 }
 
 fn run(daemon: &TestDaemon, workflow: &Path, extra: &[&str]) -> Run {
-    let out = daemon.output_dir();
-    let mut args = vec![
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    daemon.dwctl(&args)
+    daemon.run_json(workflow, extra)
 }
 
 /// The names of the files a run wrote, in order.
 fn written(run: &Run) -> Vec<String> {
-    run.json()["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            Path::new(o["path"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect()
+    run.output_names()
 }
 
 fn read_json(daemon: &TestDaemon, name: &str) -> Value {

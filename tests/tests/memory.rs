@@ -29,16 +29,7 @@ fn workflow(daemon: &TestDaemon, name: &str, model_dir: &Path, prompt: &str) -> 
 }
 
 fn run(daemon: &TestDaemon, workflow: &Path, extra: &[&str]) -> Run {
-    let out = daemon.output_dir();
-    let mut args = vec![
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    daemon.dwctl(&args)
+    daemon.run_json(workflow, extra)
 }
 
 fn loaded(daemon: &TestDaemon) -> Vec<Value> {

@@ -207,18 +207,7 @@ fn several_prompts_and_images_per_prompt_make_one_file_each() {
     );
     let result = run(&daemon, &flow, &[]);
     result.assert_code(0);
-    let names: Vec<String> = result.json()["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            Path::new(o["path"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let names = result.output_names();
     assert_eq!(
         names,
         [

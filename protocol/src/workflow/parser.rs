@@ -405,6 +405,18 @@ impl<'a> Parser<'a> {
             .ok_or_else(|| self.at_value(pointer, format!("missing `{key}`: {what}")))
     }
 
+    /// A required member that must be a non-empty string.
+    fn required_string(
+        &self,
+        object: &Map<String, Value>,
+        pointer: &str,
+        key: &str,
+        what: &str,
+    ) -> Parsed<String> {
+        let value = self.required(object, pointer, key, what)?;
+        self.string(value, &format!("{pointer}/{key}"), key)
+    }
+
     fn string(&self, value: &Value, pointer: &str, key: &str) -> Parsed<String> {
         match value {
             Value::String(s) if !s.is_empty() => Ok(s.clone()),
@@ -659,15 +671,11 @@ impl<'a> Parser<'a> {
             let config_ptr = format!("{at}/configuration");
             let config = self.object(config, &config_ptr, "the component's `configuration`")?;
             self.check(&schema::COMPONENT_CONFIGURATION, config, &config_ptr)?;
-            let written = self.string(
-                self.required(
-                    config,
-                    &config_ptr,
-                    "component_type",
-                    "the component's class",
-                )?,
-                &format!("{config_ptr}/component_type"),
+            let written = self.required_string(
+                config,
+                &config_ptr,
                 "component_type",
+                "the component's class",
             )?;
             arguments::check_component(slot, &written)
                 .map_err(|m| self.at_value(&format!("{config_ptr}/component_type"), m))?;
@@ -790,15 +798,11 @@ impl<'a> Parser<'a> {
         let reference = self.object(value, pointer, "`pipeline_reference`")?;
         self.check(&schema::PIPELINE_REFERENCE, reference, pointer)?;
         let at = format!("{pointer}/reference_name");
-        let name = self.string(
-            self.required(
-                reference,
-                pointer,
-                "reference_name",
-                "the name of an earlier `pipeline` step",
-            )?,
-            &at,
+        let name = self.required_string(
+            reference,
+            pointer,
             "reference_name",
+            "the name of an earlier `pipeline` step",
         )?;
         let target = earlier.iter().find_map(|s| match &s.action {
             Action::Pipeline(p) if s.name == name && !s.release_pipeline => Some(p),
@@ -830,15 +834,11 @@ impl<'a> Parser<'a> {
         let child = self.object(value, pointer, "`workflow`")?;
         self.check(&schema::WORKFLOW_REFERENCE, child, pointer)?;
         let at = format!("{pointer}/path");
-        let path = self.string(
-            self.required(
-                child,
-                pointer,
-                "path",
-                "the child workflow's file, relative to this one",
-            )?,
-            &at,
+        let path = self.required_string(
+            child,
+            pointer,
             "path",
+            "the child workflow's file, relative to this one",
         )?;
         if path.starts_with("builtin:") {
             return Err(self.at_value(&at, format!("`{path}` is not supported: diffusers-workflow's built-in workflows run models dw does not build; give a file path")));
@@ -865,11 +865,7 @@ impl<'a> Parser<'a> {
         let task = self.object(value, pointer, "`task`")?;
         self.check(&schema::TASK, task, pointer)?;
         let at = format!("{pointer}/command");
-        let command = self.string(
-            self.required(task, pointer, "command", "the task to run")?,
-            &at,
-            "command",
-        )?;
+        let command = self.required_string(task, pointer, "command", "the task to run")?;
         super::tasks::check(&command).map_err(|m| self.at_value(&at, m))?;
         let arguments = match task.get("arguments") {
             None | Some(Value::Null) => None,
