@@ -576,3 +576,50 @@ fn an_sd15_file_as_dw_users_write_it_runs_unmodified() {
         assert!(daemon.output_dir().join(name).is_file(), "{name}");
     }
 }
+
+// diffusers resolves DiffusionPipeline and AutoPipelineFor* from model_index.json: an SD
+// folder runs; a folder of a class dw does not build is refused naming that class.
+#[test]
+fn auto_pipeline_classes_resolve_from_the_model_folder() {
+    let daemon = TestDaemon::new();
+    let flow = |class: &str, model: &str| {
+        write(
+            &daemon,
+            &format!("{class}.json"),
+            &r#"{"id": "auto", "seed": 3, "steps": [{"name": "gen", "pipeline": {
+              "configuration": {"component_type": "CLASS"},
+              "from_pretrained_arguments": {"model_name": "FOLDER"},
+              "arguments": {"prompt": "a fox", "num_inference_steps": 2}},
+             "result": {"content_type": "image/png"}}]}"#
+                .replace("CLASS", class)
+                .replace("FOLDER", model),
+        )
+    };
+    run(&daemon, &flow("DiffusionPipeline", &model()), &[]).assert_code(0);
+    run(&daemon, &flow("AutoPipelineForText2Image", &model()), &[]).assert_code(0);
+
+    let xl = daemon.dir.path().join("xl-model");
+    std::fs::create_dir_all(&xl).unwrap();
+    for part in ["tokenizer", "text_encoder", "unet", "vae", "scheduler"] {
+        std::os::unix::fs::symlink(Path::new(&model()).join(part), xl.join(part)).unwrap();
+    }
+    std::fs::write(
+        xl.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+    )
+    .unwrap();
+    let refused = run(
+        &daemon,
+        &flow("DiffusionPipeline", xl.to_str().unwrap()),
+        &[],
+    );
+    refused.assert_code(2);
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("`DiffusionPipeline` resolves to `StableDiffusionXLPipeline`"),
+        "{message}"
+    );
+}

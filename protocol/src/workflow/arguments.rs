@@ -57,16 +57,36 @@ impl PipelineKind {
     }
 }
 
-/// Classes diffusers resolves from a model folder's `model_index.json`.
-const AUTO_CLASSES: &[&str] = &[
-    "DiffusionPipeline",
-    "AutoPipelineForText2Image",
-    "AutoPipelineForImage2Image",
-    "AutoPipelineForInpainting",
+/// Classes diffusers resolves from a model folder's `model_index.json`, and the kind of
+/// pipeline each asks for (`None`: the folder's own class decides).
+const AUTO_CLASSES: &[(&str, Option<PipelineKind>)] = &[
+    ("DiffusionPipeline", None),
+    ("AutoPipelineForText2Image", Some(PipelineKind::TextToImage)),
+    (
+        "AutoPipelineForImage2Image",
+        Some(PipelineKind::ImageToImage),
+    ),
 ];
 
+/// The `_class_name`s of Stable Diffusion 1.x/2.x folders (diffusers' "stable-diffusion"
+/// entry of its auto-pipeline mappings).
+const SD_FOLDER_CLASSES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+];
+
+/// Whether `component_type` is one diffusers resolves from `model_index.json`.
+pub fn is_auto_class(component_type: &str) -> bool {
+    let class = component_type
+        .strip_prefix("diffusers.")
+        .unwrap_or(component_type);
+    AUTO_CLASSES.iter().any(|(name, _)| *name == class)
+}
+
 /// The pipeline a `component_type` names (bare, or as `diffusers.Name`), or why it
-/// cannot run.
+/// cannot run. An auto class (`DiffusionPipeline`, `AutoPipelineFor*`) gives the kind it
+/// asks for; [`resolve_auto_class`] checks the model folder when it is loaded.
 pub fn pipeline_kind(component_type: &str) -> Result<PipelineKind, String> {
     let class = component_type
         .strip_prefix("diffusers.")
@@ -74,16 +94,43 @@ pub fn pipeline_kind(component_type: &str) -> Result<PipelineKind, String> {
     if let Some(kind) = PipelineKind::from_type(class) {
         return Ok(kind);
     }
-    let supported = PipelineKind::SUPPORTED.join(", ");
-    if AUTO_CLASSES.contains(&class) {
-        return Err(format!("pipeline class `{class}` is not supported yet: resolving a class from the model's model_index.json is not built; name the class itself ({supported})"));
+    if let Some((_, kind)) = AUTO_CLASSES.iter().find(|(name, _)| *name == class) {
+        return Ok(kind.unwrap_or(PipelineKind::TextToImage));
     }
+    let supported = PipelineKind::SUPPORTED.join(", ");
     if class.contains('.') {
         return Err(format!("pipeline class `{component_type}` is not supported: dw runs diffusers' own pipelines, not Python code from other modules; supported: {supported}"));
     }
     Err(format!(
         "pipeline class `{class}` is not supported yet; supported: {supported}"
     ))
+}
+
+/// What an auto class resolves to for a folder whose `model_index.json` names
+/// `folder_class`, as diffusers resolves it; an error names the class it would need.
+pub fn resolve_auto_class(
+    component_type: &str,
+    folder_class: &str,
+) -> Result<PipelineKind, String> {
+    let class = component_type
+        .strip_prefix("diffusers.")
+        .unwrap_or(component_type);
+    let asked = AUTO_CLASSES
+        .iter()
+        .find(|(name, _)| *name == class)
+        .map(|(_, kind)| *kind);
+    match asked {
+        Some(Some(kind)) if SD_FOLDER_CLASSES.contains(&folder_class) => Ok(kind),
+        Some(None) if folder_class == "StableDiffusionPipeline" => Ok(PipelineKind::TextToImage),
+        Some(None) if folder_class == "StableDiffusionImg2ImgPipeline" => Err(format!(
+            "`{class}` resolves to `StableDiffusionImg2ImgPipeline` here, but its arguments were read as text to image; name `StableDiffusionImg2ImgPipeline` in `component_type`"
+        )),
+        Some(_) => Err(format!(
+            "`{class}` resolves to `{folder_class}` from the model's model_index.json, which is not supported yet; supported: {}",
+            PipelineKind::SUPPORTED.join(", ")
+        )),
+        None => Err(format!("`{class}` is not an auto pipeline class")),
+    }
 }
 
 /// The class each component of a Stable Diffusion pipeline must be.

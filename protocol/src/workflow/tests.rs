@@ -586,3 +586,31 @@ fn scheduler_type_values_in_braces_are_unwrapped_as_dw_does() {
         "only `*_type` keys are unwrapped"
     );
 }
+
+// diffusers' AutoPipelineForText2Image/Image2Image and DiffusionPipeline resolve from the
+// folder's model_index.json; a Stable Diffusion folder maps to the SD pipelines.
+#[test]
+fn auto_classes_resolve_from_the_folders_class_as_diffusers_resolves_them() {
+    assert_eq!(
+        pipeline_kind("AutoPipelineForImage2Image").unwrap(),
+        PipelineKind::ImageToImage
+    );
+    assert_eq!(
+        resolve_auto_class("AutoPipelineForImage2Image", "StableDiffusionPipeline").unwrap(),
+        PipelineKind::ImageToImage
+    );
+    assert_eq!(
+        resolve_auto_class("diffusers.DiffusionPipeline", "StableDiffusionPipeline").unwrap(),
+        PipelineKind::TextToImage
+    );
+    let e = resolve_auto_class("DiffusionPipeline", "StableDiffusionXLPipeline").unwrap_err();
+    assert!(
+        e.starts_with("`DiffusionPipeline` resolves to `StableDiffusionXLPipeline`"),
+        "{e}"
+    );
+    let e = pipeline_kind("AutoPipelineForInpainting").unwrap_err();
+    assert!(
+        e.contains("`AutoPipelineForInpainting` is not supported yet"),
+        "{e}"
+    );
+}
