@@ -20,7 +20,7 @@ while IFS= read -r -d '' file; do
     continue
   fi
   first=$(printf '%s\n' "$message" | grep -v ': \(warning\|note\): ' | head -n 1)
-  if [[ $first == *"is not supported"* || $first == *"unknown task command"* ]]; then
+  if [[ $first == *"is not supported"* || $first == *"unknown task command"* || $first == *"unsupported argument"* ]]; then
     refused=$((refused + 1))
     reason=$(printf '%s' "$first" | sed -E 's/^.*[0-9]+:[0-9]+: //; s/(is not supported( yet)?).*/\1/; s/;.*//')
     reasons[$reason]=$(( ${reasons[$reason]:-0} + 1 ))

@@ -91,14 +91,24 @@ fn check(workflow: &Workflow, depth: usize, problems: &mut Problems) {
     }
 }
 
-fn check_model(workflow: &Workflow, name: &str, at: Position, problems: &mut Problems) {
+/// The model's folder, or a missing-model warning.
+fn check_model(
+    workflow: &Workflow,
+    name: &str,
+    at: Position,
+    problems: &mut Problems,
+) -> Option<std::path::PathBuf> {
     let hub = hub_cache_dir();
-    if let Err(e) = resolve_model(name, &workflow.model_places(hub.as_deref())) {
-        problems.missing_models.push(located(
-            workflow,
-            at,
-            format!("warning: {e} (the run needs it; --require-models makes this an error)"),
-        ));
+    match resolve_model(name, &workflow.model_places(hub.as_deref())) {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            problems.missing_models.push(located(
+                workflow,
+                at,
+                format!("warning: {e} (the run needs it; --require-models makes this an error)"),
+            ));
+            None
+        }
     }
 }
 

@@ -6,14 +6,14 @@
 //! loaded.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use protocol::message::PlannedComponent;
 use protocol::workflow::{
-    is_auto_class, resolve_auto_class, PipelineStep, Position, Step, Workflow, WorkflowError,
+    check_auto_class, is_auto_class, PipelineStep, Position, Step, Workflow, WorkflowError,
 };
 
 use crate::budget::weights_bytes;
@@ -118,7 +118,16 @@ pub fn plan_step(
 ) -> Result<StepPlan, LoadError> {
     let model_dir = resolve_at(workflow, &spec.model_name, spec.model_name_at)?;
     if is_auto_class(&spec.component_type) {
-        check_auto_class(workflow, spec, &model_dir)?;
+        check_auto_class(&spec.component_type, spec.kind, &model_dir).map_err(|message| {
+            LoadError::Invalid(
+                WorkflowError {
+                    file: workflow.path.clone(),
+                    position: Some(spec.model_name_at),
+                    message,
+                }
+                .to_string(),
+            )
+        })?;
     }
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, device);
     let dtype_name = format!("{dtype:?}").to_lowercase();
@@ -205,51 +214,6 @@ pub fn plan_step(
         dtype_notice,
         components,
     })
-}
-
-/// An auto class (`DiffusionPipeline`, `AutoPipelineFor*`) must resolve, from the
-/// folder's `model_index.json`, to the pipeline the step's arguments were read for.
-fn check_auto_class(
-    workflow: &Workflow,
-    spec: &PipelineStep,
-    model_dir: &Path,
-) -> Result<(), LoadError> {
-    let index = model_dir.join("model_index.json");
-    let invalid = |message: String| {
-        LoadError::Invalid(
-            WorkflowError {
-                file: workflow.path.clone(),
-                position: Some(spec.model_name_at),
-                message,
-            }
-            .to_string(),
-        )
-    };
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        invalid(format!(
-            "`{}` is resolved from {}, which cannot be read: {e}",
-            spec.component_type,
-            index.display()
-        ))
-    })?;
-    let class = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
-        .ok_or_else(|| {
-            invalid(format!(
-                "{} has no `_class_name` to resolve `{}` from",
-                index.display(),
-                spec.component_type
-            ))
-        })?;
-    let kind = resolve_auto_class(&spec.component_type, &class).map_err(invalid)?;
-    if kind != spec.kind {
-        return Err(invalid(format!(
-            "`{}` resolves to another kind of pipeline than the step's arguments",
-            spec.component_type
-        )));
-    }
-    Ok(())
 }
 
 /// Resolves a `model_name` written at `at` in the workflow.

@@ -106,6 +106,37 @@ pub fn pipeline_kind(component_type: &str) -> Result<PipelineKind, String> {
     ))
 }
 
+/// Checks that an auto class resolves, from `model_dir/model_index.json`, to `kind` (the
+/// pipeline the step's arguments were read for).
+pub fn check_auto_class(
+    component_type: &str,
+    kind: PipelineKind,
+    model_dir: &std::path::Path,
+) -> Result<(), String> {
+    let index = model_dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index).map_err(|e| {
+        format!(
+            "`{component_type}` is resolved from {}, which cannot be read: {e}",
+            index.display()
+        )
+    })?;
+    let class = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
+        .ok_or_else(|| {
+            format!(
+                "{} has no `_class_name` to resolve `{component_type}` from",
+                index.display()
+            )
+        })?;
+    match resolve_auto_class(component_type, &class)? {
+        resolved if resolved == kind => Ok(()),
+        _ => Err(format!(
+            "`{component_type}` resolves to another kind of pipeline than the step's arguments"
+        )),
+    }
+}
+
 /// What an auto class resolves to for a folder whose `model_index.json` names
 /// `folder_class`, as diffusers resolves it; an error names the class it would need.
 pub fn resolve_auto_class(

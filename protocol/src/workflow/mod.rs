@@ -29,8 +29,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use arguments::{
-    check_component, is_auto_class, pipeline_kind, resolve_auto_class, ImageSource, OutputType,
-    PipelineKind, PreviousResult, Prompts, StableDiffusionArguments,
+    check_auto_class, check_component, is_auto_class, pipeline_kind, resolve_auto_class,
+    ImageSource, OutputType, PipelineKind, PreviousResult, Prompts, StableDiffusionArguments,
 };
 pub use parser::SUPPORTED_DTYPES;
 pub use positions::{pointer_segment, Position, Positions};

@@ -464,7 +464,19 @@ impl<'a> Parser<'a> {
         let seed = self
             .seed(pipeline.get("seed"), &format!("{pointer}/seed"))?
             .or(step_seed);
-        let (arguments, arguments_json) = self.arguments(pipeline, pointer, kind, earlier)?;
+        let (arguments, arguments_json) = self
+            .arguments(pipeline, pointer, kind, earlier)
+            .map_err(|e| match arguments::is_auto_class(&component_type) {
+                true => WorkflowError {
+                    message: format!(
+                        "{} (`{component_type}` is read as {} until its model's class is known: Stable Diffusion 1.x/2.x is the family dw builds)",
+                        e.message,
+                        kind.name()
+                    ),
+                    ..e
+                },
+                false => e,
+            })?;
         let shared_components = [
             self.component_list(
                 pipeline.get("shared_components"),
