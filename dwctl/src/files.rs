@@ -248,6 +248,26 @@ mod tests {
     }
 
     #[test]
+    fn a_webp_is_lossless_and_text_is_written_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.webp");
+        let pixels = red_2x1();
+        let view = RgbView {
+            width: 2,
+            height: 1,
+            pixels: &pixels,
+        };
+        write_image(&path, "image/webp", &view, None).unwrap();
+        let decoded = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(decoded.into_raw(), pixels);
+        let text = dir.path().join("x.txt");
+        write_bytes(&text, "café".as_bytes()).unwrap();
+        assert_eq!(std::fs::read_to_string(&text).unwrap(), "café");
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 2, "no temporary file is left behind");
+    }
+
+    #[test]
     fn a_failed_write_leaves_no_file_under_either_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.png");
