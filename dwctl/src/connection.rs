@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use protocol::fdpass::FdFrameReader;
 use protocol::frame::{encode, FrameError};
 use protocol::message::{ClientMessage, ServerMessage};
-use protocol::paths::DaemonPaths;
+use protocol::paths::{check_peer, check_socket, check_trusted_dir, DaemonPaths};
 use protocol::{PROTOCOL_VERSION, TOOL_VERSION};
 
 use crate::exit::{Failure, EXIT_UNREACHABLE};
@@ -49,6 +49,7 @@ impl Connection {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            check_socket_path(paths)?;
             let stream = match UnixStream::connect(&paths.socket) {
                 Ok(stream) => stream,
                 Err(e) if is_absent(&e) && start => start_daemon(paths)?,
@@ -60,6 +61,9 @@ impl Connection {
                 }
                 Err(e) => return Err(unreachable(paths, e)),
             };
+            check_peer(&stream).map_err(|e| {
+                Failure::new(EXIT_UNREACHABLE, format!("{}: {e}", paths.socket.display()))
+            })?;
             match Connection::greet(stream, paths) {
                 Err(Greeting::Closed(_)) if start && attempts < 3 => {
                     std::thread::sleep(Duration::from_millis(100))
@@ -127,6 +131,19 @@ impl Connection {
         self.send(request).map_err(|e| died(paths, e))?;
         self.receive().map_err(|e| died(paths, e))
     }
+}
+
+/// Before connecting: the socket's directory and the socket (if there is one yet) must be
+/// this user's (or root's), private, and no symbolic links, so no other user can stand in
+/// for the daemon.
+fn check_socket_path(paths: &DaemonPaths) -> Result<(), Failure> {
+    let refuse = |e: std::io::Error| Failure::new(EXIT_UNREACHABLE, e.to_string());
+    match std::fs::symlink_metadata(paths.dir()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        _ => check_trusted_dir(paths.dir()).map_err(refuse)?,
+    }
+    check_socket(&paths.socket).map_err(refuse)?;
+    Ok(())
 }
 
 fn write_message(writer: &mut impl Write, message: &ClientMessage) -> Result<(), FrameError> {

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Parser;
 use nix::fcntl::{Flock, FlockArg};
-use protocol::paths::{ensure_private_dir, DaemonPaths};
+use protocol::paths::{check_socket, ensure_private_dir, DaemonPaths, SocketPath};
 use protocol::units::{parse_duration, KeepAlive, SizeLimit};
 use tokio::sync::watch;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
@@ -120,8 +120,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let device_choice = DeviceChoice::parse(&args.device)?;
 
     let lock = take_lock(&paths)?;
-    if paths.socket.exists() {
-        // We hold the lock, so no daemon owns this socket: it is left over from a crash.
+    if check_socket(&paths.socket)? == SocketPath::StaleSocket {
+        // We hold the lock, so no daemon owns this socket of ours: a crash left it.
         std::fs::remove_file(&paths.socket).with_context(|| {
             format!("cannot remove the stale socket {}", paths.socket.display())
         })?;
@@ -134,6 +134,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&paths.log)
         .with_context(|| format!("cannot open the log file {}", paths.log.display()))?;
     if !args.foreground {
@@ -255,6 +256,7 @@ fn take_lock(paths: &DaemonPaths) -> anyhow::Result<Flock<File>> {
         .read(true)
         .write(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&paths.lock)
         .with_context(|| format!("cannot open the lock file {}", paths.lock.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

@@ -76,31 +76,110 @@ impl DaemonPaths {
     }
 }
 
-/// Creates `dir` (and its parents) with mode 0700 if missing. An existing directory must be
-/// owned by the current user; if it is, group and other access is removed from it.
+/// Creates `dir` (and its parents) with mode 0700 if missing. An existing one is never
+/// changed: it must be trusted (see [`check_trusted_dir`]).
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    if !dir.exists() {
-        fs::DirBuilder::new()
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)?;
+            .create(dir),
+        Err(e) => Err(e),
+        Ok(_) => check_trusted_dir(dir),
     }
-    let meta = fs::metadata(dir)?;
-    let uid = nix::unistd::getuid().as_raw();
-    if meta.uid() != uid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
+}
+
+/// Whether `uid` may own what this user trusts: this user or root.
+fn trusted_owner(uid: u32) -> bool {
+    uid == nix::unistd::getuid().as_raw() || uid == 0
+}
+
+fn untrusted(path: &Path, why: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{} {why}; another user could put a daemon or socket there, so dw will not use it (choose a private socket with --socket or DWD_SOCKET)",
+            path.display()
+        ),
+    )
+}
+
+/// The socket directory may be trusted: a real directory (not a symbolic link), owned by
+/// this user or root, that neither group nor others can write to.
+pub fn check_trusted_dir(dir: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Err(untrusted(dir, "is a symbolic link".to_string()));
+    }
+    if !meta.is_dir() {
+        return Err(untrusted(dir, "is not a directory".to_string()));
+    }
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(dir, format!("belongs to uid {}", meta.uid())));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(untrusted(
+            dir,
             format!(
-                "{} belongs to uid {}, not to you (uid {uid}); choose another socket with --socket or DWD_SOCKET",
-                dir.display(),
-                meta.uid()
+                "can be written by group or others (mode {:o})",
+                mode & 0o7777
             ),
         ));
     }
-    if meta.permissions().mode() & 0o077 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    }
     Ok(())
+}
+
+/// What is at the socket path before a daemon binds it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SocketPath {
+    Free,
+    /// A socket of this user's, left by a daemon that is gone.
+    StaleSocket,
+}
+
+/// Checks what is at `socket`: nothing, or a socket this user owns (which a client may
+/// connect to, or a daemon holding the lock may replace). A link, a regular file or
+/// another user's socket is refused and never touched.
+pub fn check_socket(socket: &Path) -> io::Result<SocketPath> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SocketPath::Free),
+        Err(e) => return Err(e),
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(untrusted(socket, "exists and is not a socket".to_string()));
+    }
+    if !trusted_owner(meta.uid()) {
+        return Err(untrusted(socket, format!("belongs to uid {}", meta.uid())));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(untrusted(
+            socket,
+            "can be written by group or others".to_string(),
+        ));
+    }
+    Ok(SocketPath::StaleSocket)
+}
+
+/// The peer of a connected socket must be this user or root (SO_PEERCRED).
+pub fn check_peer(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let credentials =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(io::Error::from)?;
+    if trusted_owner(credentials.uid()) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the process behind the socket runs as uid {} (pid {}), not as you; dw will not talk to it",
+                credentials.uid(),
+                credentials.pid()
+            ),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -145,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn a_private_dir_is_created_0700_and_tightened_if_loose() {
+    fn a_private_dir_is_created_0700_and_a_loose_one_is_refused_not_changed() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
         ensure_private_dir(&dir).unwrap();
@@ -153,11 +232,48 @@ mod tests {
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        ensure_private_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_private_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("can be written by group or others (mode 777)"),
+            "{e}"
+        );
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700
+            0o777,
+            "never chmod what dw did not create"
         );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_linked_dir_and_a_file_at_the_socket_path_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = ensure_private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+
+        let file = real.join("dwd.sock");
+        fs::write(&file, b"precious").unwrap();
+        let e = check_socket(&file).unwrap_err().to_string();
+        assert!(e.contains("exists and is not a socket"), "{e}");
+        assert_eq!(
+            check_socket(&real.join("none.sock")).unwrap(),
+            SocketPath::Free
+        );
+        let socket = real.join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check_socket(&socket).unwrap(), SocketPath::StaleSocket);
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_pair_is_this_user() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        check_peer(&a).unwrap();
     }
 }

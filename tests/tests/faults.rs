@@ -169,7 +169,8 @@ fn another_user_is_refused_by_the_socket_permissions_and_by_the_daemon_itself() 
         String::from_utf8_lossy(&blocked.stderr)
     );
 
-    // Open the directory and socket up: the daemon's own peer check must still refuse.
+    // Open the directory and socket up: dwctl now refuses the socket itself (another user
+    // could have planted it), and the daemon's own peer check refuses a raw connection.
     for path in [
         daemon.dir.path(),
         daemon.socket.parent().unwrap(),
@@ -181,11 +182,35 @@ fn another_user_is_refused_by_the_socket_permissions_and_by_the_daemon_itself() 
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(3), "{stderr}");
     assert!(
-        stderr.contains("dwd refused the connection: permission denied: this dwd belongs to uid 0"),
+        stderr.contains("can be written by group or others"),
         "{stderr}"
     );
-    assert!(daemon
-        .log()
-        .contains("refused a connection from another user"));
+    let python = std::path::Path::new("/usr/bin/python3");
+    if python.exists() {
+        let raw = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(python)
+            .args([
+                "-c",
+                "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(4096)",
+                daemon.socket.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            raw.status.success(),
+            "{}",
+            String::from_utf8_lossy(&raw.stderr)
+        );
+        assert!(daemon
+            .log()
+            .contains("refused a connection from another user"));
+    } else {
+        eprintln!("skipped the raw connection: no /usr/bin/python3 to make it as another user");
+    }
+    for path in [daemon.dir.path(), daemon.socket.parent().unwrap()] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
     daemon.dwctl(&["ping"]).assert_code(0);
 }
