@@ -181,15 +181,8 @@ pub fn execute(
 ) -> Result<Option<RunOutcome>, Failure> {
     let workflow_path = std::path::absolute(&options.workflow)
         .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", options.workflow.display())))?;
-    let source = std::fs::read_to_string(&workflow_path).map_err(|e| {
-        Failure::new(
-            EXIT_INVALID,
-            format!(
-                "{}: cannot read the workflow file: {e}",
-                options.workflow.display()
-            ),
-        )
-    })?;
+    let source = protocol::workflow::read_source(&workflow_path)
+        .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
     // Validate here first: errors come back at once, with the path as the user typed it.
     let workflow = Workflow::parse(&options.workflow, &source, &options.assignments)
         .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;

@@ -1,7 +1,6 @@
 //! What a component will take before it is loaded, read from its safetensors headers, so
 //! the daemon can make room (or refuse) before loading anything.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +32,8 @@ fn tensor_elements(path: &Path) -> Result<u64, HeaderError> {
         path: path.to_path_buf(),
         problem,
     };
-    let mut file = File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
+    let (mut file, _) =
+        protocol::input::open_regular(path).map_err(|e| fail(format!("cannot open: {e}")))?;
     let file_len = file
         .metadata()
         .map_err(|e| fail(format!("cannot stat: {e}")))?

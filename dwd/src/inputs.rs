@@ -51,7 +51,9 @@ pub fn resolve_path(base_dir: &Path, written: &str) -> PathBuf {
 
 /// Loads initial latents: the only tensor in the file, or the one named `latents`, as f32.
 pub fn load_latents(path: &Path) -> Result<Tensor, InputError> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+    let bytes = protocol::input::read_bounded(path, protocol::input::LATENTS_BYTES)
+        .map_err(|e| InputError(format!("cannot read latents from {}: {e}", path.display())))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| InputError(format!("cannot read latents from {}: {e}", path.display())))?;
     let tensor = if let Some(t) = tensors.get("latents") {
         t.clone()
@@ -112,8 +114,9 @@ pub fn load_image_file(
     size: Option<(u32, u32)>,
 ) -> Result<RgbImage, InputError> {
     let path = resolve_path(base_dir, location);
-    let decoded = image::ImageReader::open(&path)
-        .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?
+    let bytes = protocol::input::read_bounded(&path, protocol::input::IMAGE_BYTES)
+        .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?;
+    let decoded = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| InputError(format!("cannot read image {}: {e}", path.display())))?
         .decode()

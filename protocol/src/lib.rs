@@ -1,6 +1,7 @@
 //! The contract shared by `dwd` and `dwctl`.
 //!
 //! - [`frame`]: length-prefixed MessagePack frames and their size limit.
+//! - [`input`]: reading the files a workflow names: regular files only, bounded.
 //! - [`message`]: what client and daemon say to each other (handshake, requests, run events).
 //! - [`models`]: where a workflow's `model_name` points (a folder, or the hub cache).
 //! - [`paths`]: where the socket, lock and log files live.
@@ -12,6 +13,7 @@
 
 pub mod fdpass;
 pub mod frame;
+pub mod input;
 pub mod message;
 pub mod models;
 pub mod paths;

@@ -232,7 +232,7 @@ pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, Pipeli
 
 /// Reads a text file, telling a missing file apart from an unreadable one.
 pub(crate) fn read_text(path: &Path) -> Result<String, PipelineError> {
-    std::fs::read_to_string(path).map_err(|source| {
+    protocol::input::read_text_bounded(path, protocol::input::CONFIG_BYTES).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             missing_file(path)
         } else {

@@ -193,7 +193,7 @@ fn io_error(path: &Path, what: &str, source: std::io::Error) -> PipelineError {
 /// Opens a safetensors file and reads and checks its header; the entries come in file
 /// order, so reading them is sequential.
 fn read_header(path: &Path) -> Result<(File, Vec<Entry>), PipelineError> {
-    let file = File::open(path).map_err(|source| PipelineError::Io {
+    let (file, _) = protocol::input::open_regular(path).map_err(|source| PipelineError::Io {
         path: path.to_path_buf(),
         source,
     })?;

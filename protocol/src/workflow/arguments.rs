@@ -114,12 +114,13 @@ pub fn check_auto_class(
     model_dir: &std::path::Path,
 ) -> Result<(), String> {
     let index = model_dir.join("model_index.json");
-    let text = std::fs::read_to_string(&index).map_err(|e| {
-        format!(
-            "`{component_type}` is resolved from {}, which cannot be read: {e}",
-            index.display()
-        )
-    })?;
+    let text =
+        crate::input::read_text_bounded(&index, crate::input::CONFIG_BYTES).map_err(|e| {
+            format!(
+                "`{component_type}` is resolved from {}, which cannot be read: {e}",
+                index.display()
+            )
+        })?;
     let class = serde_json::from_str::<Value>(&text)
         .ok()
         .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))

@@ -310,18 +310,8 @@ pub fn read_source(path: &Path) -> Result<String, WorkflowError> {
         position: None,
         message,
     };
-    let metadata =
-        std::fs::metadata(path).map_err(|e| fail(format!("cannot read the workflow file: {e}")))?;
-    if !metadata.is_file() {
-        return Err(fail("the workflow is not a regular file".to_string()));
-    }
-    if metadata.len() > MAX_WORKFLOW_BYTES {
-        return Err(fail(format!(
-            "the workflow file has {} bytes; the limit is {MAX_WORKFLOW_BYTES}",
-            metadata.len()
-        )));
-    }
-    std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the workflow file: {e}")))
+    crate::input::read_text_bounded(path, MAX_WORKFLOW_BYTES)
+        .map_err(|e| fail(format!("cannot read the workflow file: {e}")))
 }
 
 /// Splits `NAME=VALUE` assignments typed on a command line.
