@@ -7,6 +7,7 @@ mod files;
 mod human;
 mod preview;
 mod run;
+mod stdout;
 mod validate;
 mod watch;
 
@@ -23,6 +24,7 @@ use connection::Connection;
 use exit::{Failure, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
 use human::{human_bytes, human_duration};
 use protocol::units::KeepAlive;
+use stdout::outln;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -163,16 +165,45 @@ enum Command {
     },
 }
 
+/// The longest `--timeout`: a year.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let paths = DaemonPaths::resolve(cli.socket.as_deref());
+    let json = wants_json(&cli.command);
     match dispatch(cli.command, &paths) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             eprintln!("dwctl: {}", failure.message);
+            if json {
+                // Scripts read every outcome from stdout, client-side failures included.
+                outln!("{}", failure_json(&failure));
+            }
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// Whether the command was asked for JSON output.
+fn wants_json(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Run { json: true, .. }
+            | Command::Status { json: true }
+            | Command::Clear { json: true, .. }
+    )
+}
+
+/// A failure as `--json` reports it: `{"ok": false, "error": {"code", "kind", "message"}}`.
+fn failure_json(failure: &Failure) -> serde_json::Value {
+    let kind = match failure.code {
+        EXIT_INVALID => "invalid",
+        EXIT_UNREACHABLE => "unreachable",
+        exit::EXIT_CANCELLED => "cancelled",
+        _ => "failed",
+    };
+    json!({"ok": false, "error": {"code": failure.code, "kind": kind, "message": failure.message}})
 }
 
 fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
@@ -190,11 +221,13 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             preview,
         } => {
             let timeout = match timeout {
-                Some(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+                Some(secs) if secs > 0.0 && secs <= MAX_TIMEOUT_SECS => {
+                    Some(Duration::from_secs_f64(secs))
+                }
                 Some(secs) => {
                     return Err(Failure::new(
                         EXIT_INVALID,
-                        format!("--timeout must be a positive number of seconds, got {secs}"),
+                        format!("--timeout must be a positive number of seconds, at most {MAX_TIMEOUT_SECS} (a year), got {secs}"),
                     ))
                 }
                 None => None,
@@ -281,7 +314,7 @@ fn status(paths: &DaemonPaths, json: bool) -> Result<u8, Failure> {
     if json {
         let value =
             serde_json::to_value(&report).map_err(|e| Failure::new(EXIT_FAILED, e.to_string()))?;
-        println!("{value}");
+        outln!("{value}");
     } else {
         print_status(&report);
     }
@@ -290,15 +323,15 @@ fn status(paths: &DaemonPaths, json: bool) -> Result<u8, Failure> {
 
 fn print_status(report: &StatusReport) {
     let memory = &report.memory;
-    println!(
+    outln!(
         "dwd {} (pid {}) on {}, up {}",
         report.version,
         report.pid,
         report.device,
         human_duration(report.uptime_s)
     );
-    println!("socket  {}", report.socket);
-    println!("log     {}", report.log_file);
+    outln!("socket  {}", report.socket);
+    outln!("log     {}", report.log_file);
     let mut line = format!("memory  {} resident", human_bytes(memory.rss_bytes));
     if let (Some(used), Some(total)) = (memory.device_used_bytes, memory.device_total_bytes) {
         line.push_str(&format!(
@@ -318,30 +351,39 @@ fn print_status(report: &StatusReport) {
             human_bytes(baseline)
         ));
     }
-    println!("{line}");
-    println!("runs    {} finished", report.runs);
+    outln!("{line}");
+    outln!("runs    {} finished", report.runs);
     if report.queue.is_empty() {
-        println!("queue   empty");
+        outln!("queue   empty");
     } else {
         for job in &report.queue {
-            println!(
+            outln!(
                 "queue   job {} ({}) {} #{}",
-                job.job_id, job.workflow_id, job.state, job.position
+                job.job_id,
+                job.workflow_id,
+                job.state,
+                job.position
             );
         }
     }
     if report.loaded.is_empty() {
-        println!("loaded  nothing");
+        outln!("loaded  nothing");
         return;
     }
-    println!(
+    outln!(
         "loaded  {} component(s), {}:",
         report.loaded.len(),
         human_bytes(memory.loaded_bytes)
     );
-    println!(
+    outln!(
         "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} MODEL",
-        "COMPONENT", "BYTES", "HITS", "DTYPE", "LAST USED", "STAYS", "USED BY"
+        "COMPONENT",
+        "BYTES",
+        "HITS",
+        "DTYPE",
+        "LAST USED",
+        "STAYS",
+        "USED BY"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -357,7 +399,7 @@ fn print_status(report: &StatusReport) {
             (false, None) => "until cleared".to_string(),
             (false, Some(until)) => format!("{} more", human_duration(until.saturating_sub(now))),
         };
-        println!(
+        outln!(
             "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} {}",
             c.component_type,
             human_bytes(c.bytes),
@@ -384,17 +426,17 @@ fn clear(paths: &DaemonPaths, model: Option<String>, json: bool) -> Result<u8, F
             bytes_freed,
         } => {
             if json {
-                println!(
+                outln!(
                     "{}",
                     json!({"unloaded": unloaded, "bytes_freed": bytes_freed})
                 );
             } else if unloaded == 0 {
-                println!(
+                outln!(
                     "nothing to unload{}",
                     model.map(|m| format!(" for {m}")).unwrap_or_default()
                 );
             } else {
-                println!(
+                outln!(
                     "unloaded {unloaded} component(s), freed {}",
                     human_bytes(bytes_freed)
                 );
@@ -409,7 +451,7 @@ fn stop(paths: &DaemonPaths) -> Result<u8, Failure> {
     let connection = match Connection::open(paths, false) {
         Ok(connection) => connection,
         Err(f) if f.code == EXIT_UNREACHABLE && !paths.socket.exists() => {
-            println!("dwd is not running ({})", paths.socket.display());
+            outln!("dwd is not running ({})", paths.socket.display());
             return Ok(EXIT_OK);
         }
         Err(f) => return Err(f),
@@ -429,7 +471,7 @@ fn stop(paths: &DaemonPaths) -> Result<u8, Failure> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("dwd (pid {pid}) stopped");
+    outln!("dwd (pid {pid}) stopped");
     Ok(EXIT_OK)
 }
 
@@ -441,7 +483,7 @@ fn cancel(paths: &DaemonPaths, job_id: Option<u64>) -> Result<u8, Failure> {
     };
     match connection.request(&request, paths)? {
         ServerMessage::CancelResult { cancelled, message } if !cancelled.is_empty() => {
-            println!("{message}");
+            outln!("{message}");
             Ok(EXIT_OK)
         }
         ServerMessage::CancelResult { message, .. } => Err(Failure::new(EXIT_FAILED, message)),
@@ -523,7 +565,7 @@ fn ping(paths: &DaemonPaths) -> Result<u8, Failure> {
     let connection = Connection::open(paths, false)?;
     match connection.request(&ClientMessage::Ping, paths)? {
         ServerMessage::Pong { pid, uptime_ms } => {
-            println!(
+            outln!(
                 "pong from dwd (pid {pid}, up {}) in {:.1} ms",
                 human_duration(uptime_ms / 1000),
                 started.elapsed().as_secs_f64() * 1000.0

@@ -1,6 +1,7 @@
 //! `dwctl run`: validate the workflow here, send it to the daemon, show its progress, and
 //! write the outputs it hands over.
 
+use crate::stdout::outln;
 use std::io::IsTerminal;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -150,7 +151,7 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
         show_previews(&outcome.outputs);
     }
     if options.json {
-        println!(
+        outln!(
             "{}",
             json_summary(&outcome.summary, &outcome.outputs, outcome.job_id)
         );
@@ -553,21 +554,26 @@ fn json_summary(summary: &RunSummary, outputs: &[WrittenOutput], job_id: u64) ->
 fn report_plan(plan: &RunPlan, json: bool) -> u8 {
     if json {
         match serde_json::to_value(plan) {
-            Ok(value) => println!("{value}"),
+            Ok(value) => outln!("{value}"),
             Err(e) => eprintln!("dwctl: {e}"),
         }
     } else {
-        println!(
+        outln!(
             "dry run of `{}` ({}): nothing is loaded or run",
-            plan.workflow.id, plan.workflow.path
+            plan.workflow.id,
+            plan.workflow.path
         );
-        println!(
+        outln!(
             "  {:<12} {:<13} {:>6} {:>10}  {:<6} MODEL",
-            "STEP", "COMPONENT", "DTYPE", "BYTES", "STATE"
+            "STEP",
+            "COMPONENT",
+            "DTYPE",
+            "BYTES",
+            "STATE"
         );
         for c in &plan.components {
             let state = if c.loaded { "loaded" } else { "load" };
-            println!(
+            outln!(
                 "  {:<12} {:<13} {:>6} {:>10}  {:<6} {}",
                 c.step,
                 c.component_type,
@@ -577,14 +583,14 @@ fn report_plan(plan: &RunPlan, json: bool) -> u8 {
                 c.model
             );
         }
-        println!(
+        outln!(
             "would load {}; loaded now {}; budget {}",
             human_bytes(plan.load_bytes),
             human_bytes(plan.loaded_bytes),
             human_bytes(plan.budget_bytes)
         );
         for e in &plan.evict {
-            println!(
+            outln!(
                 "would first unload {} of {} ({}), idle and least recently used",
                 e.component_type,
                 e.model,
@@ -592,8 +598,8 @@ fn report_plan(plan: &RunPlan, json: bool) -> u8 {
             );
         }
         match &plan.message {
-            None => println!("fits"),
-            Some(message) => println!("does not fit: {message}"),
+            None => outln!("fits"),
+            Some(message) => outln!("does not fit: {message}"),
         }
     }
     if plan.fits {

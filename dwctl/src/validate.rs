@@ -5,6 +5,7 @@
 //! names is looked up where the daemon would find it. A model missing from this machine is
 //! a warning, so CI can lint workflows where no models are, unless `--require-models`.
 
+use crate::stdout::outln;
 use std::path::Path;
 
 use protocol::models::{hub_cache_dir, resolve_model};
@@ -40,7 +41,7 @@ pub fn validate(path: &Path, assignments: &[String], require_models: bool) -> Re
         eprintln!("{missing}");
     }
     let steps: Vec<String> = workflow.steps.iter().map(describe_step).collect();
-    println!(
+    outln!(
         "{}: ok: workflow `{}`, {} step(s): {}",
         path.display(),
         workflow.id,

@@ -6,6 +6,7 @@
 //! line: the time, whether it found its models loaded, how long it took, and its outputs.
 //! Ctrl-C cancels the run in flight and leaves with exit 0.
 
+use crate::stdout::outln;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -225,7 +226,7 @@ pub fn watch(paths: &DaemonPaths, mut options: RunOptions) -> Result<u8, Failure
                         crate::run::show_previews(&outcome.outputs);
                     }
                 }
-                println!("{}", describe(result, took, superseded));
+                outln!("{}", describe(result, took, superseded));
                 superseded = false;
             }
         }

@@ -1,0 +1,72 @@
+//! End-to-end: the command line's edges give the error the README promises, never a
+//! panic: a closed standard output, absurd numbers, client-side failures under `--json`.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+
+use dw_tests::{example_workflow, TestDaemon};
+
+// `dwctl status | head -1`: the reader goes away; dwctl dies of SIGPIPE like other tools.
+#[test]
+fn a_closed_standard_output_ends_dwctl_by_sigpipe_not_a_panic() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = daemon
+        .command(&["status"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_absurd_timeout_is_refused_with_the_accepted_range() {
+    let daemon = TestDaemon::new();
+    let run = daemon.dwctl(&[
+        "run",
+        example_workflow().to_str().unwrap(),
+        "--timeout",
+        "1e20",
+    ]);
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("--timeout must be a positive number of seconds, at most 31536000"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}
+
+// Scripts read every outcome from stdout: client-side failures too.
+#[test]
+fn json_reports_client_side_failures_with_code_and_message() {
+    let daemon = TestDaemon::new();
+    let missing = daemon.dwctl(&["run", "/nonexistent/flow.json", "--json"]);
+    missing.assert_code(2);
+    let report = missing.json();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["error"]["code"], 2);
+    assert!(report["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/flow.json"));
+
+    let bad_variable = daemon.dwctl(&[
+        "run",
+        example_workflow().to_str().unwrap(),
+        "colour=red",
+        "--json",
+    ]);
+    bad_variable.assert_code(2);
+    assert_eq!(bad_variable.json()["error"]["kind"], "invalid");
+
+    let unreachable = daemon.dwctl(&["status", "--json"]);
+    unreachable.assert_code(3);
+    assert_eq!(unreachable.json()["error"]["kind"], "unreachable");
+}
