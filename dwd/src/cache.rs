@@ -67,6 +67,9 @@ impl ComponentKey {
     }
 }
 
+/// The most users a component lists (status stays small however many workflows ran).
+const MAX_USERS_LISTED: usize = 16;
+
 struct Entry {
     value: Arc<dyn Any + Send + Sync>,
     bytes: u64,
@@ -201,7 +204,9 @@ impl ComponentCache {
                 entry.hits += 1;
                 entry.last_used = Instant::now();
                 entry.last_used_unix = now_unix();
-                entry.users.insert(user.to_string());
+                if entry.users.len() < MAX_USERS_LISTED {
+                    entry.users.insert(user.to_string());
+                }
                 return Ok((value, Lookup::Hit));
             }
         }

@@ -177,7 +177,7 @@ impl StepContext<'_> {
         }
         Metadata {
             parameters: Vec::new(),
-            dw: dw.to_string(),
+            dw: crate::saving::bounded_json(&dw, crate::saving::MAX_METADATA_BYTES / 8).to_string(),
         }
     }
 

@@ -176,7 +176,10 @@ impl Destination<'_> {
             shape,
             byte_len: bytes.len() as u64,
             embed_metadata: step.result.embed_metadata,
-            parameters: metadata.parameters.get(index).cloned().unwrap_or_default(),
+            parameters: bounded_text(
+                metadata.parameters.get(index).cloned().unwrap_or_default(),
+                MAX_METADATA_BYTES / 4,
+            ),
             dw_metadata: metadata.dw.clone(),
         };
         self.job.send(JobEvent::Output {
@@ -209,6 +212,37 @@ fn mismatch(content_type: &str, step: &str, got: &Artifact) -> String {
     )
 }
 
+/// The most bytes of metadata one output carries: the frame that describes it must stay
+/// far below the protocol's 1 MiB, however long the prompt.
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
+
+/// `text`, cut at a character boundary to at most `limit` bytes with a note of how much
+/// was left out.
+pub fn bounded_text(text: String, limit: usize) -> String {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut cut = limit.saturating_sub(64);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..cut], text.len() - cut)
+}
+
+/// `value` with every string longer than `limit` bytes shortened, for metadata.
+pub fn bounded_json(value: &Value, limit: usize) -> Value {
+    match value {
+        Value::String(s) => Value::String(bounded_text(s.clone(), limit)),
+        Value::Array(items) => Value::Array(items.iter().map(|v| bounded_json(v, limit)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), bounded_json(v, limit)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// JSON as Python's `json.dumps(value, indent=4)` writes it (what diffusers-workflow
 /// writes): four-space indents and non-ASCII characters as `\uXXXX`.
 pub fn python_json(value: &Value) -> String {
@@ -238,6 +272,18 @@ mod tests {
     use serde_json::json;
 
     // dw/result.py writes json.dumps(item, indent=4): ensure_ascii, four spaces.
+    #[test]
+    fn long_metadata_is_cut_at_a_character_boundary_with_a_note() {
+        let text = "é".repeat(1000);
+        let cut = bounded_text(text.clone(), 300);
+        assert!(cut.len() <= 300 + 32, "{}", cut.len());
+        assert!(cut.ends_with("more bytes)"), "{cut}");
+        assert_eq!(bounded_text("short".into(), 300), "short");
+        let json = bounded_json(&json!({"prompt": text, "n": 1}), 300);
+        assert!(json["prompt"].as_str().unwrap().len() < 400);
+        assert_eq!(json["n"], 1);
+    }
+
     #[test]
     fn json_results_are_written_as_python_writes_them() {
         let text = python_json(&json!({"width": 64, "name": "café 🦊", "list": []}));

@@ -46,15 +46,25 @@ pub struct DaemonState {
     pub shutdown: watch::Sender<bool>,
 }
 
+/// The most connections served at once; more are told so and closed, so that no number
+/// of clients can take every descriptor the daemon has.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Accepts connections until shutdown is requested.
 pub async fn serve(listener: UnixListener, state: Arc<DaemonState>) {
     let mut shutdown = state.shutdown.subscribe();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let state = state.clone();
+                    let slot = slots.clone().try_acquire_owned();
                     tokio::spawn(async move {
+                        let Ok(_slot) = slot else {
+                            refuse_busy(stream).await;
+                            return;
+                        };
                         if let Err(e) = handle_connection(stream, state).await {
                             tracing::debug!("connection ended: {e}");
                         }
@@ -68,6 +78,16 @@ pub async fn serve(listener: UnixListener, state: Arc<DaemonState>) {
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
+}
+
+/// Tells a client over [`MAX_CONNECTIONS`] to come back later, and closes.
+async fn refuse_busy(stream: UnixStream) {
+    tracing::warn!("refused a connection: {MAX_CONNECTIONS} are open already");
+    let (_, mut writer) = stream.into_split();
+    let message = format!(
+        "dwd is serving {MAX_CONNECTIONS} connections already; try again when some have finished"
+    );
+    let _ = send(&mut writer, &ServerMessage::Refused { message }).await;
 }
 
 async fn read_message<T: serde::de::DeserializeOwned>(
@@ -176,12 +196,19 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
     )
     .await?;
 
-    let request = match read_message::<ClientMessage>(&mut reader).await {
-        Err(FrameError::Closed) => return Ok(()),
-        Err(e) => {
+    // A client that goes quiet after the handshake holds a descriptor: give it as long
+    // as the handshake, then close.
+    let request = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_message::<ClientMessage>(&mut reader),
+    )
+    .await
+    {
+        Err(_) | Ok(Err(FrameError::Closed)) => return Ok(()),
+        Ok(Err(e)) => {
             return bad_request(&mut writer, format!("could not read the request: {e}")).await
         }
-        Ok(request) => request,
+        Ok(Ok(request)) => request,
     };
     match request {
         ClientMessage::Run(run) => serve_run(run, reader, writer, &state).await,

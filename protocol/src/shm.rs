@@ -149,6 +149,13 @@ const BURST_GAP: Duration = Duration::from_millis(20);
 /// How long dwd keeps a sent segment before its pages are freed.
 pub const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
+/// The most spares kept ready, whatever their size: each holds a descriptor.
+pub const MAX_READY: usize = 8;
+
+/// The most sent segments kept before they are freed; past it the oldest goes at once, so
+/// a burst of small outputs cannot pile up descriptors.
+pub const MAX_RETIRED: usize = 64;
+
 struct SparesShared {
     state: Mutex<SparesState>,
     wake: Condvar,
@@ -206,6 +213,7 @@ impl Spares {
             state.last_take = Some(Instant::now());
             if spare.is_none()
                 && !resized
+                && state.want < MAX_READY
                 && (state.want + 1).saturating_mul(len) <= state.max_bytes
             {
                 // A burst found the pool empty: keep one more ready next time.
@@ -226,7 +234,12 @@ impl Spares {
         let mut state = self.shared.lock();
         let at = Instant::now() + state.retire_after;
         state.retired.push_back((at, segment));
+        let overflow = match state.retired.len() > MAX_RETIRED {
+            true => state.retired.pop_front(),
+            false => None,
+        };
         drop(state);
+        drop(overflow);
         self.shared.wake.notify_one();
     }
 
@@ -447,6 +460,18 @@ mod tests {
         // A burst that found the pool empty asks for more spares next time.
         let (ready, _) = spares.ready();
         assert!(ready <= (1 << 20) / len);
+    }
+
+    // A burst of many small outputs used to keep one descriptor per output.
+    #[test]
+    fn a_burst_of_small_outputs_keeps_a_bounded_number_of_segments() {
+        let spares = Spares::new(64 << 20, RETIRE_AFTER).unwrap();
+        for _ in 0..300 {
+            spares.retire(spares.take(4096).unwrap().seal().unwrap());
+        }
+        assert!(spares.retired() <= MAX_RETIRED, "{}", spares.retired());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(spares.ready().0 <= MAX_READY, "{:?}", spares.ready());
     }
 
     #[test]

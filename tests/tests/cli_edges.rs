@@ -70,3 +70,25 @@ fn json_reports_client_side_failures_with_code_and_message() {
     unreachable.assert_code(3);
     assert_eq!(unreachable.json()["error"]["kind"], "unreachable");
 }
+
+// A 300 KB prompt echoed in an image's metadata used to push the output's frame past the
+// 1 MiB limit and lose the run; metadata is now bounded.
+#[test]
+fn a_huge_prompt_still_writes_its_image_with_bounded_metadata() {
+    let daemon = TestDaemon::new();
+    let prompt = "a fox ".repeat(50_000);
+    let text = dw_tests::example_text("tiny-sd.json").replace(
+        "\"prompt\": \"A photo of a cat sitting on the mat, rusty robot!\"",
+        &format!("\"prompt\": \"{prompt}\""),
+    );
+    assert!(text.len() > 300_000);
+    let flow = daemon.dir.path().join("huge.json");
+    std::fs::write(&flow, text).unwrap();
+    let run = daemon.run_json(&flow, &[]);
+    run.assert_code(0);
+    let path = daemon.output_dir().join("tiny_sd-main.0-0.0.png");
+    let chunks = dw_tests::png_text_chunks(&path);
+    let parameters = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(parameters.len() < 20_000, "{}", parameters.len());
+    assert!(parameters.contains("more bytes)"));
+}

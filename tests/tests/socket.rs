@@ -178,3 +178,33 @@ fn half_a_frame_then_a_hang_up_leaves_the_daemon_serving() {
     let _ = stream.read_to_end(&mut rest);
     still_serving(&daemon);
 }
+
+// Idle connections cannot take every descriptor: past the cap a client is told so, and the
+// daemon goes on serving once they close.
+#[test]
+fn connections_past_the_cap_are_refused_and_the_daemon_keeps_serving() {
+    let daemon = running_daemon();
+    // dwd::server::MAX_CONNECTIONS
+    let idle: Vec<UnixStream> = (0..256).map(|_| connect(&daemon)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = connect(&daemon);
+    match answer(&mut extra) {
+        Some(ServerMessage::Refused { message }) => {
+            assert!(message.contains("256 connections already"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.dwctl(&["ping"]).assert_code(0);
+}
+
+// A client that goes quiet after the handshake is closed after the handshake's deadline.
+#[test]
+fn a_client_silent_after_the_handshake_is_closed() {
+    let daemon = running_daemon();
+    let mut stream = greeted(&daemon);
+    let started = std::time::Instant::now();
+    assert!(answer(&mut stream).is_none());
+    assert!(started.elapsed() < Duration::from_secs(14));
+}
