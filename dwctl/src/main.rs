@@ -332,6 +332,12 @@ fn print_status(report: &StatusReport) {
     );
     outln!("socket  {}", report.socket);
     outln!("log     {}", report.log_file);
+    if report.log_dropped_lines > 0 {
+        outln!(
+            "        {} log line(s) could not be written (is its disk full?)",
+            report.log_dropped_lines
+        );
+    }
     let mut line = format!("memory  {} resident", human_bytes(memory.rss_bytes));
     if let (Some(used), Some(total)) = (memory.device_used_bytes, memory.device_total_bytes) {
         line.push_str(&format!(

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod imaging;
 pub mod inputs;
 pub mod loading;
+pub mod logging;
 pub mod memory;
 pub use protocol::models;
 pub mod output;

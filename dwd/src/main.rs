@@ -21,7 +21,6 @@ use nix::fcntl::{Flock, FlockArg};
 use protocol::paths::{check_socket, ensure_private_dir, DaemonPaths, SocketPath};
 use protocol::units::{parse_duration, KeepAlive, SizeLimit};
 use tokio::sync::watch;
-use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use dwd::cache::ComponentCache;
 use dwd::cache::EXPIRY_CHECK_INTERVAL;
@@ -147,7 +146,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("cannot daemonize")?;
     }
     let lock = write_pid(lock)?;
-    init_logging(log_file, args.foreground, args.log_level.as_deref());
+    dwd::logging::init(log_file, args.foreground, args.log_level.as_deref());
     let device = device_choice
         .open()
         .inspect_err(|e| tracing::error!("{e:#}"))?;
@@ -162,7 +161,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Only the first run pays for what the warm-up would have done.
         Err(e) => tracing::warn!("device warm-up failed: {e}"),
     }
-    std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -283,24 +281,6 @@ fn write_pid(mut lock: Flock<File>) -> anyhow::Result<Flock<File>> {
     lock.rewind()?;
     writeln!(lock, "{}", std::process::id())?;
     Ok(lock)
-}
-
-fn init_logging(log_file: File, foreground: bool, filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("DWD_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let file = std::sync::Mutex::new(log_file);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false);
-    if foreground {
-        builder.with_writer(file.and(std::io::stderr)).init();
-    } else {
-        builder.with_writer(file).init();
-    }
 }
 
 async fn serve_until_stopped(

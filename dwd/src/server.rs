@@ -486,6 +486,7 @@ fn status(state: &DaemonState) -> StatusReport {
         uptime_s: state.started.elapsed().as_secs(),
         socket: state.paths.socket.display().to_string(),
         log_file: state.paths.log.display().to_string(),
+        log_dropped_lines: crate::logging::dropped_lines(),
         runs: state.queue.runs(),
         queue: state.queue.snapshot(),
         loaded: engine.cache.report(),

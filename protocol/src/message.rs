@@ -275,6 +275,9 @@ pub struct StatusReport {
     pub uptime_s: u64,
     pub socket: String,
     pub log_file: String,
+    /// Log lines that could not be written (a full disk) since the daemon started.
+    #[serde(default)]
+    pub log_dropped_lines: u64,
     /// Jobs finished since start, whatever their outcome.
     pub runs: u64,
     pub queue: Vec<QueuedJob>,

@@ -214,3 +214,18 @@ fn another_user_is_refused_by_the_socket_permissions_and_by_the_daemon_itself() 
     std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
     daemon.dwctl(&["ping"]).assert_code(0);
 }
+
+// A log on a full disk used to deadlock the daemon (a failed write, then the panic hook
+// waiting on the log's own lock): lines are dropped and counted instead.
+#[test]
+fn a_log_on_a_full_disk_drops_lines_and_the_daemon_keeps_working() {
+    let daemon = TestDaemon::new();
+    daemon.start(&["--log-file", "/dev/full"]);
+    daemon.run_example(&[]).assert_code(0);
+    let status = daemon.status();
+    assert!(
+        status["log_dropped_lines"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    daemon.run_example(&[]).assert_code(0);
+}
