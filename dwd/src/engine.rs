@@ -32,7 +32,9 @@ use crate::loading::{
     all_keys, evicted_component, load_pipeline, missing, plan_step, planned_component, LoadCounts,
     LoadError, StepPlan,
 };
-use crate::memory::{human_bytes, measured_bytes, release_freed_memory, Baseline};
+use crate::memory::{
+    available_ram_bytes, device_memory, human_bytes, measured_bytes, release_freed_memory, Baseline,
+};
 use crate::pipelines::noise::SeededNoise;
 use crate::pipelines::{
     self, images_to_rgb8, GenerateArgs, PipelineError, RgbImage, StableDiffusionPipeline,
@@ -577,6 +579,7 @@ impl Engine {
                 return Err(StepError::Cancelled(reason));
             }
             let generate = self.generate_args(context, prepared, run)?;
+            self.admit(context, prepared, &generate)?;
             let output = self.generate(context, prepared, &generate, &mut noise)?;
             let metadata = context.pipeline_metadata(prepared, &generate, seed, run, &output);
             let item = match output {
@@ -589,6 +592,37 @@ impl Engine {
             items.push(item);
         }
         Ok(items)
+    }
+
+    /// Refuses a run whose activations would not fit in the memory that is free, before it
+    /// starts: a run that fails to allocate would take the daemon and every loaded model
+    /// with it.
+    fn admit(
+        &self,
+        context: &StepContext<'_>,
+        prepared: &PreparedPipeline,
+        generate: &GenerateArgs,
+    ) -> Result<(), StepError> {
+        let needed = prepared
+            .pipeline
+            .activation_bytes(generate)
+            .map_err(|e| pipeline_error(context, e))?;
+        let (free, kind) = match device_memory(&self.device) {
+            Some((used, total)) => (total.saturating_sub(used), "device memory"),
+            None => (available_ram_bytes(), "memory"),
+        };
+        if free == 0 || needed <= free {
+            return Ok(());
+        }
+        Err(StepError::OverBudget(format!(
+            "step `{}`: this run needs about {} for its work ({} image(s) of {}x{}), more than the {} of {kind} free; ask for fewer or smaller images, or set `configuration.vae.enable_tiling`",
+            context.step.name,
+            human_bytes(needed),
+            generate.prompts.len() * generate.num_images_per_prompt,
+            generate.width.map_or("default".to_string(), |w| w.to_string()),
+            generate.height.map_or("default".to_string(), |h| h.to_string()),
+            human_bytes(free),
+        )))
     }
 
     /// One run's typed arguments, with the images and latents bound to it.

@@ -36,17 +36,27 @@ pub fn peak_resident_set_bytes() -> u64 {
 }
 
 /// Total RAM, from /proc/meminfo.
-pub fn total_ram_bytes() -> u64 {
+/// Memory the kernel can still give this process without swapping (`MemAvailable`).
+pub fn available_ram_bytes() -> u64 {
+    meminfo_bytes("MemAvailable:")
+}
+
+/// A `/proc/meminfo` line's value in bytes (0 when unreadable).
+fn meminfo_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
             text.lines()
-                .find(|l| l.starts_with("MemTotal:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kib| kib.parse::<u64>().ok())
         })
         .map(|kib| kib * 1024)
         .unwrap_or(0)
+}
+
+pub fn total_ram_bytes() -> u64 {
+    meminfo_bytes("MemTotal:")
 }
 
 /// Used and total bytes of the device's memory, from the driver; `None` on the CPU.

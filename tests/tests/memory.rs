@@ -338,3 +338,26 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+// A run asking for 16384x16384 x 64 images used to abort the daemon on a failed
+// allocation, losing every loaded model; it is refused before it starts.
+#[test]
+fn a_run_too_large_for_free_memory_is_refused_and_the_daemon_keeps_its_models() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let flow = workflow(&daemon, "huge", &model("tiny-sd15"), "a fox");
+    let text = std::fs::read_to_string(&flow).unwrap().replace(
+        "\"num_inference_steps\": 2",
+        "\"num_inference_steps\": 2, \"height\": 16384, \"width\": 16384, \"num_images_per_prompt\": 64",
+    );
+    std::fs::write(&flow, text).unwrap();
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(1);
+    let error = &result.json()["error"];
+    assert_eq!(error["kind"], "over_budget", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("64 image(s) of 16384x16384"), "{message}");
+    assert!(message.contains("free"), "{message}");
+    assert_eq!(loaded(&daemon).len(), 4, "the models stay loaded");
+    daemon.run_example(&[]).assert_code(0);
+}

@@ -189,6 +189,36 @@ impl StableDiffusionPipeline {
         Ok([images, self.unet.in_channels(), sides[0], sides[1]])
     }
 
+    /// About the most memory a run of `args` takes beyond the weights: the larger of a
+    /// denoising step (classifier-free guidance doubles the batch) and the decode.
+    pub fn activation_bytes(&self, args: &GenerateArgs) -> Result<u64, PipelineError> {
+        let [images, _, height, width] = self.latent_shape(args)?;
+        let element = if self.device.is_cpu() {
+            4
+        } else {
+            self.dtype.size_in_bytes()
+        };
+        let batch = if args.guidance_scale > 1.0 {
+            2 * images
+        } else {
+            images
+        };
+        let step = self.unet.activation_bytes(batch, height, width, element);
+        let scale = self.vae.scale_factor();
+        let decode = match args.output_latents {
+            true => 0,
+            false => self.vae.decode_activation_bytes(
+                images,
+                height * scale,
+                width * scale,
+                element,
+                args.vae_slicing,
+                args.vae_tiling,
+            ),
+        };
+        Ok(step.max(decode))
+    }
+
     /// Runs the whole pipeline with noise seeded from `args.seed`. Returns f32 images
     /// (N, 3, H, W) in [0, 1] on the CPU, N being prompts times images per prompt (each
     /// prompt's images together), or with `output_latents` the final latents

@@ -288,6 +288,26 @@ impl Unet {
         self.config.sample_size
     }
 
+    /// About the most memory one denoising step takes beyond the weights, for `batch`
+    /// latents of `height` x `width` in elements of `element_bytes`: the feature maps of
+    /// the full-resolution level (its input, skips, resnet and attention buffers) dominate,
+    /// so this counts 24 of them; attention runs blockwise, never as a full score matrix.
+    pub fn activation_bytes(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        element_bytes: usize,
+    ) -> u64 {
+        let channels = self
+            .config
+            .model
+            .blocks
+            .first()
+            .map_or(320, |b| b.out_channels);
+        (batch * height * width * channels * element_bytes) as u64 * 24
+    }
+
     /// Size of the weights in bytes.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -352,6 +352,33 @@ impl Vae {
         decode().in_component(COMPONENT)
     }
 
+    /// About the most memory decoding `images` latents to `height` x `width` pixels takes
+    /// beyond the weights: six full-resolution feature maps of the decoder's last level per
+    /// image decoded at once (one with slicing; one tile's worth with tiling).
+    pub fn decode_activation_bytes(
+        &self,
+        images: usize,
+        height: usize,
+        width: usize,
+        element_bytes: usize,
+        slicing: bool,
+        tiling: bool,
+    ) -> u64 {
+        let channels = self
+            .config
+            .block_out_channels
+            .first()
+            .copied()
+            .unwrap_or(128);
+        let at_once = if slicing { 1 } else { images };
+        let pixels = if tiling {
+            self.config.sample_size.pow(2).min(height * width)
+        } else {
+            height * width
+        };
+        (at_once * pixels * channels * element_bytes) as u64 * 6
+    }
+
     /// [`Vae::decode`] in overlapping tiles, as diffusers' `enable_tiling()` decodes: tiles
     /// of `sample_size / scale_factor` latents every three quarters of a tile, each decoded
     /// alone, blended linearly with the tile above and to the left over a quarter of a
