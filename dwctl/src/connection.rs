@@ -23,6 +23,21 @@ pub fn set_quiet() {
     QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// How long a daemon this client started may take to answer its hello: a first start on a
+/// GPU compiles kernels.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long a daemon may send nothing before the client gives up on it: a running job
+/// sends a heartbeat every [`protocol::message::HEARTBEAT`], so this means it has stopped
+/// (SIGSTOP, a hang), not that a step is slow. `DWCTL_SILENCE_SECS` sets another limit.
+pub fn silence_limit() -> Duration {
+    std::env::var("DWCTL_SILENCE_SECS")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+        .max(protocol::message::HEARTBEAT * 2 + Duration::from_secs(1))
+}
+
 /// How long to wait for a daemon we started to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -50,9 +65,13 @@ impl Connection {
         loop {
             attempts += 1;
             check_socket_path(paths)?;
+            let mut fresh = false;
             let stream = match UnixStream::connect(&paths.socket) {
                 Ok(stream) => stream,
-                Err(e) if is_absent(&e) && start => start_daemon(paths)?,
+                Err(e) if is_absent(&e) && start => {
+                    fresh = true;
+                    start_daemon(paths)?
+                }
                 Err(e) if is_absent(&e) => {
                     return Err(Failure::new(
                         EXIT_UNREACHABLE,
@@ -61,6 +80,16 @@ impl Connection {
                 }
                 Err(e) => return Err(unreachable(paths, e)),
             };
+            // A daemon just started may still be warming a GPU up; one that was running
+            // answers a hello at once unless it is stopped.
+            let limit = if fresh {
+                HANDSHAKE_LIMIT
+            } else {
+                silence_limit()
+            };
+            stream
+                .set_read_timeout(Some(limit))
+                .map_err(|e| unreachable(paths, e))?;
             check_peer(&stream).map_err(|e| {
                 Failure::new(EXIT_UNREACHABLE, format!("{}: {e}", paths.socket.display()))
             })?;
@@ -93,11 +122,17 @@ impl Connection {
             (Err(read_error), Ok(())) => return Err(closed(read_error)),
         };
         match answer {
-            ServerMessage::Welcome { pid, device, .. } => Ok(Connection {
-                reader,
-                daemon_pid: pid,
-                daemon_device: device,
-            }),
+            ServerMessage::Welcome { pid, device, .. } => {
+                reader
+                    .stream()
+                    .set_read_timeout(Some(silence_limit()))
+                    .map_err(|e| Greeting::Refused(unreachable(paths, e)))?;
+                Ok(Connection {
+                    reader,
+                    daemon_pid: pid,
+                    daemon_device: device,
+                })
+            }
             ServerMessage::Refused { message } | ServerMessage::Error { message, .. } => {
                 Err(Greeting::Refused(Failure::new(
                     EXIT_UNREACHABLE,
@@ -176,6 +211,15 @@ pub fn died(paths: &DaemonPaths, e: FrameError) -> Failure {
                 || io.kind() == std::io::ErrorKind::BrokenPipe =>
         {
             "the daemon closed the connection (it stopped or died)".to_string()
+        }
+        FrameError::Io(ref io)
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            format!(
+                "the daemon sent nothing for {} s, not even a heartbeat: it is stopped (SIGSTOP) or hung",
+                silence_limit().as_secs()
+            )
         }
         other => other.to_string(),
     };

@@ -300,6 +300,7 @@ pub fn execute(
                 trace("done frame");
                 break summary;
             }
+            ServerMessage::Heartbeat { .. } => {}
             ServerMessage::Error { kind, message } => {
                 display.finish();
                 let _ = writer.finish(&display);

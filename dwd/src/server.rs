@@ -392,9 +392,19 @@ async fn serve_run(
     .inspect_err(|_| cancel.cancel(CancelReason::Client))?;
 
     let mut client_gone = false;
+    let mut heartbeat = tokio::time::interval(protocol::message::HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = heartbeat.tick(), if !client_gone => {
+                if send(&mut writer, &ServerMessage::Heartbeat { job_id }).await.is_err() {
+                    tracing::info!(job = job_id, "client went away; cancelling its job");
+                    cancel.cancel(CancelReason::Client);
+                    client_gone = true;
+                }
+            }
             event = events.recv() => {
+                heartbeat.reset();
                 let Some(event) = event else { return Ok(()) };
                 let done = matches!(event, JobEvent::Done(_));
                 if let JobEvent::Done(summary) = &event {

@@ -22,7 +22,7 @@ pub mod units;
 pub mod workflow;
 
 /// Bumped whenever a message changes in a way an older peer cannot read.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The version of the dw tools this crate was built with.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");

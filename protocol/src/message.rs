@@ -61,6 +61,9 @@ pub struct RunRequest {
     pub session: Option<u32>,
 }
 
+/// How often a running job's connection hears from the daemon at least.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Everything the daemon can send.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,6 +120,11 @@ pub enum ServerMessage {
     /// The answer to a dry run.
     Plan(RunPlan),
     Done(RunSummary),
+    /// Sent during a run every [`HEARTBEAT`] when nothing else is, so a client can tell a
+    /// slow step from a daemon that stopped answering.
+    Heartbeat {
+        job_id: u64,
+    },
 }
 
 /// Why a request or a job did not succeed. Scripts match on these names.

@@ -135,3 +135,80 @@ fn sigterm_to_the_daemon_mid_run_tells_the_client_exit_3_and_removes_the_socket(
     assert!(!daemon.socket.exists());
     assert!(daemon.log().contains("dwd stopped"), "{}", daemon.log());
 }
+
+// A stopped daemon (SIGSTOP) sends nothing, not even heartbeats: the client gives up after
+// its silence limit with exit 3 instead of waiting forever.
+#[test]
+fn a_stopped_daemon_makes_the_client_give_up_after_its_silence_limit() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let pid = daemon.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let output = daemon
+        .command(&[
+            "run",
+            dw_tests::example_workflow().to_str().unwrap(),
+            "-o",
+            daemon.output_dir().to_str().unwrap(),
+        ])
+        .env("DWCTL_SILENCE_SECS", "5")
+        .output()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("sent nothing for 5 s"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+// While a long job runs, a client queued behind it hears heartbeats and keeps waiting.
+#[test]
+fn a_client_queued_behind_a_long_job_keeps_waiting_on_heartbeats() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let long = daemon.spawn(&[
+        "run",
+        dw_tests::example_workflow().to_str().unwrap(),
+        "num_inference_steps=150",
+        "-o",
+        daemon.output_dir().to_str().unwrap(),
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let waited = std::time::Instant::now();
+    let output = daemon
+        .command(&[
+            "run",
+            dw_tests::example_workflow().to_str().unwrap(),
+            "-o",
+            daemon.output_dir().to_str().unwrap(),
+        ])
+        .env("DWCTL_SILENCE_SECS", "5")
+        .output()
+        .unwrap();
+    assert!(
+        waited.elapsed() > std::time::Duration::from_secs(5),
+        "the queued client must have waited past its silence limit for this to prove anything"
+    );
+    let long = long.wait_with_output().unwrap();
+    assert_eq!(
+        long.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&long.stderr)
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
