@@ -315,6 +315,11 @@ impl JobQueue {
         jobs
     }
 
+    /// Whether `job_id` is still waiting for its turn.
+    pub fn is_waiting(&self, job_id: u64) -> bool {
+        self.state().pending.iter().any(|job| job.id == job_id)
+    }
+
     /// Jobs finished since the daemon started, whatever their outcome.
     pub fn runs(&self) -> u64 {
         self.state().runs

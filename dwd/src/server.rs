@@ -392,10 +392,24 @@ async fn serve_run(
     .inspect_err(|_| cancel.cancel(CancelReason::Client))?;
 
     let mut client_gone = false;
+    // `--timeout` counts the wait in the queue too: a job still waiting when it passes is
+    // answered at once (the executor skips it when its turn comes).
+    let deadline = request
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let mut deadline_seen = false;
     let mut heartbeat = tokio::time::interval(protocol::message::HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = sleep_until_some(deadline), if !client_gone && !deadline_seen => {
+                deadline_seen = true;
+                if state.queue.is_waiting(job_id) {
+                    cancel.cancel(CancelReason::Timeout);
+                    let summary = timed_out_in_queue(job_id, &workflow_id, request.timeout_ms.unwrap_or(0));
+                    return send(&mut writer, &ServerMessage::Done(summary)).await;
+                }
+            }
             _ = heartbeat.tick(), if !client_gone => {
                 if send(&mut writer, &ServerMessage::Heartbeat { job_id }).await.is_err() {
                     tracing::info!(job = job_id, "client went away; cancelling its job");
@@ -439,6 +453,38 @@ async fn serve_run(
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer to a job whose `--timeout` passed while it waited for its turn.
+fn timed_out_in_queue(job_id: u64, workflow_id: &str, timeout_ms: u64) -> RunSummary {
+    RunSummary {
+        job_id,
+        outcome: Outcome::Failed,
+        workflow: WorkflowInfo {
+            id: workflow_id.to_string(),
+            ..WorkflowInfo::default()
+        },
+        timings: protocol::message::Timings {
+            total_ms: timeout_ms,
+            ..Default::default()
+        },
+        cache: Default::default(),
+        error: Some(RunError {
+            kind: ErrorKind::Timeout,
+            message: format!(
+                "timed out after {} s (--timeout) while waiting in the queue, and was cancelled",
+                timeout_ms as f64 / 1000.0
+            ),
+        }),
     }
 }
 

@@ -212,3 +212,45 @@ fn a_client_queued_behind_a_long_job_keeps_waiting_on_heartbeats() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+// `--timeout` counts the wait in the queue: a job still waiting when it passes is answered
+// at once instead of when its turn comes.
+#[test]
+fn a_timeout_that_passes_in_the_queue_ends_the_wait_at_once() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let out = daemon.output_dir();
+    let example = dw_tests::example_workflow();
+    let long = daemon.spawn(&[
+        "run",
+        example.to_str().unwrap(),
+        "num_inference_steps=150",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let waited = std::time::Instant::now();
+    let queued = daemon.dwctl(&[
+        "run",
+        example.to_str().unwrap(),
+        "--timeout",
+        "1.5",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let elapsed = waited.elapsed();
+    let long = long.wait_with_output().unwrap();
+    queued.assert_code(1);
+    assert!(
+        queued.stderr.contains("while waiting in the queue"),
+        "{}",
+        queued.stderr
+    );
+    assert!(elapsed < std::time::Duration::from_secs(6), "{elapsed:?}");
+    assert_eq!(
+        long.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&long.stderr)
+    );
+}
