@@ -38,6 +38,9 @@ pub fn silence_limit() -> Duration {
         .max(protocol::message::HEARTBEAT * 2 + Duration::from_secs(1))
 }
 
+/// How long a stopping daemon may take to exit (it gives its running job 30 s).
+const STOPPING_LIMIT: Duration = Duration::from_secs(40);
+
 /// How long to wait for a daemon we started to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -252,26 +255,64 @@ fn start_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
             paths.socket.display()
         );
     }
-    let output = Command::new(&binary)
-        .arg("--socket")
-        .arg(&paths.socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| {
-            Failure::new(
+    for _ in 0..3 {
+        let output = Command::new(&binary)
+            .arg("--socket")
+            .arg(&paths.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| {
+                Failure::new(
+                    EXIT_UNREACHABLE,
+                    format!("cannot start {}: {e}", binary.display()),
+                )
+            })?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        if !output.status.success() && !stderr.contains("already running") {
+            return Err(Failure::new(
                 EXIT_UNREACHABLE,
-                format!("cannot start {}: {e}", binary.display()),
-            )
-        })?;
-    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-    if !output.status.success() && !stderr.contains("already running") {
-        return Err(Failure::new(
-            EXIT_UNREACHABLE,
-            format!("dwd failed to start: {stderr}"),
-        ));
+                format!("dwd failed to start: {stderr}"),
+            ));
+        }
+        // Started, or another client's dwd is starting: its socket appears shortly. A
+        // daemon that holds the lock with no socket is stopping: wait until it is gone,
+        // then start a fresh one.
+        if output.status.success() || !wait_while_stopping(paths) {
+            return wait_for_daemon(paths);
+        }
     }
+    wait_for_daemon(paths)
+}
+
+/// Whether a daemon was stopping on `paths` (its lock held, its socket gone); waits until
+/// it has exited.
+fn wait_while_stopping(paths: &DaemonPaths) -> bool {
+    let deadline = Instant::now() + STOPPING_LIMIT;
+    let mut waited = false;
+    while Instant::now() < deadline {
+        if std::fs::symlink_metadata(&paths.socket).is_ok() || !lock_is_held(paths) {
+            return waited;
+        }
+        waited = true;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    waited
+}
+
+/// Whether a process holds the daemon's lock file.
+fn lock_is_held(paths: &DaemonPaths) -> bool {
+    let Ok(file) = std::fs::File::open(&paths.lock) else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        Ok(_released_on_drop) => false,
+        Err(_) => true,
+    }
+}
+
+fn wait_for_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
     wait_for_socket(&paths.socket, START_TIMEOUT).map_err(|e| {
         Failure::new(
             EXIT_UNREACHABLE,

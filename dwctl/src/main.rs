@@ -467,8 +467,10 @@ fn stop(paths: &DaemonPaths) -> Result<u8, Failure> {
         ServerMessage::ShuttingDown { .. } => {}
         other => return Err(unexpected(other)),
     }
+    // Success once that daemon has exited (a fresh one another client starts meanwhile
+    // is not the one asked to stop).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while process_alive(pid) || paths.socket.exists() {
+    while process_alive(pid) {
         if Instant::now() > deadline {
             return Err(Failure::new(
                 EXIT_FAILED,

@@ -55,6 +55,24 @@ impl LogFile {
     }
 }
 
+/// Opens `path` anew for the log (after a rotation moved the old file away): SIGHUP.
+pub fn reopen(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if let Some(log) = LOG.get() {
+        match log.file.lock() {
+            Ok(mut current) => *current = file,
+            Err(poisoned) => *poisoned.into_inner() = file,
+        }
+    }
+    Ok(())
+}
+
 /// How many log lines could not be written since the daemon started.
 pub fn dropped_lines() -> u64 {
     LOG.get().map_or(0, LogFile::dropped)

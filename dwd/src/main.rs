@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +128,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let listener = StdUnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot bind {}", paths.socket.display()))?;
     std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
+    let socket_inode = std::fs::symlink_metadata(&paths.socket)?.ino();
 
     let log_file = OpenOptions::new()
         .create(true)
@@ -180,14 +181,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
     engine.fetcher.timeout = args.fetch_timeout;
     engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
+    let identity = Identity {
+        socket_inode,
+        lock_inode: lock.metadata()?.ino(),
+    };
     let result = runtime.block_on(serve_until_stopped(
         listener,
         paths.clone(),
         engine,
         args.idle_exit,
+        identity,
     ));
-    let _ = std::fs::remove_file(&paths.socket);
+    if std::fs::symlink_metadata(&paths.socket).is_ok_and(|m| m.ino() == socket_inode) {
+        let _ = std::fs::remove_file(&paths.socket);
+    }
     tracing::info!("dwd stopped");
+    // A job that did not stop in time must not keep the process alive: its thread ends
+    // with the process.
+    runtime.shutdown_timeout(Duration::from_millis(500));
     drop(lock);
     result
 }
@@ -283,11 +294,40 @@ fn write_pid(mut lock: Flock<File>) -> anyhow::Result<Flock<File>> {
     Ok(lock)
 }
 
+/// The files that make this daemon the one for its socket: if either is replaced or
+/// removed, another daemon may start, so this one stops.
+#[derive(Debug, Clone, Copy)]
+struct Identity {
+    socket_inode: u64,
+    lock_inode: u64,
+}
+
+impl Identity {
+    /// What is wrong with the socket or lock file, if anything.
+    fn lost(&self, paths: &DaemonPaths) -> Option<String> {
+        let inode = |path: &std::path::Path| std::fs::symlink_metadata(path).ok().map(|m| m.ino());
+        if inode(&paths.socket) != Some(self.socket_inode) {
+            return Some(format!(
+                "the socket {} was removed or replaced",
+                paths.socket.display()
+            ));
+        }
+        if inode(&paths.lock) != Some(self.lock_inode) {
+            return Some(format!(
+                "the lock file {} was removed or replaced",
+                paths.lock.display()
+            ));
+        }
+        None
+    }
+}
+
 async fn serve_until_stopped(
     listener: StdUnixListener,
     paths: DaemonPaths,
     engine: Engine,
     idle_exit: Option<Duration>,
+    identity: Identity,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
@@ -335,18 +375,47 @@ async fn serve_until_stopped(
     let signals = {
         let state = state.clone();
         tokio::spawn(async move {
-            let (Ok(mut term), Ok(mut int)) = (
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                    _ = hup.recv() => {
+                        match dwd::logging::reopen(&state.paths.log) {
+                            Ok(()) => tracing::info!("SIGHUP: log reopened"),
+                            Err(e) => tracing::warn!("SIGHUP: cannot reopen the log: {e}"),
+                        }
+                        continue;
+                    }
+                }
+                let _ = state.shutdown.send(true);
+                break;
             }
-            let _ = state.shutdown.send(true);
+        })
+    };
+
+    // One daemon per socket: if the socket or the lock file is removed or replaced,
+    // another daemon may start on it, so this one stops.
+    let watchdog = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Some(why) = identity.lost(&state.paths) {
+                    tracing::warn!("{why}; stopping so that one daemon serves the socket");
+                    let _ = state.shutdown.send(true);
+                    break;
+                }
+            }
         })
     };
 
@@ -368,12 +437,15 @@ async fn serve_until_stopped(
 
     serve(listener, state.clone()).await;
     signals.abort();
+    watchdog.abort();
     expiry.abort();
     if let Some(idle) = idle {
         idle.abort();
     }
     tracing::info!("shutting down: no new connections; cancelling jobs");
-    let _ = std::fs::remove_file(&state.paths.socket);
+    if identity.lost(&state.paths).is_none() {
+        let _ = std::fs::remove_file(&state.paths.socket);
+    }
     queue.close();
     let joined = tokio::task::spawn_blocking(move || executor.join());
     if tokio::time::timeout(Duration::from_secs(30), joined)

@@ -311,3 +311,72 @@ fn safetensors_data_bytes(relative: &str) -> u64 {
     let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     bytes.len() as u64 - 8 - header
 }
+
+// One daemon per socket: removing its socket (or its lock file) could let a second daemon
+// start beside an orphaned first; the first now notices and stops.
+#[test]
+fn a_daemon_whose_socket_or_lock_is_removed_stops_and_one_daemon_remains() {
+    for victim in ["socket", "lock"] {
+        let daemon = TestDaemon::new();
+        daemon.run_example(&[]).assert_code(0);
+        let first = daemon.pid().unwrap();
+        let path = match victim {
+            "socket" => daemon.socket.clone(),
+            _ => daemon.lock_file(),
+        };
+        std::fs::remove_file(&path).unwrap();
+        dw_tests::wait_until(
+            "the orphaned daemon to stop",
+            Duration::from_secs(10),
+            || !dw_tests::process_alive(first),
+        );
+        daemon.run_example(&[]).assert_code(0);
+        assert_eq!(dw_tests::daemons_on(&daemon.socket).len(), 1, "{victim}");
+    }
+}
+
+// SIGHUP reopens the log (after a rotation) instead of killing the daemon.
+#[test]
+fn sighup_reopens_the_log_and_the_daemon_keeps_serving() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let pid = daemon.pid().unwrap();
+    let rotated = daemon.log_file().with_extension("log.1");
+    std::fs::rename(daemon.log_file(), &rotated).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    dw_tests::wait_until("a fresh log", Duration::from_secs(10), || {
+        daemon.log_file().exists()
+    });
+    daemon.run_example(&[]).assert_code(0);
+    assert!(dw_tests::process_alive(pid));
+    assert!(daemon.log().contains("job accepted"), "{}", daemon.log());
+}
+
+// A run that meets a daemon that is stopping waits for it to exit and starts a fresh one.
+#[test]
+fn a_run_during_another_shells_stop_waits_and_starts_a_fresh_daemon() {
+    let daemon = TestDaemon::new();
+    daemon.run_example(&[]).assert_code(0);
+    let first = daemon.pid().unwrap();
+    let long = daemon.spawn(&[
+        "run",
+        dw_tests::example_workflow().to_str().unwrap(),
+        "num_inference_steps=150",
+        "-o",
+        daemon.output_dir().to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(800));
+    let stop = daemon.spawn(&["stop"]);
+    std::thread::sleep(Duration::from_millis(100));
+    let run = daemon.run_example(&[]);
+    let _ = long.wait_with_output();
+    let stop = stop.wait_with_output().unwrap();
+    assert_eq!(stop.status.code(), Some(0));
+    run.assert_code(0);
+    assert!(!dw_tests::process_alive(first));
+    assert_eq!(dw_tests::daemons_on(&daemon.socket).len(), 1);
+}
