@@ -201,6 +201,12 @@ impl TestDaemon {
 
     /// `dwctl run` of the example with outputs in this test's folder, as JSON.
     pub fn run_example(&self, extra: &[&str]) -> Run {
+        self.run_json(&example_workflow(), extra)
+    }
+
+    /// A `dwctl run` of the example (outputs in this test's folder, plain progress) to
+    /// add environment to, spawn or wait for.
+    pub fn example_command(&self, extra: &[&str]) -> Command {
         let workflow = example_workflow();
         let out = self.output_dir();
         let mut args = vec![
@@ -208,10 +214,15 @@ impl TestDaemon {
             workflow.to_str().expect("utf-8 path"),
             "-o",
             out.to_str().expect("utf-8 path"),
-            "--json",
         ];
         args.extend_from_slice(extra);
-        self.dwctl(&args)
+        self.command(&args)
+    }
+
+    /// Sends `signal` to this test's daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.pid().expect("a running daemon");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("kill");
     }
 
     /// The daemon's pid from its lock file, if it is running.

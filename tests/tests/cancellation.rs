@@ -142,32 +142,31 @@ fn sigterm_to_the_daemon_mid_run_tells_the_client_exit_3_and_removes_the_socket(
 fn a_stopped_daemon_makes_the_client_give_up_after_its_silence_limit() {
     let daemon = TestDaemon::new();
     daemon.run_example(&[]).assert_code(0);
-    let pid = daemon.pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
     let started = std::time::Instant::now();
     let output = daemon
-        .command(&[
-            "run",
-            dw_tests::example_workflow().to_str().unwrap(),
-            "-o",
-            daemon.output_dir().to_str().unwrap(),
-        ])
+        .example_command(&[])
         .env("DWCTL_SILENCE_SECS", "5")
         .output()
         .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("sent nothing for 5 s"), "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+/// Starts a run of 150 steps (several seconds on the tiny model) that later jobs queue
+/// behind.
+fn long_job(daemon: &TestDaemon) -> std::process::Child {
+    let child = daemon
+        .example_command(&["num_inference_steps=150"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child
 }
 
 // While a long job runs, a client queued behind it hears heartbeats and keeps waiting.
@@ -175,22 +174,10 @@ fn a_stopped_daemon_makes_the_client_give_up_after_its_silence_limit() {
 fn a_client_queued_behind_a_long_job_keeps_waiting_on_heartbeats() {
     let daemon = TestDaemon::new();
     daemon.run_example(&[]).assert_code(0);
-    let long = daemon.spawn(&[
-        "run",
-        dw_tests::example_workflow().to_str().unwrap(),
-        "num_inference_steps=150",
-        "-o",
-        daemon.output_dir().to_str().unwrap(),
-    ]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let long = long_job(&daemon);
     let waited = std::time::Instant::now();
     let output = daemon
-        .command(&[
-            "run",
-            dw_tests::example_workflow().to_str().unwrap(),
-            "-o",
-            daemon.output_dir().to_str().unwrap(),
-        ])
+        .example_command(&[])
         .env("DWCTL_SILENCE_SECS", "5")
         .output()
         .unwrap();
@@ -219,33 +206,17 @@ fn a_client_queued_behind_a_long_job_keeps_waiting_on_heartbeats() {
 fn a_timeout_that_passes_in_the_queue_ends_the_wait_at_once() {
     let daemon = TestDaemon::new();
     daemon.run_example(&[]).assert_code(0);
-    let out = daemon.output_dir();
-    let example = dw_tests::example_workflow();
-    let long = daemon.spawn(&[
-        "run",
-        example.to_str().unwrap(),
-        "num_inference_steps=150",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let long = long_job(&daemon);
     let waited = std::time::Instant::now();
-    let queued = daemon.dwctl(&[
-        "run",
-        example.to_str().unwrap(),
-        "--timeout",
-        "1.5",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let queued = daemon
+        .example_command(&["--timeout", "1.5"])
+        .output()
+        .unwrap();
     let elapsed = waited.elapsed();
     let long = long.wait_with_output().unwrap();
-    queued.assert_code(1);
-    assert!(
-        queued.stderr.contains("while waiting in the queue"),
-        "{}",
-        queued.stderr
-    );
+    let stderr = String::from_utf8_lossy(&queued.stderr);
+    assert_eq!(queued.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("while waiting in the queue"), "{stderr}");
     assert!(elapsed < std::time::Duration::from_secs(6), "{elapsed:?}");
     assert_eq!(
         long.status.code(),

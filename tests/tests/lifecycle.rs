@@ -343,11 +343,7 @@ fn sighup_reopens_the_log_and_the_daemon_keeps_serving() {
     let pid = daemon.pid().unwrap();
     let rotated = daemon.log_file().with_extension("log.1");
     std::fs::rename(daemon.log_file(), &rotated).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
     dw_tests::wait_until("a fresh log", Duration::from_secs(10), || {
         daemon.log_file().exists()
     });
@@ -362,13 +358,12 @@ fn a_run_during_another_shells_stop_waits_and_starts_a_fresh_daemon() {
     let daemon = TestDaemon::new();
     daemon.run_example(&[]).assert_code(0);
     let first = daemon.pid().unwrap();
-    let long = daemon.spawn(&[
-        "run",
-        dw_tests::example_workflow().to_str().unwrap(),
-        "num_inference_steps=150",
-        "-o",
-        daemon.output_dir().to_str().unwrap(),
-    ]);
+    let long = daemon
+        .example_command(&["num_inference_steps=150"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let stop = daemon.spawn(&["stop"]);
     std::thread::sleep(Duration::from_millis(100));
