@@ -623,3 +623,48 @@ fn auto_pipeline_classes_resolve_from_the_model_folder() {
         "{message}"
     );
 }
+
+// dw/tasks/gather.py gather_images: the files a glob matches (from the working directory)
+// and then the URLs, one result item each; dw/tasks/image_utils.py get_image_size gives an
+// object whose members later steps take by name.
+#[test]
+fn gathered_images_fan_out_into_later_tasks() {
+    let daemon = TestDaemon::new();
+    let pictures = daemon.dir.path().join("pictures");
+    std::fs::create_dir(&pictures).unwrap();
+    let fixture = repo_root().join("tests/fixtures/tasks");
+    std::fs::copy(fixture.join("input_wide.png"), pictures.join("a.png")).unwrap();
+    std::fs::copy(fixture.join("input_tall.png"), pictures.join("b.png")).unwrap();
+    let flow = write(
+        &daemon,
+        "gather.json",
+        r#"{"id": "gather", "steps": [
+          {"name": "images", "task": {"command": "gather_images", "arguments": {"glob": "pictures/*.png"}},
+           "result": {"content_type": "image/png"}},
+          {"name": "size", "task": {"command": "get_image_size", "arguments": {"image": "previous_result:images"}},
+           "result": {"content_type": "application/json"}},
+          {"name": "widths", "task": {"command": "gather_inputs", "arguments": {"width": "previous_result:size.width"}},
+           "result": {"content_type": "application/json"}}]}"#,
+    );
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(0);
+    assert_eq!(
+        written(&result),
+        [
+            "gather-images.0-0.0.png",
+            "gather-images.0-1.0.png",
+            "gather-size.1-0.json",
+            "gather-size.1-1.json",
+            "gather-widths.2-0.json",
+            "gather-widths.2-1.json"
+        ]
+    );
+    assert_eq!(
+        read_json(&daemon, "gather-size.1-1.json"),
+        serde_json::json!({"width": 40, "height": 61})
+    );
+    assert_eq!(
+        read_json(&daemon, "gather-widths.2-0.json"),
+        serde_json::json!({"width": 77})
+    );
+}
