@@ -38,7 +38,7 @@ use dwd::server::{serve, DaemonState};
 struct Args {
     /// Socket to listen on [default: $DWD_SOCKET, else $XDG_RUNTIME_DIR/dwd/dwd.sock,
     /// else /tmp/dwd-$UID/dwd.sock]. The lock and log files sit beside it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "DWD_SOCKET")]
     socket: Option<PathBuf>,
 
     /// Stay attached to the terminal and log to stderr as well as the log file.
@@ -46,48 +46,53 @@ struct Args {
     foreground: bool,
 
     /// Log file [default: beside the socket, e.g. dwd.log].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "DWD_LOG_FILE")]
     log_file: Option<PathBuf>,
 
     /// Where pipelines run: auto (CUDA if built with it and present, else CPU), cpu, or
     /// cuda:N.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "DEVICE",
+        env = "DWD_DEVICE"
+    )]
     device: String,
 
     /// Log filter, e.g. info, debug, dwd=trace [default: $DWD_LOG, else info].
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, value_name = "FILTER", env = "DWD_LOG")]
     log_level: Option<String>,
 
     /// How long loaded components stay after the last run that used them: 30m, 1h, 90s,
     /// 0 (unload right after each run), or forever (also any negative value). `dwctl run
     /// --keep-alive` overrides it per run.
-    #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = KeepAlive::parse)]
+    #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = KeepAlive::parse, env = "DWD_KEEP_ALIVE")]
     keep_alive: KeepAlive,
 
     /// Most memory loaded components may take: bytes (6GiB, 512MiB) or a share of the
     /// device's memory (of RAM on the CPU), like 80%. Idle components are unloaded, least
     /// recently used first, to make room; a run that cannot fit even alone fails before
     /// loading anything.
-    #[arg(long, default_value = "90%", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    #[arg(long, default_value = "90%", value_name = "SIZE", value_parser = SizeLimit::parse, env = "DWD_MEMORY_BUDGET")]
     memory_budget: SizeLimit,
 
     /// Warn in a run's output when memory after it exceeds what it was right after the
     /// models were loaded by more than this.
-    #[arg(long, default_value = "256MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    #[arg(long, default_value = "256MiB", value_name = "SIZE", value_parser = SizeLimit::parse, env = "DWD_GROWTH_WARN")]
     growth_warn: SizeLimit,
 
     /// How long fetching an image named by an http(s) URL may take, from connecting to
     /// the last byte.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration, env = "DWD_FETCH_TIMEOUT")]
     fetch_timeout: Duration,
 
     /// Largest image a URL may deliver; a larger one is refused without being kept.
-    #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = SizeLimit::parse)]
+    #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = SizeLimit::parse, env = "DWD_FETCH_LIMIT")]
     fetch_limit: SizeLimit,
 
     /// Exit once no job has been queued or running for this long (e.g. 10m), so a CI job or
     /// a Makefile leaves no daemon behind [default: never].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "DWD_IDLE_EXIT")]
     idle_exit: Option<Duration>,
 }
 

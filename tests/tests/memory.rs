@@ -361,3 +361,21 @@ fn a_run_too_large_for_free_memory_is_refused_and_the_daemon_keeps_its_models() 
     assert_eq!(loaded(&daemon).len(), 4, "the models stay loaded");
     daemon.run_example(&[]).assert_code(0);
 }
+
+// Every dwd flag has a DWD_* variable, and a daemon dwctl starts inherits them.
+#[test]
+fn an_auto_started_daemon_takes_its_settings_from_dwd_variables() {
+    let daemon = TestDaemon::new();
+    let output = daemon
+        .example_command(&[])
+        .env("DWD_KEEP_ALIVE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(loaded(&daemon), Vec::<Value>::new());
+}
