@@ -269,8 +269,10 @@ fn start_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
                     format!("cannot start {}: {e}", binary.display()),
                 )
             })?;
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        if !output.status.success() && !stderr.contains("already running") {
+        // A dwd that could not take the lock found another daemon (starting, running or
+        // stopping); any other failure is reported as it is.
+        if !output.status.success() && !lock_is_held(paths) {
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
             return Err(Failure::new(
                 EXIT_UNREACHABLE,
                 format!("dwd failed to start: {stderr}"),
