@@ -116,16 +116,22 @@ pub fn load_image_file(
     let path = resolve_path(base_dir, location);
     let bytes = protocol::input::read_bounded(&path, protocol::input::IMAGE_BYTES)
         .map_err(|e| InputError(format!("cannot open image {}: {e}", path.display())))?;
-    let decoded = image::ImageReader::new(std::io::Cursor::new(bytes))
+    let undecodable = |e: image::ImageError| {
+        InputError(format!(
+            "cannot decode image {} (PNG, JPEG and WebP are read): {e}",
+            path.display()
+        ))
+    };
+    let mut decoder = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| InputError(format!("cannot read image {}: {e}", path.display())))?
-        .decode()
-        .map_err(|e| {
-            InputError(format!(
-                "cannot decode image {} (PNG, JPEG and WebP are read): {e}",
-                path.display()
-            ))
-        })?;
+        .into_decoder()
+        .map_err(undecodable)?;
+    // diffusers' load_image applies the EXIF orientation (exif_transpose), as cameras and
+    // phones record it.
+    let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(undecodable)?;
+    let mut decoded = image::DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    decoded.apply_orientation(orientation);
     let decoded = match size {
         Some((width, height)) => {
             decoded.resize_exact(width, height, image::imageops::FilterType::Lanczos3)
@@ -229,6 +235,26 @@ mod tests {
         assert_eq!((images[0].width, images[0].height), (32, 16));
         let tensor = images_to_tensor(&images).unwrap();
         assert_eq!(tensor.dims(), &[1, 3, 16, 32]);
+    }
+
+    // diffusers.utils.load_image: ImageOps.exif_transpose, so an image a phone recorded as
+    // rotated loads upright.
+    #[test]
+    fn the_exif_orientation_of_an_input_image_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotated.png");
+        // A 2x1 image: red then blue, with EXIF orientation 6 (rotate 90° clockwise).
+        let exif = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0".to_vec();
+        let file = std::fs::File::create(&path).unwrap();
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), 2, 1);
+        encoder.set_color(png::ColorType::Rgb);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_chunk(png::chunk::eXIf, &exif).unwrap();
+        writer.write_image_data(&[255, 0, 0, 0, 0, 255]).unwrap();
+        writer.finish().unwrap();
+        let image = load_image_file(dir.path(), "rotated.png", None).unwrap();
+        assert_eq!((image.width, image.height), (1, 2));
+        assert_eq!(image.pixels, [255, 0, 0, 0, 0, 255]);
     }
 
     #[test]
