@@ -351,6 +351,9 @@ fn print_status(report: &StatusReport) {
         human_bytes(memory.loaded_bytes),
         human_bytes(memory.budget_bytes)
     ));
+    if !memory.budget_source.is_empty() {
+        line.push_str(&format!(" ({})", memory.budget_source));
+    }
     if let Some(baseline) = memory.baseline_bytes {
         line.push_str(&format!(
             "; {} right after the last load",

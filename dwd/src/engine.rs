@@ -98,6 +98,8 @@ pub struct Engine {
     pub baseline: Arc<Baseline>,
     /// How images named by URL are fetched.
     pub fetcher: Fetcher,
+    /// What the memory budget is a share of, for status.
+    pub budget_source: String,
 }
 
 /// Counters of one run.
@@ -261,6 +263,7 @@ impl Engine {
             policy,
             baseline: Arc::default(),
             fetcher: Fetcher::default(),
+            budget_source: String::new(),
         }
     }
 

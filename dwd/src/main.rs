@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use dwd::cache::ComponentCache;
 use dwd::cache::EXPIRY_CHECK_INTERVAL;
 use dwd::engine::{Engine, MemoryPolicy};
-use dwd::memory::{device_memory, human_bytes, total_ram_bytes};
+use dwd::memory::{device_memory, human_bytes};
 use dwd::queue::{run_executor, JobQueue};
 use dwd::server::{serve, DaemonState};
 
@@ -89,6 +89,16 @@ struct Args {
     /// Largest image a URL may deliver; a larger one is refused without being kept.
     #[arg(long, default_value = "64MiB", value_name = "SIZE", value_parser = SizeLimit::parse, env = "DWD_FETCH_LIMIT")]
     fetch_limit: SizeLimit,
+
+    /// Where the cgroup files are read from (a container's memory limit caps the budget).
+    #[arg(
+        long,
+        default_value = "/sys/fs/cgroup",
+        value_name = "DIR",
+        env = "DWD_CGROUP_ROOT",
+        hide = true
+    )]
+    cgroup_root: PathBuf,
 
     /// Exit once no job has been queued or running for this long (e.g. 10m), so a CI job or
     /// a Makefile leaves no daemon behind [default: never].
@@ -174,16 +184,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("dwd-io")
         .build()
         .context("cannot start the async runtime")?;
-    let total = device_memory(&device)
-        .map(|(_, total)| total)
-        .unwrap_or_else(total_ram_bytes);
+    let limit = match device_memory(&device) {
+        Some((_, total)) => dwd::memory::MemoryLimit {
+            bytes: total,
+            source: "device memory".to_string(),
+        },
+        None => dwd::memory::host_memory_limit(&args.cgroup_root),
+    };
+    let total = limit.bytes;
     let budget = args.memory_budget.of(total);
+    let budget_source = match args.memory_budget {
+        SizeLimit::Bytes(_) => "--memory-budget".to_string(),
+        SizeLimit::Percent(p) => format!("{p}% of {} ({})", limit.source, human_bytes(total)),
+    };
     let policy = MemoryPolicy {
         keep_alive: args.keep_alive,
         growth_warn_bytes: args.growth_warn.of(total),
     };
     tracing::info!(budget = %human_bytes(budget), keep_alive = ?policy.keep_alive, "memory policy");
     let mut engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
+    engine.budget_source = budget_source;
     engine.fetcher.timeout = args.fetch_timeout;
     engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
     let identity = Identity {

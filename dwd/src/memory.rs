@@ -55,6 +55,55 @@ fn meminfo_bytes(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The memory a budget is a share of, and what set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLimit {
+    pub bytes: u64,
+    /// `physical memory`, `cgroup v2 memory.max`, `cgroup v1 memory.limit_in_bytes`.
+    pub source: String,
+}
+
+/// The host memory this process may use: physical memory, or less where a container's
+/// cgroup (v2 `memory.max`, v1 `memory.limit_in_bytes`) under `cgroup_root` (normally
+/// `/sys/fs/cgroup`) caps it.
+pub fn host_memory_limit(cgroup_root: &std::path::Path) -> MemoryLimit {
+    let mut limit = MemoryLimit {
+        bytes: total_ram_bytes(),
+        source: "physical memory".to_string(),
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| p.trim_start_matches('/').to_string())
+        })
+        .unwrap_or_default();
+    let candidates = [
+        (
+            cgroup_root.join(&own).join("memory.max"),
+            "cgroup v2 memory.max",
+        ),
+        (cgroup_root.join("memory.max"), "cgroup v2 memory.max"),
+        (
+            cgroup_root.join("memory/memory.limit_in_bytes"),
+            "cgroup v1 memory.limit_in_bytes",
+        ),
+    ];
+    for (file, source) in candidates {
+        let value = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok());
+        if let Some(bytes) = value.filter(|&b| b > 0 && (limit.bytes == 0 || b < limit.bytes)) {
+            limit = MemoryLimit {
+                bytes,
+                source: source.to_string(),
+            };
+        }
+    }
+    limit
+}
+
 pub fn total_ram_bytes() -> u64 {
     meminfo_bytes("MemTotal:")
 }
@@ -174,6 +223,26 @@ impl Baseline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_limit_below_physical_memory_sets_the_budget_base() {
+        let root = tempfile::tempdir().unwrap();
+        let none = host_memory_limit(root.path());
+        assert_eq!(none.source, "physical memory");
+        std::fs::write(root.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(host_memory_limit(root.path()).source, "physical memory");
+        std::fs::write(root.path().join("memory.max"), "104857600\n").unwrap();
+        let limited = host_memory_limit(root.path());
+        assert_eq!(limited.bytes, 104_857_600);
+        assert_eq!(limited.source, "cgroup v2 memory.max");
+        std::fs::remove_file(root.path().join("memory.max")).unwrap();
+        std::fs::create_dir(root.path().join("memory")).unwrap();
+        std::fs::write(root.path().join("memory/memory.limit_in_bytes"), "52428800").unwrap();
+        assert_eq!(
+            host_memory_limit(root.path()).source,
+            "cgroup v1 memory.limit_in_bytes"
+        );
+    }
 
     #[test]
     fn this_process_has_a_resident_set_and_the_machine_has_ram() {

@@ -551,6 +551,7 @@ fn status(state: &DaemonState) -> StatusReport {
             device_used_bytes: device.map(|(used, _)| used),
             device_total_bytes: device.map(|(_, total)| total),
             budget_bytes: engine.cache.budget(),
+            budget_source: engine.budget_source.clone(),
             loaded_bytes: engine.cache.loaded_bytes(),
             baseline_bytes: engine.baseline.get(),
         },

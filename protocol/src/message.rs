@@ -333,6 +333,10 @@ pub struct MemoryReport {
     /// Bytes loaded components may take (`--memory-budget`).
     #[serde(default)]
     pub budget_bytes: u64,
+    /// What set the budget: `--memory-budget`, or a share of physical memory, a cgroup's
+    /// limit or the device's memory.
+    #[serde(default)]
+    pub budget_source: String,
     /// Bytes the loaded components take.
     #[serde(default)]
     pub loaded_bytes: u64,

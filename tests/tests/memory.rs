@@ -379,3 +379,34 @@ fn an_auto_started_daemon_takes_its_settings_from_dwd_variables() {
     );
     assert_eq!(loaded(&daemon), Vec::<Value>::new());
 }
+
+// In a container the cgroup's memory limit, not the machine's RAM, is what a share-of
+// budget is taken of; status says which limit it was.
+#[test]
+fn the_default_budget_follows_a_containers_cgroup_limit() {
+    let daemon = TestDaemon::new();
+    let cgroup = daemon.dir.path().join("cgroup");
+    std::fs::create_dir(&cgroup).unwrap();
+    std::fs::write(cgroup.join("memory.max"), "104857600\n").unwrap();
+    let output = daemon
+        .example_command(&[])
+        .env("DWD_CGROUP_ROOT", &cgroup)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let memory = &daemon.status()["memory"];
+    assert_eq!(
+        memory["budget_bytes"], 94_371_840,
+        "90% of 100 MiB: {memory}"
+    );
+    let source = memory["budget_source"].as_str().unwrap();
+    assert!(
+        source.starts_with("90% of cgroup v2 memory.max"),
+        "{source}"
+    );
+}
