@@ -460,7 +460,12 @@ async fn serve_until_stopped(
         })
     });
 
+    // Under systemd (Type=notify, --foreground): ready once connections are served.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd the daemon is ready: {e}");
+    }
     serve(listener, state.clone()).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     signals.abort();
     watchdog.abort();
     expiry.abort();

@@ -375,3 +375,34 @@ fn a_run_during_another_shells_stop_waits_and_starts_a_fresh_daemon() {
     assert!(!dw_tests::process_alive(first));
     assert_eq!(dw_tests::daemons_on(&daemon.socket).len(), 1);
 }
+
+// systemd's Type=notify: READY=1 once connections are served, STOPPING=1 on the way out.
+#[test]
+fn under_systemd_the_daemon_reports_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let socket = dir.path().join("run/dwd.sock");
+    let mut daemon = std::process::Command::new(dw_tests::bin_dir().join("dwd"))
+        .args(["--foreground", "--socket"])
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buffer = [0u8; 256];
+    let n = listener.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..n], b"READY=1\n");
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = listener.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..n], b"STOPPING=1\n");
+    assert!(daemon.wait().unwrap().success());
+}
