@@ -11,7 +11,7 @@ use dw_tests::{example_workflow, TestDaemon};
 fn a_closed_standard_output_ends_dwctl_by_sigpipe_not_a_panic() {
     let daemon = TestDaemon::new();
     daemon.run_example(&[]).assert_code(0);
-    let (reader, writer) = std::io::pipe().unwrap();
+    let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
     let output = daemon
         .command(&["status"])
