@@ -514,6 +514,42 @@ fn log_path(paths: &DaemonPaths) -> std::path::PathBuf {
     reported.unwrap_or_else(|| paths.log.clone())
 }
 
+/// The last `lines` lines of `file` and where it ends, read backwards in blocks, so a long
+/// log is not read whole.
+fn tail_lines(file: &mut std::fs::File, lines: usize) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 << 10;
+    let end = file.seek(SeekFrom::End(0))?;
+    let mut start = end;
+    let mut tail: Vec<u8> = Vec::new();
+    while start > 0 && tail.iter().filter(|&&b| b == b'\n').count() <= lines {
+        let from = start.saturating_sub(BLOCK);
+        let mut block = vec![0; (start - from) as usize];
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut block)?;
+        block.extend_from_slice(&tail);
+        tail = block;
+        start = from;
+    }
+    if tail.is_empty() {
+        return Ok((tail, end));
+    }
+    let mut parts: Vec<&[u8]> = tail.split(|&b| b == b'\n').collect();
+    if tail.last() == Some(&b'\n') {
+        parts.pop();
+    }
+    if start > 0 && !parts.is_empty() {
+        // The first piece began before what was read.
+        parts.remove(0);
+    }
+    let mut out = Vec::new();
+    for part in &parts[parts.len().saturating_sub(lines)..] {
+        out.extend_from_slice(part);
+        out.push(b'\n');
+    }
+    Ok((out, end))
+}
+
 fn logs(paths: &DaemonPaths, follow: bool, lines: usize) -> Result<u8, Failure> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let path = log_path(paths);
@@ -523,19 +559,16 @@ fn logs(paths: &DaemonPaths, follow: bool, lines: usize) -> Result<u8, Failure> 
             format!("cannot open the log {}: {e}", path.display()),
         )
     })?;
-    let mut text = String::new();
-    file.read_to_string(&mut text)
+    let (tail, end) = tail_lines(&mut file, lines)
         .map_err(|e| Failure::new(EXIT_FAILED, format!("cannot read {}: {e}", path.display())))?;
-    let all: Vec<&str> = text.lines().collect();
     let mut out = std::io::stdout().lock();
-    for line in &all[all.len().saturating_sub(lines)..] {
-        let _ = writeln!(out, "{line}");
+    if out.write_all(&tail).and_then(|_| out.flush()).is_err() {
+        return Ok(EXIT_OK);
     }
-    let _ = out.flush();
     if !follow {
         return Ok(EXIT_OK);
     }
-    let mut position = text.len() as u64;
+    let mut position = end;
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -584,5 +617,29 @@ fn ping(paths: &DaemonPaths) -> Result<u8, Failure> {
             Ok(EXIT_OK)
         }
         other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tail_of(text: &str, lines: usize) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, text).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        String::from_utf8(tail_lines(&mut file, lines).unwrap().0).unwrap()
+    }
+
+    #[test]
+    fn logs_shows_the_last_lines_reading_only_the_end() {
+        let long: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        assert!(long.len() > 128 << 10);
+        assert_eq!(tail_of(&long, 3), "line 19997\nline 19998\nline 19999\n");
+        assert_eq!(tail_of("a\nb\nc", 2), "b\nc\n");
+        assert_eq!(tail_of("a\nb\n", 5), "a\nb\n");
+        assert_eq!(tail_of("a\nb\n", 0), "");
+        assert_eq!(tail_of("", 3), "");
     }
 }
