@@ -332,6 +332,15 @@ fn print_status(report: &StatusReport) {
     );
     outln!("socket  {}", report.socket);
     outln!("log     {}", report.log_file);
+    let changed: Vec<String> = report
+        .settings
+        .iter()
+        .filter(|s| s.source != "default")
+        .map(|s| format!("{} {} ({})", s.name, s.value, s.source))
+        .collect();
+    if !changed.is_empty() {
+        outln!("settings {}", changed.join(", "));
+    }
     if report.log_dropped_lines > 0 {
         outln!(
             "        {} log line(s) could not be written (is its disk full?)",

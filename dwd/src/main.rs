@@ -106,9 +106,44 @@ struct Args {
     idle_exit: Option<Duration>,
 }
 
+fn settings_of(matches: &clap::ArgMatches) -> Vec<protocol::message::Setting> {
+    <Args as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter(|arg| !arg.is_hide_set() && arg.get_long().is_some())
+        .filter_map(|arg| {
+            let id = arg.get_id().as_str();
+            let source = match matches.value_source(id)? {
+                clap::parser::ValueSource::CommandLine => "flag",
+                clap::parser::ValueSource::EnvVariable => "env",
+                _ => "default",
+            };
+            let value = matches
+                .get_raw(id)
+                .map(|values| {
+                    values
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_else(|| "true".to_string());
+            Some(protocol::message::Setting {
+                name: format!("--{}", arg.get_long()?),
+                value,
+                source: source.to_string(),
+            })
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
     dwd::memory::tune_allocator();
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let settings = settings_of(&matches);
+    let args = match <Args as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    dwd::server::SETTINGS.get_or_init(|| settings);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

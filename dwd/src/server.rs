@@ -46,6 +46,10 @@ pub struct DaemonState {
     pub shutdown: watch::Sender<bool>,
 }
 
+/// The daemon's flags in effect and where each came from, for `status`.
+pub static SETTINGS: std::sync::OnceLock<Vec<protocol::message::Setting>> =
+    std::sync::OnceLock::new();
+
 /// The most connections served at once; more are told so and closed, so that no number
 /// of clients can take every descriptor the daemon has.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -543,6 +547,7 @@ fn status(state: &DaemonState) -> StatusReport {
         socket: state.paths.socket.display().to_string(),
         log_file: state.paths.log.display().to_string(),
         log_dropped_lines: crate::logging::dropped_lines(),
+        settings: SETTINGS.get().cloned().unwrap_or_default(),
         runs: state.queue.runs(),
         queue: state.queue.snapshot(),
         loaded: engine.cache.report(),

@@ -286,11 +286,23 @@ pub struct StatusReport {
     /// Log lines that could not be written (a full disk) since the daemon started.
     #[serde(default)]
     pub log_dropped_lines: u64,
+    /// The daemon's flags as they are in effect, and where each value came from.
+    #[serde(default)]
+    pub settings: Vec<Setting>,
     /// Jobs finished since start, whatever their outcome.
     pub runs: u64,
     pub queue: Vec<QueuedJob>,
     pub loaded: Vec<LoadedComponent>,
     pub memory: MemoryReport,
+}
+
+/// One of the daemon's settings: its flag, value and where the value came from (`flag`,
+/// `env` or `default`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
