@@ -37,11 +37,51 @@ pub fn write_image(
             image.pixels.len()
         ));
     }
+    let exif = text.map(|t| exif_user_comment(t.dw));
     write_atomically(path, |file| match content_type {
-        "image/jpeg" => encode_jpeg(file, image),
-        "image/webp" => encode_webp(file, image),
+        "image/jpeg" => encode_jpeg(file, image, exif),
+        "image/webp" => encode_webp(file, image, exif),
         _ => encode_png(file, image, text),
     })
+}
+
+/// An EXIF block (TIFF, big-endian) whose only entry is a UserComment holding `text` with
+/// the ASCII prefix, as diffusers-workflow writes its metadata JSON into JPEG and WebP
+/// files (with piexif).
+fn exif_user_comment(text: &str) -> Vec<u8> {
+    // JSON stays valid ASCII with other characters as \uXXXX escapes.
+    let mut comment = b"ASCII\0\0\0".to_vec();
+    for c in text.chars() {
+        if c.is_ascii() {
+            comment.push(c as u8);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                comment.extend(format!("\\u{unit:04x}").bytes());
+            }
+        }
+    }
+    let ifd0_at: u32 = 8;
+    let exif_ifd_at = ifd0_at + 2 + 12 + 4;
+    let comment_at = exif_ifd_at + 2 + 12 + 4;
+    let mut tiff = b"MM\0\x2a".to_vec();
+    tiff.extend(ifd0_at.to_be_bytes());
+    // IFD0: one entry, the pointer to the Exif IFD.
+    tiff.extend(1u16.to_be_bytes());
+    tiff.extend(0x8769u16.to_be_bytes());
+    tiff.extend(4u16.to_be_bytes());
+    tiff.extend(1u32.to_be_bytes());
+    tiff.extend(exif_ifd_at.to_be_bytes());
+    tiff.extend(0u32.to_be_bytes());
+    // Exif IFD: one entry, UserComment (UNDEFINED bytes, stored after the IFD).
+    tiff.extend(1u16.to_be_bytes());
+    tiff.extend(0x9286u16.to_be_bytes());
+    tiff.extend(7u16.to_be_bytes());
+    tiff.extend((comment.len() as u32).to_be_bytes());
+    tiff.extend(comment_at.to_be_bytes());
+    tiff.extend(0u32.to_be_bytes());
+    tiff.extend(comment);
+    tiff
 }
 
 /// Writes `bytes` as they are (text and JSON results), atomically.
@@ -51,9 +91,20 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(), String> {
     })
 }
 
-fn encode_webp(out: &mut impl Write, image: &RgbView<'_>) -> Result<(), String> {
-    image::codecs::webp::WebPEncoder::new_lossless(out)
-        .encode(
+fn encode_webp(
+    out: &mut impl Write,
+    image: &RgbView<'_>,
+    exif: Option<Vec<u8>>,
+) -> Result<(), String> {
+    use image::ImageEncoder;
+    let mut encoder = image::codecs::webp::WebPEncoder::new_lossless(out);
+    if let Some(exif) = exif {
+        encoder
+            .set_exif_metadata(exif)
+            .map_err(|e| format!("WebP metadata: {e}"))?;
+    }
+    encoder
+        .write_image(
             image.pixels,
             image.width,
             image.height,
@@ -150,14 +201,25 @@ fn encode_png(
     writer.finish().map_err(|e| format!("PNG: {e}"))
 }
 
-fn encode_jpeg(out: &mut impl Write, image: &RgbView<'_>) -> Result<(), String> {
+fn encode_jpeg(
+    out: &mut impl Write,
+    image: &RgbView<'_>,
+    exif: Option<Vec<u8>>,
+) -> Result<(), String> {
     let (Ok(width), Ok(height)) = (u16::try_from(image.width), u16::try_from(image.height)) else {
         return Err(format!(
             "JPEG cannot hold {}x{} (at most 65535 per side)",
             image.width, image.height
         ));
     };
-    let encoder = jpeg_encoder::Encoder::new(out, 92);
+    let mut encoder = jpeg_encoder::Encoder::new(out, 92);
+    if let Some(exif) = exif {
+        let mut segment = b"Exif\0\0".to_vec();
+        segment.extend(exif);
+        encoder
+            .add_app_segment(1, segment)
+            .map_err(|e| format!("JPEG metadata: {e}"))?;
+    }
     encoder
         .encode(image.pixels, width, height, jpeg_encoder::ColorType::Rgb)
         .map_err(|e| format!("JPEG: {e}"))
@@ -245,6 +307,40 @@ mod tests {
         .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..2], &[0xFF, 0xD8]);
+    }
+
+    // dw/result.py: JPEG and WebP carry the metadata JSON in EXIF UserComment.
+    #[test]
+    fn jpeg_and_webp_carry_the_metadata_in_exif_user_comment() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels = red_2x1();
+        let view = RgbView {
+            width: 2,
+            height: 1,
+            pixels: &pixels,
+        };
+        let text = PngText {
+            parameters: "a fox",
+            dw: r#"{"step_name":"main"}"#,
+        };
+        for (name, content_type) in [("x.jpg", "image/jpeg"), ("x.webp", "image/webp")] {
+            let path = dir.path().join(name);
+            write_image(&path, content_type, &view, Some(&text)).unwrap();
+            let mut decoder = image::ImageReader::open(&path)
+                .unwrap()
+                .with_guessed_format()
+                .unwrap()
+                .into_decoder()
+                .unwrap();
+            let exif = image::ImageDecoder::exif_metadata(&mut decoder)
+                .unwrap()
+                .unwrap();
+            let needle = b"ASCII\0\0\0{\"step_name\":\"main\"}";
+            assert!(
+                exif.windows(needle.len()).any(|w| w == needle),
+                "{name}: {exif:?}"
+            );
+        }
     }
 
     #[test]
