@@ -750,7 +750,7 @@ impl Engine {
         spec: &PipelineStep,
         counters: &mut RunCounters,
     ) -> Result<PreparedPipeline, StepError> {
-        let (job, step) = (context.job, context.step);
+        let step = context.step;
         let plan = plan_step(
             context.workflow,
             step,
@@ -767,8 +767,42 @@ impl Engine {
             context.log(LogLevel::Warn, notice.clone());
         }
         self.make_room(context, &plan)?;
-        let user = format!("{}:{}", context.workflow.id, step.name);
         let mut counts = LoadCounts::default();
+        let loaded = self.load(context, spec, &plan, &mut counts);
+        counters.cache.hits += counts.hits;
+        counters.cache.misses += counts.misses;
+        counters.load_ms += counts.load_ms;
+        let keys: Vec<ComponentKey> = plan.components.iter().map(|c| c.key.clone()).collect();
+        counters.used.extend(keys.iter().cloned());
+        counters
+            .model_dirs
+            .insert(step.name.clone(), plan.model_dir.clone());
+        let pipeline = loaded?;
+        if counts.misses > 0 {
+            self.baseline.set(measured_bytes(&self.device));
+        }
+        Ok(PreparedPipeline {
+            pipeline: Arc::new(pipeline),
+            kind: spec.kind,
+            model_name: spec.model_name.clone(),
+            scheduler: spec.scheduler.clone(),
+            vae_slicing: spec.options.vae_slicing,
+            vae_tiling: spec.options.vae_tiling,
+            keys,
+        })
+    }
+
+    /// Takes the plan's components from the cache, loading what is missing, with progress
+    /// and cancellation between components.
+    fn load(
+        &self,
+        context: &StepContext<'_>,
+        spec: &PipelineStep,
+        plan: &StepPlan,
+        counts: &mut LoadCounts,
+    ) -> Result<StableDiffusionPipeline, StepError> {
+        let (job, step) = (context.job, context.step);
+        let user = format!("{}:{}", context.workflow.id, step.name);
         let mut before_each = |i: usize| -> Result<(), LoadError> {
             if job.cancel.reason().is_some() {
                 return Err(LoadError::Cancelled);
@@ -782,49 +816,22 @@ impl Engine {
             Ok(())
         };
         let loaded = load_pipeline(
-            &plan,
+            plan,
             &self.cache,
             &self.device,
             spec.variant.as_deref(),
             &user,
-            &mut counts,
+            counts,
             &mut before_each,
         );
-        counters.cache.hits += counts.hits;
-        counters.cache.misses += counts.misses;
-        counters.load_ms += counts.load_ms;
-        let keys: Vec<ComponentKey> = plan.components.iter().map(|c| c.key.clone()).collect();
-        counters.used.extend(keys.iter().cloned());
-        counters
-            .model_dirs
-            .insert(step.name.clone(), plan.model_dir.clone());
-        let pipeline = match loaded {
-            Ok(pipeline) => pipeline,
-            Err(LoadError::Cancelled) => {
-                return Err(StepError::Cancelled(
-                    job.cancel.reason().unwrap_or(CancelReason::Client),
-                ))
+        loaded.map_err(|e| match e {
+            LoadError::Cancelled => {
+                StepError::Cancelled(job.cancel.reason().unwrap_or(CancelReason::Client))
             }
-            Err(e) => {
-                return Err(match StepError::from(e) {
-                    StepError::Failed(message) => {
-                        StepError::Failed(format!("step `{}`: {message}", step.name))
-                    }
-                    other => other,
-                })
+            LoadError::Failed(message) => {
+                StepError::Failed(format!("step `{}`: {message}", step.name))
             }
-        };
-        if counts.misses > 0 {
-            self.baseline.set(measured_bytes(&self.device));
-        }
-        Ok(PreparedPipeline {
-            pipeline: Arc::new(pipeline),
-            kind: spec.kind,
-            model_name: spec.model_name.clone(),
-            scheduler: spec.scheduler.clone(),
-            vae_slicing: spec.options.vae_slicing,
-            vae_tiling: spec.options.vae_tiling,
-            keys,
+            other => StepError::from(other),
         })
     }
 

@@ -6,7 +6,7 @@
 //! loaded.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -130,7 +130,6 @@ pub fn plan_step(
         })?;
     }
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, device);
-    let dtype_name = format!("{dtype:?}").to_lowercase();
     let failed = |what: String| {
         LoadError::Failed(format!(
             "step `{}`: loading {}: {what}",
@@ -140,58 +139,16 @@ pub fn plan_step(
     };
     let mut components = Vec::with_capacity(4);
     for kind in ComponentKind::ALL {
-        let source = match spec
-            .reused_components
-            .iter()
-            .find(|(name, _)| name == kind.name())
-        {
-            Some((_, sharer)) => model_dirs
-                .get(sharer)
-                .cloned()
-                .unwrap_or_else(|| model_dir.clone()),
-            None => model_dir.clone(),
-        };
-        let (source, dir) = match spec.components.iter().find(|c| c.slot == kind.name()) {
-            Some(component) => {
-                let root = resolve_at(workflow, &component.model_name, component.at)?;
-                let dir = match &component.subfolder {
-                    Some(sub) => root.join(sub),
-                    None => root.clone(),
-                };
-                (root, dir)
-            }
-            None => {
-                let dir = source.join(kind.name());
-                (source, dir)
-            }
-        };
-        let (files, weights) = match kind {
-            ComponentKind::Tokenizer => {
-                let mut files = vec![dir.join("vocab.json"), dir.join("merges.txt")];
-                files.extend(
-                    ["special_tokens_map.json", "tokenizer_config.json"]
-                        .map(|f| dir.join(f))
-                        .into_iter()
-                        .filter(|p| p.is_file()),
-                );
-                (files, Vec::new())
-            }
-            _ => {
-                let weights = pipelines::weight_files_variant(&dir, spec.variant.as_deref())
-                    .map_err(|e| failed(e.to_string()))?;
-                let mut files = weights.clone();
-                files.push(dir.join("config.json"));
-                (files, weights)
-            }
-        };
+        let (source, dir) = component_folder(workflow, spec, kind, &model_dir, model_dirs)?;
+        let (files, weights) = component_files(kind, &dir, spec.variant.as_deref())
+            .map_err(|e| failed(e.to_string()))?;
         let files = files
             .iter()
             .map(|p| FileIdentity::of(p).map_err(|e| failed(format!("{}: {e}", p.display()))))
             .collect::<Result<Vec<_>, _>>()?;
-        let component_dtype = if kind == ComponentKind::Tokenizer {
-            "-".to_string()
-        } else {
-            dtype_name.clone()
+        let component_dtype = match kind {
+            ComponentKind::Tokenizer => "-".to_string(),
+            _ => format!("{dtype:?}").to_lowercase(),
         };
         let key = ComponentKey {
             component_type: kind.name(),
@@ -214,6 +171,56 @@ pub fn plan_step(
         dtype_notice,
         components,
     })
+}
+
+/// Where a component comes from (the model it belongs to) and its folder: a component
+/// block's own model (and subfolder), the model of the step that shared it, or the
+/// pipeline's model.
+fn component_folder(
+    workflow: &Workflow,
+    spec: &PipelineStep,
+    kind: ComponentKind,
+    model_dir: &Path,
+    model_dirs: &HashMap<String, PathBuf>,
+) -> Result<(PathBuf, PathBuf), LoadError> {
+    if let Some(component) = spec.components.iter().find(|c| c.slot == kind.name()) {
+        let root = resolve_at(workflow, &component.model_name, component.at)?;
+        let dir = match &component.subfolder {
+            Some(sub) => root.join(sub),
+            None => root.clone(),
+        };
+        return Ok((root, dir));
+    }
+    let source = spec
+        .reused_components
+        .iter()
+        .find(|(name, _)| name == kind.name())
+        .and_then(|(_, sharer)| model_dirs.get(sharer).cloned())
+        .unwrap_or_else(|| model_dir.to_path_buf());
+    let dir = source.join(kind.name());
+    Ok((source, dir))
+}
+
+/// The files that identify a component (for the cache key) and its weight files.
+fn component_files(
+    kind: ComponentKind,
+    dir: &Path,
+    variant: Option<&str>,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), PipelineError> {
+    if kind == ComponentKind::Tokenizer {
+        let mut files = vec![dir.join("vocab.json"), dir.join("merges.txt")];
+        files.extend(
+            ["special_tokens_map.json", "tokenizer_config.json"]
+                .map(|f| dir.join(f))
+                .into_iter()
+                .filter(|p| p.is_file()),
+        );
+        return Ok((files, Vec::new()));
+    }
+    let weights = pipelines::weight_files_variant(dir, variant)?;
+    let mut files = weights.clone();
+    files.push(dir.join("config.json"));
+    Ok((files, weights))
 }
 
 /// Resolves a `model_name` written at `at` in the workflow.

@@ -668,3 +668,43 @@ fn gathered_images_fan_out_into_later_tasks() {
         serde_json::json!({"width": 77})
     );
 }
+
+// dw/pipeline_processors/pipeline.py: a component block beside `configuration` loads
+// that component from its own model (and subfolder) instead of the pipeline's.
+#[test]
+fn a_component_block_loads_that_component_from_another_model() {
+    let daemon = TestDaemon::new();
+    let other = daemon.dir.path().join("other-vae");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::symlink(Path::new(&model()).join("vae"), other.join("weights")).unwrap();
+    let flow = write(
+        &daemon,
+        "component.json",
+        &r#"{"id": "component", "seed": 1, "steps": [{"name": "gen", "pipeline": {
+          "configuration": {"component_type": "StableDiffusionPipeline"},
+          "vae": {"configuration": {"component_type": "AutoencoderKL"},
+                  "from_pretrained_arguments": {"model_name": "OTHER", "subfolder": "weights"}},
+          "from_pretrained_arguments": {"model_name": "MODEL"},
+          "arguments": {"prompt": "a fox", "num_inference_steps": 2}},
+         "result": {"content_type": "image/png"}}]}"#
+            .replace("OTHER", other.to_str().unwrap()),
+    );
+    run(&daemon, &flow, &[]).assert_code(0);
+    let loaded = daemon.status()["loaded"].as_array().unwrap().clone();
+    let vae = loaded
+        .iter()
+        .find(|c| c["component_type"] == "vae")
+        .unwrap();
+    assert!(
+        vae["model"].as_str().unwrap().ends_with("other-vae"),
+        "{vae}"
+    );
+    let unet = loaded
+        .iter()
+        .find(|c| c["component_type"] == "unet")
+        .unwrap();
+    assert!(
+        unet["model"].as_str().unwrap().ends_with("tiny-sd15/model"),
+        "{unet}"
+    );
+}
