@@ -432,18 +432,18 @@ async fn serve_until_stopped(
         })
     };
 
+    // The handlers are installed here, before the daemon says it is ready: a SIGTERM or
+    // SIGHUP that came before a spawned task got to install them would kill the process
+    // by the default action, leaving its socket behind.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int, mut hup) = (
+        signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+    );
     let signals = {
         let state = state.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
             loop {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -456,7 +456,7 @@ async fn serve_until_stopped(
                         continue;
                     }
                 }
-                let _ = state.shutdown.send(true);
+                state.shutdown.send_replace(true);
                 break;
             }
         })
@@ -472,7 +472,7 @@ async fn serve_until_stopped(
                 tick.tick().await;
                 if let Some(why) = identity.lost(&state.paths) {
                     tracing::warn!("{why}; stopping so that one daemon serves the socket");
-                    let _ = state.shutdown.send(true);
+                    state.shutdown.send_replace(true);
                     break;
                 }
             }
@@ -488,7 +488,7 @@ async fn serve_until_stopped(
                 tick.tick().await;
                 if state.queue.idle_for().is_some_and(|idle| idle >= limit) {
                     tracing::info!("idle for {limit:?} (--idle-exit); stopping");
-                    let _ = state.shutdown.send(true);
+                    state.shutdown.send_replace(true);
                     break;
                 }
             }

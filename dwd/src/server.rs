@@ -42,7 +42,8 @@ pub struct DaemonState {
     pub device_name: String,
     pub started: Instant,
     pub uid: u32,
-    /// Set to true to start shutting down.
+    /// Set to true to start shutting down (with `send_replace`, which keeps the value even
+    /// before anything subscribes: a signal can come before the accept loop starts).
     pub shutdown: watch::Sender<bool>,
 }
 
@@ -290,7 +291,7 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
                 },
             )
             .await?;
-            let _ = state.shutdown.send(true);
+            state.shutdown.send_replace(true);
             Ok(())
         }
         ClientMessage::Hello { .. } => {
