@@ -68,7 +68,8 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(output: Output) -> Run {
+    /// What a finished `dwctl` process left: exit code, stdout and stderr.
+    pub fn of(output: Output) -> Run {
         Run {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -171,23 +172,30 @@ impl TestDaemon {
         command
     }
 
-    /// `dwctl run WORKFLOW -o <output dir> --json EXTRA...`.
-    pub fn run_json(&self, workflow: &Path, extra: &[&str]) -> Run {
+    /// `dwctl run WORKFLOW -o <output dir> EXTRA...`, to add environment to, spawn or wait
+    /// for.
+    pub fn run_command(&self, workflow: &Path, extra: &[&str]) -> Command {
         let out = self.output_dir();
         let mut args = vec![
             "run",
             workflow.to_str().expect("utf-8 path"),
             "-o",
             out.to_str().expect("utf-8 path"),
-            "--json",
         ];
         args.extend_from_slice(extra);
-        self.dwctl(&args)
+        self.command(&args)
+    }
+
+    /// `dwctl run WORKFLOW -o <output dir> --json EXTRA...`.
+    pub fn run_json(&self, workflow: &Path, extra: &[&str]) -> Run {
+        let mut command = self.run_command(workflow, &["--json"]);
+        command.args(extra);
+        Run::of(command.output().expect("run dwctl"))
     }
 
     /// Runs `dwctl` to completion.
     pub fn dwctl(&self, args: &[&str]) -> Run {
-        Run::from(self.command(args).output().expect("run dwctl"))
+        Run::of(self.command(args).output().expect("run dwctl"))
     }
 
     /// Starts `dwctl` without waiting, with stdout and stderr piped.
@@ -207,16 +215,7 @@ impl TestDaemon {
     /// A `dwctl run` of the example (outputs in this test's folder, plain progress) to
     /// add environment to, spawn or wait for.
     pub fn example_command(&self, extra: &[&str]) -> Command {
-        let workflow = example_workflow();
-        let out = self.output_dir();
-        let mut args = vec![
-            "run",
-            workflow.to_str().expect("utf-8 path"),
-            "-o",
-            out.to_str().expect("utf-8 path"),
-        ];
-        args.extend_from_slice(extra);
-        self.command(&args)
+        self.run_command(&example_workflow(), extra)
     }
 
     /// Sends `signal` to this test's daemon.

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::time::Duration;
 
-use dw_tests::{example_workflow, process_alive, wait_until, TestDaemon};
+use dw_tests::{example_workflow, process_alive, wait_until, Run, TestDaemon};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -185,19 +185,8 @@ fn a_client_queued_behind_a_long_job_keeps_waiting_on_heartbeats() {
         waited.elapsed() > std::time::Duration::from_secs(5),
         "the queued client must have waited past its silence limit for this to prove anything"
     );
-    let long = long.wait_with_output().unwrap();
-    assert_eq!(
-        long.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&long.stderr)
-    );
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    Run::of(long.wait_with_output().unwrap()).assert_code(0);
+    Run::of(output).assert_code(0);
 }
 
 // `--timeout` counts the wait in the queue: a job still waiting when it passes is answered
@@ -218,10 +207,5 @@ fn a_timeout_that_passes_in_the_queue_ends_the_wait_at_once() {
     assert_eq!(queued.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("while waiting in the queue"), "{stderr}");
     assert!(elapsed < std::time::Duration::from_secs(6), "{elapsed:?}");
-    assert_eq!(
-        long.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&long.stderr)
-    );
+    Run::of(long).assert_code(0);
 }

@@ -400,21 +400,9 @@ fn an_image_url_is_fetched_once_into_the_cache() {
     );
     let cache = daemon.dir.path().join("cache");
     let run_once = || {
-        let mut command = daemon.command(&[
-            "run",
-            flow.to_str().unwrap(),
-            "-o",
-            daemon.output_dir().to_str().unwrap(),
-            "--json",
-        ]);
+        let mut command = daemon.run_command(&flow, &["--json"]);
         command.env("XDG_CACHE_HOME", &cache);
-        let output = command.output().unwrap();
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        Run::of(command.output().unwrap()).assert_code(0);
     };
     run_once();
     run_once();
@@ -553,18 +541,11 @@ fn an_sd15_file_as_dw_users_write_it_runs_unmodified() {
     }]
 }"#,
     );
-    let mut command = daemon.command(&[
-        "run",
-        flow.to_str().unwrap(),
-        "prompt=a pear",
-        "num_images_per_prompt=2",
-        "-o",
-        daemon.output_dir().to_str().unwrap(),
-    ]);
+    let mut command = daemon.run_command(&flow, &["prompt=a pear", "num_images_per_prompt=2"]);
     command.env("HF_HOME", &hf_home);
-    let output = command.output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let run = Run::of(command.output().unwrap());
+    run.assert_code(0);
+    let stderr = &run.stderr;
     assert!(
         stderr.contains("torch.float16 is slow or unsupported on the CPU"),
         "{stderr}"

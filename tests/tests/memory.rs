@@ -366,17 +366,14 @@ fn a_run_too_large_for_free_memory_is_refused_and_the_daemon_keeps_its_models() 
 #[test]
 fn an_auto_started_daemon_takes_its_settings_from_dwd_variables() {
     let daemon = TestDaemon::new();
-    let output = daemon
-        .example_command(&[])
-        .env("DWD_KEEP_ALIVE", "0")
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    Run::of(
+        daemon
+            .example_command(&[])
+            .env("DWD_KEEP_ALIVE", "0")
+            .output()
+            .unwrap(),
+    )
+    .assert_code(0);
     assert_eq!(loaded(&daemon), Vec::<Value>::new());
 }
 
@@ -388,17 +385,14 @@ fn the_default_budget_follows_a_containers_cgroup_limit() {
     let cgroup = daemon.dir.path().join("cgroup");
     std::fs::create_dir(&cgroup).unwrap();
     std::fs::write(cgroup.join("memory.max"), "104857600\n").unwrap();
-    let output = daemon
-        .example_command(&[])
-        .env("DWD_CGROUP_ROOT", &cgroup)
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    Run::of(
+        daemon
+            .example_command(&[])
+            .env("DWD_CGROUP_ROOT", &cgroup)
+            .output()
+            .unwrap(),
+    )
+    .assert_code(0);
     let memory = &daemon.status()["memory"];
     assert_eq!(
         memory["budget_bytes"], 94_371_840,

@@ -47,22 +47,9 @@ fn workflow(
 }
 
 fn run(daemon: &TestDaemon, workflow: &Path, env: &[(&str, &Path)]) -> dw_tests::Run {
-    let mut command = daemon.command(&[
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        daemon.output_dir().to_str().unwrap(),
-        "--json",
-    ]);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let output = command.output().unwrap();
-    dw_tests::Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    let mut command = daemon.run_command(workflow, &["--json"]);
+    command.envs(env.iter().copied());
+    dw_tests::Run::of(command.output().unwrap())
 }
 
 #[test]
