@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::frame::encode;
 use protocol::message::{
-    ClientMessage, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, RunPlan,
-    RunRequest, RunSummary, ServerMessage,
+    ClientMessage, ElementType, LogLevel, Outcome, OutputDescriptor, RunPlan, RunRequest,
+    RunSummary, ServerMessage,
 };
 use protocol::paths::DaemonPaths;
 use protocol::shm::MappedOutput;
@@ -23,7 +23,9 @@ use protocol::workflow::Workflow;
 use serde_json::json;
 
 use crate::connection::{died, Connection};
-use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE};
+use crate::exit::{
+    exit_code_for, Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREACHABLE,
+};
 use crate::files::{write_bytes, write_image, write_tensor, PngText, RgbView};
 use crate::human::human_bytes;
 
@@ -304,12 +306,7 @@ pub fn execute(
             ServerMessage::Error { kind, message } => {
                 display.finish();
                 let _ = writer.finish(&display);
-                let code = if kind == ErrorKind::ShuttingDown {
-                    EXIT_UNREACHABLE
-                } else {
-                    EXIT_FAILED
-                };
-                return Err(Failure::new(code, format!("dwd: {message}")));
+                return Err(Failure::new(exit_code_for(kind), format!("dwd: {message}")));
             }
             other => display.line(&format!("dwd sent an unexpected message: {other:?}")),
         }
@@ -496,9 +493,8 @@ fn exit_code(summary: &RunSummary) -> u8 {
     match (summary.outcome, summary.error.as_ref().map(|e| e.kind)) {
         (Outcome::Finished, _) => EXIT_OK,
         (Outcome::Cancelled, _) => EXIT_CANCELLED,
-        (_, Some(ErrorKind::InvalidWorkflow)) => EXIT_INVALID,
-        (_, Some(ErrorKind::ShuttingDown)) => EXIT_UNREACHABLE,
-        _ => EXIT_FAILED,
+        (_, Some(kind)) => exit_code_for(kind),
+        (_, None) => EXIT_FAILED,
     }
 }
 
@@ -547,7 +543,7 @@ fn json_summary(summary: &RunSummary, outputs: &[WrittenOutput], job_id: u64) ->
         })).collect::<Vec<_>>(),
         "timings": {"load_ms": summary.timings.load_ms, "run_ms": summary.timings.run_ms, "total_ms": summary.timings.total_ms},
         "cache": {"hits": summary.cache.hits, "misses": summary.cache.misses},
-        "error": summary.error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message})),
+        "error": summary.error.as_ref().map(|e| json!({"kind": e.kind, "message": e.message, "pointer": e.pointer})),
     })
 }
 

@@ -8,8 +8,11 @@
 use crate::stdout::outln;
 use std::path::Path;
 
+use protocol::families;
 use protocol::models::{hub_cache_dir, resolve_model};
-use protocol::workflow::{Action, Given, Position, PreviousResult, Step, Workflow, WorkflowError};
+use protocol::workflow::{
+    Action, Given, PipelineStep, Position, PreviousResult, Step, Workflow, WorkflowError,
+};
 use serde_json::Value;
 
 use crate::exit::{Failure, EXIT_INVALID, EXIT_OK};
@@ -66,12 +69,10 @@ fn check(workflow: &Workflow, depth: usize, problems: &mut Problems) {
     for step in &workflow.steps {
         match &step.action {
             Action::Pipeline(pipeline) => {
-                check_model(
-                    workflow,
-                    &pipeline.model_name,
-                    pipeline.model_name_at,
-                    problems,
-                );
+                let at = pipeline.model_name_at;
+                if let Some(dir) = check_model(workflow, &pipeline.model_name, at, problems) {
+                    check_resolved_class(workflow, pipeline, &dir, problems);
+                }
                 for component in &pipeline.components {
                     check_model(workflow, &component.model_name, component.at, problems);
                 }
@@ -89,6 +90,28 @@ fn check(workflow: &Workflow, depth: usize, problems: &mut Problems) {
             )),
             _ => {}
         }
+    }
+}
+
+/// An auto class resolved from the model's folder, as the daemon will resolve it, with the
+/// arguments checked against the class it resolves to.
+fn check_resolved_class(
+    workflow: &Workflow,
+    pipeline: &PipelineStep,
+    dir: &Path,
+    problems: &mut Problems,
+) {
+    let at = pipeline.model_name_at;
+    let class = match families::class_for_folder(&pipeline.component_type, pipeline.class, dir) {
+        Ok(class) => class,
+        Err(message) => return problems.errors.push(located(workflow, at, message)),
+    };
+    if let Err(e) = class.check(&pipeline.arguments_json) {
+        let message = format!(
+            "`{}` resolves to {} here: {}",
+            pipeline.component_type, class.name, e.message
+        );
+        problems.errors.push(located(workflow, at, message));
     }
 }
 
@@ -155,6 +178,7 @@ fn located(workflow: &Workflow, at: Position, message: String) -> String {
     WorkflowError {
         file: workflow.path.clone(),
         position: Some(at),
+        pointer: None,
         message,
     }
     .to_string()

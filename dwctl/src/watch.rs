@@ -20,7 +20,7 @@ use protocol::message::{ClientMessage, Outcome};
 use protocol::paths::DaemonPaths;
 use protocol::workflow::{ImageSource, Workflow};
 
-use crate::exit::{Failure, EXIT_FAILED, EXIT_OK};
+use crate::exit::{Failure, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK};
 use crate::run::{execute, RunOptions, RunOutcome};
 
 /// How often files are checked.
@@ -38,11 +38,13 @@ fn watched_files(workflow: &Path, assignments: &[String]) -> Vec<PathBuf> {
         let base = parsed.base_dir().to_path_buf();
         for step in parsed.steps.iter().filter_map(|s| s.pipeline()) {
             let args = &step.arguments;
-            if let Some(latents) = &args.latents {
+            if let Some(latents) = args.latents() {
                 files.push(base.join(latents));
             }
-            if let Some(ImageSource::File { location, .. }) = &args.image {
-                files.push(base.join(location));
+            for (_, image) in args.images() {
+                if let ImageSource::File { location, .. } = image {
+                    files.push(base.join(location));
+                }
             }
         }
     }
@@ -169,7 +171,7 @@ fn describe(
             }
         }
         Ok(None) => format!("{time}  nothing ran"),
-        Err(failure) if superseded && failure.message == "cancelled" => {
+        Err(failure) if superseded && failure.code == EXIT_CANCELLED => {
             format!("{time}  cancelled: a file changed")
         }
         Err(failure) => format!("{time}  error: {}", failure.message),

@@ -1,8 +1,9 @@
 //! Loaded model components, kept between jobs, within a memory budget.
 //!
-//! A component (tokenizer, text encoder, UNet, VAE) is keyed by what determines its
-//! weights: its type, its resolved folder, dtype, device, and the identity (path, size,
-//! mtime) of the files it was loaded from. Editing a workflow's prompt never reloads
+//! A component (tokenizer, text encoder, UNet, VAE, ...) is keyed by what determines its
+//! weights: its name and class, its resolved folder, dtype, device, variant and adapters,
+//! and the identity (path, size, mtime) of the files it was loaded from. Two pipelines, of
+//! one family or two, that use the same files share one loaded copy. Editing a workflow's prompt never reloads
 //! anything; two workflows or steps on one model share its components; replacing a weight
 //! file on disk changes the key, so the next run loads the new weights (and the stale copy
 //! is dropped).
@@ -49,11 +50,18 @@ impl FileIdentity {
 /// What determines a loaded component's weights.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ComponentKey {
+    /// Its name in `model_index.json` (`vae`, `text_encoder_2`).
     pub component_type: &'static str,
+    /// Its diffusers or transformers class.
+    pub class: &'static str,
     /// Resolved model folder (the pipeline's, not the component's subfolder).
     pub model: PathBuf,
     pub dtype: String,
     pub device: String,
+    /// `variant` (`fp16`), when one was asked for.
+    pub variant: Option<String>,
+    /// Adapters fused into its weights, in order (none yet).
+    pub adapters: Vec<String>,
     pub files: Vec<FileIdentity>,
 }
 
@@ -61,6 +69,9 @@ impl ComponentKey {
     /// Whether `other` is the same component at another version of its files.
     fn same_slot(&self, other: &ComponentKey) -> bool {
         self.component_type == other.component_type
+            && self.class == other.class
+            && self.variant == other.variant
+            && self.adapters == other.adapters
             && self.model == other.model
             && self.dtype == other.dtype
             && self.device == other.device
@@ -186,10 +197,8 @@ impl ComponentCache {
         self.lock().entries.contains_key(key)
     }
 
-    /// Returns the component for `key`, loading it with `load` (which also reports its
-    /// size in bytes) when it is not cached; records `user` (e.g. `workflow:step`) as one
-    /// of its users. The lock is not held while loading. A loaded component replaces an
-    /// idle copy of the same component at other file versions.
+    /// [`ComponentCache::get_or_load_any`] with a typed value, for the tests.
+    #[cfg(test)]
     pub fn get_or_load<T, E>(
         &self,
         key: ComponentKey,
@@ -199,19 +208,36 @@ impl ComponentCache {
     where
         T: Send + Sync + 'static,
     {
+        let (value, lookup) = self.get_or_load_any(key, user, || {
+            load().map(|(v, bytes)| (Arc::new(v) as Arc<dyn Any + Send + Sync>, bytes))
+        })?;
+        let value = value
+            .downcast::<T>()
+            .expect("the tests keep one type per key");
+        Ok((value, lookup))
+    }
+
+    /// Returns the component for `key`, loading it with `load` (which also reports its
+    /// size in bytes) when it is not cached; records `user` (e.g. `workflow:step`) as one
+    /// of its users. The lock is not held while loading. A loaded component replaces an
+    /// idle copy of the same component at other file versions. The key's class says what
+    /// type the value is.
+    pub fn get_or_load_any<E>(
+        &self,
+        key: ComponentKey,
+        user: &str,
+        load: impl FnOnce() -> Result<(Arc<dyn Any + Send + Sync>, u64), E>,
+    ) -> Result<(Arc<dyn Any + Send + Sync>, Lookup), E> {
         if let Some(entry) = self.lock().entries.get_mut(&key) {
-            if let Ok(value) = Arc::clone(&entry.value).downcast::<T>() {
-                entry.hits += 1;
-                entry.last_used = Instant::now();
-                entry.last_used_unix = now_unix();
-                if entry.users.len() < MAX_USERS_LISTED {
-                    entry.users.insert(user.to_string());
-                }
-                return Ok((value, Lookup::Hit));
+            entry.hits += 1;
+            entry.last_used = Instant::now();
+            entry.last_used_unix = now_unix();
+            if entry.users.len() < MAX_USERS_LISTED {
+                entry.users.insert(user.to_string());
             }
+            return Ok((Arc::clone(&entry.value), Lookup::Hit));
         }
         let (value, bytes) = load()?;
-        let value = Arc::new(value);
         let mut state = self.lock();
         let stale: Vec<ComponentKey> = state
             .entries
@@ -415,6 +441,9 @@ mod tests {
     fn key(model: &str, files: Vec<FileIdentity>) -> ComponentKey {
         ComponentKey {
             component_type: "unet",
+            class: "UNet2DConditionModel",
+            variant: None,
+            adapters: Vec::new(),
             model: PathBuf::from(model),
             dtype: "f32".into(),
             device: "cpu".into(),

@@ -1,9 +1,12 @@
-//! What a step needs loaded: its model folder, its components keyed by their weights, what
-//! each will take in memory, and taking them from the cache, making room first.
+//! What a step needs loaded: its model folder, its pipeline class (an auto class resolved
+//! from the folder's `model_index.json`), its family's components by their names in
+//! `model_index.json`, keyed by their weights, what each will take in memory, and taking
+//! them from the cache, making room first.
 //!
 //! Both a run and a dry run go through [`plan_step`]; only a run then calls
 //! [`load_pipeline`]. Room is made, or the run refused with the sizes, before anything is
-//! loaded.
+//! loaded. Nothing here knows a family: the family's table lists its components, and
+//! [`components`](crate::pipelines::components) says how each class is loaded.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,65 +14,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use protocol::families::{self, ComponentSpec};
 use protocol::message::PlannedComponent;
-use protocol::workflow::{
-    check_auto_class, is_auto_class, PipelineStep, Position, Step, Workflow, WorkflowError,
-};
+use protocol::workflow::{PipelineClass, PipelineStep, Position, Step, Workflow, WorkflowError};
 
 use crate::budget::weights_bytes;
 use crate::cache::{ComponentCache, ComponentKey, Evicted, FileIdentity, Lookup};
+use crate::failure::JobError;
 use crate::models::{hub_cache_dir, resolve_model};
-use crate::pipelines::{
-    self, ClipTokenizer, PipelineError, SchedulerConfig, StableDiffusionPipeline, TextEncoder,
-    Unet, Vae,
-};
-
-/// The components of a Stable Diffusion pipeline, in loading order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComponentKind {
-    Tokenizer,
-    TextEncoder,
-    Unet,
-    Vae,
-}
-
-impl ComponentKind {
-    pub const ALL: [ComponentKind; 4] = [
-        ComponentKind::Tokenizer,
-        ComponentKind::TextEncoder,
-        ComponentKind::Unet,
-        ComponentKind::Vae,
-    ];
-
-    /// Its folder in a diffusers model, and its name in workflows and status.
-    pub fn name(self) -> &'static str {
-        match self {
-            ComponentKind::Tokenizer => "tokenizer",
-            ComponentKind::TextEncoder => "text_encoder",
-            ComponentKind::Unet => "unet",
-            ComponentKind::Vae => "vae",
-        }
-    }
-}
-
-/// Why a step cannot be planned or loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// The workflow points at something that is not there (exit 2).
-    #[error("{0}")]
-    Invalid(String),
-    /// A file is missing, unreadable or malformed, or loading failed (exit 1).
-    #[error("{0}")]
-    Failed(String),
-    /// The job was cancelled between two components.
-    #[error("cancelled")]
-    Cancelled,
-}
+use crate::pipelines::components::{self, ComponentLoader};
+use crate::pipelines::{self, Parts, Pipeline, PipelineError};
 
 /// One component a step needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PlannedLoad {
-    pub kind: ComponentKind,
+    pub spec: &'static ComponentSpec,
+    pub loader: &'static ComponentLoader,
     /// The component's folder.
     pub dir: PathBuf,
     pub key: ComponentKey,
@@ -78,13 +38,26 @@ pub struct PlannedLoad {
 }
 
 /// Everything resolved for a step before loading.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StepPlan {
     pub model_dir: PathBuf,
+    /// The class that runs: the one written, or what an auto class resolves to.
+    pub class: &'static PipelineClass,
     pub dtype: DType,
     /// Set when the requested dtype was replaced (half precision on the CPU).
     pub dtype_notice: Option<String>,
     pub components: Vec<PlannedLoad>,
+}
+
+/// Where a step's components are planned: its place in the workflow and the device.
+pub struct PlanContext<'a> {
+    pub workflow: &'a Workflow,
+    pub step: &'a Step,
+    pub spec: &'a PipelineStep,
+    pub device: &'a Device,
+    pub device_name: &'a str,
+    /// Model folders of earlier steps, for `reused_components`.
+    pub model_dirs: &'a HashMap<String, PathBuf>,
 }
 
 /// The dtype a step runs in: its `torch_dtype`, or f32 where the device does not run half
@@ -106,70 +79,85 @@ pub fn dtype_for(torch_dtype: &str, device: &Device) -> (DType, Option<String>) 
     (asked, None)
 }
 
-/// Resolves a step's model and keys and sizes its components. `model_dirs` holds the
-/// folders of earlier steps, for `reused_components`.
-pub fn plan_step(
-    workflow: &Workflow,
-    step: &Step,
-    spec: &PipelineStep,
-    device: &Device,
-    device_name: &str,
-    model_dirs: &HashMap<String, PathBuf>,
-) -> Result<StepPlan, LoadError> {
-    let model_dir = resolve_at(workflow, &spec.model_name, spec.model_name_at)?;
-    if is_auto_class(&spec.component_type) {
-        check_auto_class(&spec.component_type, spec.kind, &model_dir).map_err(|message| {
-            LoadError::Invalid(
-                WorkflowError {
-                    file: workflow.path.clone(),
-                    position: Some(spec.model_name_at),
-                    message,
-                }
-                .to_string(),
-            )
-        })?;
-    }
-    let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, device);
-    let failed = |what: String| {
-        LoadError::Failed(format!(
-            "step `{}`: loading {}: {what}",
-            step.name,
-            model_dir.display()
-        ))
-    };
-    let mut components = Vec::with_capacity(4);
-    for kind in ComponentKind::ALL {
-        let (source, dir) = component_folder(workflow, spec, kind, &model_dir, model_dirs)?;
-        let (files, weights) = component_files(kind, &dir, spec.variant.as_deref())
-            .map_err(|e| failed(e.to_string()))?;
-        let files = files
-            .iter()
-            .map(|p| FileIdentity::of(p).map_err(|e| failed(format!("{}: {e}", p.display()))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let component_dtype = match kind {
-            ComponentKind::Tokenizer => "-".to_string(),
-            _ => format!("{dtype:?}").to_lowercase(),
-        };
-        let key = ComponentKey {
-            component_type: kind.name(),
-            model: source,
-            dtype: component_dtype,
-            device: device_name.to_string(),
-            files,
-        };
-        let bytes = weights_bytes(&weights, dtype).map_err(|e| failed(e.to_string()))?;
-        components.push(PlannedLoad {
-            kind,
-            dir,
-            key,
-            bytes,
-        });
-    }
+/// Resolves a step's model and class, and keys and sizes its family's components.
+pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
+    let spec = context.spec;
+    let model_dir = resolve_at(context.workflow, &spec.model_name, spec.model_name_at)?;
+    let class = families::class_for_folder(&spec.component_type, spec.class, &model_dir)
+        .map_err(|message| refused_at(context.workflow, spec.model_name_at, message))?;
+    let family = families::family(class.family)
+        .ok_or_else(|| JobError::Internal(format!("`{}` has no family", class.name)))?;
+    let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
+    let components = family
+        .components
+        .iter()
+        .map(|component| plan_component(context, component, &model_dir, dtype))
+        .collect::<Result<_, _>>()?;
     Ok(StepPlan {
         model_dir,
+        class,
         dtype,
         dtype_notice,
         components,
+    })
+}
+
+/// Where one component comes from, its key and its size.
+fn plan_component(
+    context: &PlanContext<'_>,
+    component: &'static ComponentSpec,
+    model_dir: &Path,
+    dtype: DType,
+) -> Result<PlannedLoad, JobError> {
+    let loader = components::loader(component.class).ok_or_else(|| {
+        JobError::Internal(format!(
+            "no loader for `{}` ({})",
+            component.name, component.class
+        ))
+    })?;
+    let variant = context.spec.variant.as_deref();
+    let (source, dir) = component_folder(context, component.name, model_dir)?;
+    let failed = |e: String| {
+        JobError::Internal(format!(
+            "loading {} of {}: {e}",
+            component.name,
+            source.display()
+        ))
+    };
+    let files = (loader.files)(&dir, variant).map_err(|e| match e {
+        PipelineError::MissingFile { .. } => JobError::NotFound(format!(
+            "step `{}`: loading {} of {}: {e}",
+            context.step.name,
+            component.name,
+            source.display()
+        )),
+        other => failed(other.to_string()),
+    })?;
+    let identities = files
+        .all
+        .iter()
+        .map(|p| FileIdentity::of(p).map_err(|e| failed(format!("{}: {e}", p.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = weights_bytes(&files.weights, dtype).map_err(|e| failed(e.to_string()))?;
+    let key = ComponentKey {
+        component_type: component.name,
+        class: component.class,
+        model: source,
+        dtype: match loader.weighted {
+            true => format!("{dtype:?}").to_lowercase(),
+            false => "-".to_string(),
+        },
+        device: context.device_name.to_string(),
+        variant: variant.filter(|_| loader.weighted).map(str::to_string),
+        adapters: Vec::new(),
+        files: identities,
+    };
+    Ok(PlannedLoad {
+        spec: component,
+        loader,
+        dir,
+        key,
+        bytes,
     })
 }
 
@@ -177,14 +165,13 @@ pub fn plan_step(
 /// block's own model (and subfolder), the model of the step that shared it, or the
 /// pipeline's model.
 fn component_folder(
-    workflow: &Workflow,
-    spec: &PipelineStep,
-    kind: ComponentKind,
+    context: &PlanContext<'_>,
+    name: &str,
     model_dir: &Path,
-    model_dirs: &HashMap<String, PathBuf>,
-) -> Result<(PathBuf, PathBuf), LoadError> {
-    if let Some(component) = spec.components.iter().find(|c| c.slot == kind.name()) {
-        let root = resolve_at(workflow, &component.model_name, component.at)?;
+) -> Result<(PathBuf, PathBuf), JobError> {
+    let spec = context.spec;
+    if let Some(component) = spec.components.iter().find(|c| c.slot == name) {
+        let root = resolve_at(context.workflow, &component.model_name, component.at)?;
         let dir = match &component.subfolder {
             Some(sub) => root.join(sub),
             None => root.clone(),
@@ -194,48 +181,41 @@ fn component_folder(
     let source = spec
         .reused_components
         .iter()
-        .find(|(name, _)| name == kind.name())
-        .and_then(|(_, sharer)| model_dirs.get(sharer).cloned())
+        .find(|(reused, _)| reused == name)
+        .and_then(|(_, sharer)| context.model_dirs.get(sharer).cloned())
         .unwrap_or_else(|| model_dir.to_path_buf());
-    let dir = source.join(kind.name());
+    let dir = source.join(name);
     Ok((source, dir))
 }
 
-/// The files that identify a component (for the cache key) and its weight files.
-fn component_files(
-    kind: ComponentKind,
-    dir: &Path,
-    variant: Option<&str>,
-) -> Result<(Vec<PathBuf>, Vec<PathBuf>), PipelineError> {
-    if kind == ComponentKind::Tokenizer {
-        let mut files = vec![dir.join("vocab.json"), dir.join("merges.txt")];
-        files.extend(
-            ["special_tokens_map.json", "tokenizer_config.json"]
-                .map(|f| dir.join(f))
-                .into_iter()
-                .filter(|p| p.is_file()),
-        );
-        return Ok((files, Vec::new()));
-    }
-    let weights = pipelines::weight_files_variant(dir, variant)?;
-    let mut files = weights.clone();
-    files.push(dir.join("config.json"));
-    Ok((files, weights))
-}
-
-/// Resolves a `model_name` written at `at` in the workflow.
-fn resolve_at(workflow: &Workflow, model_name: &str, at: Position) -> Result<PathBuf, LoadError> {
+/// Resolves a `model_name` written at `at` in the workflow; a model that is not there is
+/// not found, with the places searched.
+fn resolve_at(workflow: &Workflow, model_name: &str, at: Position) -> Result<PathBuf, JobError> {
     let hub = hub_cache_dir();
     resolve_model(model_name, &workflow.model_places(hub.as_deref())).map_err(|e| {
-        LoadError::Invalid(
+        JobError::NotFound(
             WorkflowError {
                 file: workflow.path.clone(),
                 position: Some(at),
+                pointer: None,
                 message: e.to_string(),
             }
             .to_string(),
         )
     })
+}
+
+/// A refusal of the value written at `at`.
+fn refused_at(workflow: &Workflow, at: Position, message: String) -> JobError {
+    JobError::refused(
+        WorkflowError {
+            file: workflow.path.clone(),
+            position: Some(at),
+            pointer: None,
+            message,
+        }
+        .to_string(),
+    )
 }
 
 /// Components of `plans` that are not loaded yet, each once, and the bytes they need.
@@ -268,7 +248,7 @@ pub fn planned_component(
     PlannedComponent {
         step: step.to_string(),
         model: load.key.model.display().to_string(),
-        component_type: load.kind.name().to_string(),
+        component_type: load.spec.name.to_string(),
         dtype: load.key.dtype.clone(),
         bytes: load.bytes,
         loaded: cache.contains(&load.key),
@@ -296,66 +276,47 @@ pub struct LoadCounts {
 }
 
 /// Takes the step's components from the cache, loading the missing ones, and assembles the
-/// pipeline. `before_each` runs before each component (progress, cancellation).
+/// pipeline with its family. `before_each(i, n)` runs before each component (progress,
+/// cancellation).
 pub fn load_pipeline(
     plan: &StepPlan,
     cache: &ComponentCache,
     device: &Device,
-    variant: Option<&str>,
     user: &str,
     counts: &mut LoadCounts,
-    before_each: &mut dyn FnMut(usize) -> Result<(), LoadError>,
-) -> Result<StableDiffusionPipeline, LoadError> {
-    let dtype = plan.dtype;
-    let failed =
-        |e: PipelineError| LoadError::Failed(format!("loading {}: {e}", plan.model_dir.display()));
-    let [tokenizer, text_encoder, unet, vae] = &plan.components[..] else {
-        return Err(LoadError::Failed(
-            "a Stable Diffusion pipeline has four components".to_string(),
-        ));
+    before_each: &mut dyn FnMut(usize, usize) -> Result<(), JobError>,
+) -> Result<Arc<dyn Pipeline>, JobError> {
+    let failed = |e: PipelineError| {
+        JobError::from_pipeline(e, || crate::host::CancelReason::Client)
+            .within(&format!("loading {}", plan.model_dir.display()))
     };
-    before_each(0)?;
-    let tokenizer: Arc<ClipTokenizer> = take(cache, tokenizer, user, counts, || {
-        ClipTokenizer::load(&tokenizer.dir).map(|t| (t, 0))
-    })
-    .map_err(failed)?;
-    before_each(1)?;
-    let text_encoder: Arc<TextEncoder> = take(cache, text_encoder, user, counts, || {
-        TextEncoder::load_variant(&text_encoder.dir, variant, dtype, device)
-            .map(|m| (m, text_encoder.bytes))
-    })
-    .map_err(failed)?;
-    before_each(2)?;
-    let unet: Arc<Unet> = take(cache, unet, user, counts, || {
-        Unet::load_variant(&unet.dir, variant, dtype, device).map(|m| (m, unet.bytes))
-    })
-    .map_err(failed)?;
-    before_each(3)?;
-    let vae: Arc<Vae> = take(cache, vae, user, counts, || {
-        Vae::load_variant(&vae.dir, variant, dtype, device).map(|m| (m, vae.bytes))
-    })
-    .map_err(failed)?;
-    let scheduler = SchedulerConfig::load(&plan.model_dir.join("scheduler")).map_err(failed)?;
-    Ok(StableDiffusionPipeline {
-        tokenizer,
-        text_encoder,
-        unet,
-        vae,
-        scheduler,
-        device: device.clone(),
-        dtype,
-    })
+    let family = pipelines::family(plan.class.family).ok_or_else(|| {
+        JobError::Internal(format!("`{}` has no implementation", plan.class.family))
+    })?;
+    let mut parts = Parts::new(plan.model_dir.clone(), device.clone(), plan.dtype);
+    let count = plan.components.len();
+    for (i, load) in plan.components.iter().enumerate() {
+        before_each(i, count)?;
+        let component = take(cache, load, plan, device, user, counts).map_err(failed)?;
+        parts.insert(load.spec.name, component);
+    }
+    family.assemble(parts).map_err(failed)
 }
 
-fn take<T: Send + Sync + 'static>(
+/// One component from the cache, loaded when it is missing.
+fn take(
     cache: &ComponentCache,
     load: &PlannedLoad,
+    plan: &StepPlan,
+    device: &Device,
     user: &str,
     counts: &mut LoadCounts,
-    loader: impl FnOnce() -> Result<(T, u64), PipelineError>,
-) -> Result<Arc<T>, PipelineError> {
+) -> Result<components::Loaded, PipelineError> {
     let started = Instant::now();
-    let (value, lookup) = cache.get_or_load(load.key.clone(), user, loader)?;
+    let variant = load.key.variant.as_deref();
+    let (value, lookup) = cache.get_or_load_any(load.key.clone(), user, || {
+        (load.loader.load)(&load.dir, variant, plan.dtype, device).map(|v| (v, load.bytes))
+    })?;
     match lookup {
         Lookup::Hit => counts.hits += 1,
         Lookup::Miss => {

@@ -410,7 +410,11 @@ async fn serve_until_stopped(
     let executor_engine = engine.clone();
     let executor = std::thread::Builder::new()
         .name("dwd-executor".into())
-        .spawn(move || run_executor(executor_queue, |job| executor_engine.run(job)))
+        .spawn(move || {
+            run_executor(executor_queue, |job| {
+                job.summarize(executor_engine.run(&job.workflow, job.keep_alive(), job))
+            })
+        })
         .context("cannot start the executor thread")?;
 
     // Unload components whose keep-alive ran out.

@@ -14,24 +14,26 @@ use std::time::{Duration, Instant};
 
 use protocol::message::{
     ErrorKind, LogLevel, Outcome, OutputDescriptor, Phase, QueuedJob, RunError, RunSummary,
-    WorkflowInfo,
+    Timings, WorkflowInfo,
 };
 use protocol::shm::SealedSegment;
+use protocol::units::KeepAlive;
 use protocol::workflow::Workflow;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Why a job was stopped early.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelReason {
-    /// The client asked (Ctrl-C, `dwctl cancel`) or hung up.
-    Client,
-    /// The job ran past the timeout its client gave.
-    Timeout,
-    /// The daemon is shutting down.
-    Shutdown,
+use crate::engine::RunReport;
+use crate::failure::JobError;
+use crate::host::Host;
+
+pub use crate::host::CancelReason;
+
+/// A reason as the token stores it.
+trait ReasonCode: Sized {
+    fn code(self) -> u8;
+    fn from_code(code: u8) -> Option<Self>;
 }
 
-impl CancelReason {
+impl ReasonCode for CancelReason {
     fn code(self) -> u8 {
         match self {
             CancelReason::Client => 1,
@@ -149,40 +151,102 @@ impl Job {
         }
     }
 
-    /// The summary of a job that stopped before or while running, for `reason`.
-    pub fn cancelled_summary(&self, reason: CancelReason, run_ms: u64) -> RunSummary {
-        let (outcome, kind, message) = match reason {
-            CancelReason::Client => (
-                Outcome::Cancelled,
-                ErrorKind::Cancelled,
-                "cancelled by its client".to_string(),
-            ),
-            CancelReason::Timeout => (
-                Outcome::Failed,
-                ErrorKind::Timeout,
-                format!(
-                    "timed out after {} s (--timeout) and was cancelled",
-                    self.timeout_ms.unwrap_or(0) as f64 / 1000.0
-                ),
-            ),
-            CancelReason::Shutdown => (
-                Outcome::Failed,
-                ErrorKind::ShuttingDown,
-                "the daemon is shutting down".to_string(),
-            ),
+    /// How long what the job used stays loaded; `None` for the daemon's default.
+    pub fn keep_alive(&self) -> Option<KeepAlive> {
+        self.keep_alive_ms.map(KeepAlive::from_ms)
+    }
+
+    /// The summary of a finished, failed or cancelled run.
+    pub fn summarize(&self, report: RunReport) -> RunSummary {
+        let timings = Timings {
+            load_ms: report.load_ms,
+            run_ms: report.run_ms,
+            total_ms: self.accepted_at.elapsed().as_millis() as u64,
+        };
+        let error = match report.result {
+            Ok(()) => None,
+            Err(JobError::Cancelled(reason)) => Some(self.cancel_error(reason)),
+            Err(JobError::Refused { message, pointer }) => Some(RunError {
+                kind: ErrorKind::InvalidWorkflow,
+                message,
+                pointer,
+            }),
+            Err(other) => Some(RunError {
+                kind: other.kind(),
+                message: other.to_string(),
+                pointer: None,
+            }),
+        };
+        let outcome = match &error {
+            None => Outcome::Finished,
+            Some(e) if e.kind == ErrorKind::Cancelled => Outcome::Cancelled,
+            Some(_) => Outcome::Failed,
         };
         RunSummary {
             job_id: self.id,
             outcome,
             workflow: self.workflow_info(),
-            timings: protocol::message::Timings {
-                load_ms: 0,
-                run_ms,
-                total_ms: self.accepted_at.elapsed().as_millis() as u64,
-            },
-            cache: Default::default(),
-            error: Some(RunError { kind, message }),
+            timings,
+            cache: report.cache,
+            error,
         }
+    }
+
+    /// The summary of a job that stopped before it ran, for `reason`.
+    pub fn cancelled_summary(&self, reason: CancelReason) -> RunSummary {
+        self.summarize(RunReport {
+            load_ms: 0,
+            run_ms: 0,
+            cache: Default::default(),
+            result: Err(JobError::Cancelled(reason)),
+        })
+    }
+
+    /// What a cancellation for `reason` reports.
+    fn cancel_error(&self, reason: CancelReason) -> RunError {
+        let message = match reason {
+            CancelReason::Client => "cancelled by its client".to_string(),
+            CancelReason::Timeout => format!(
+                "timed out after {} s (--timeout) and was cancelled",
+                self.timeout_ms.unwrap_or(0) as f64 / 1000.0
+            ),
+            CancelReason::Shutdown => "the daemon is shutting down".to_string(),
+        };
+        RunError {
+            kind: JobError::Cancelled(reason).kind(),
+            message,
+            pointer: None,
+        }
+    }
+}
+
+impl Host for Job {
+    fn job_id(&self) -> u64 {
+        self.id
+    }
+
+    fn log(&self, level: LogLevel, message: String) {
+        self.send(JobEvent::Log { level, message });
+    }
+
+    fn progress(&self, step: &str, phase: Phase, i: u32, n: u32) {
+        self.send(JobEvent::Progress {
+            step: step.to_string(),
+            phase,
+            i,
+            n,
+        });
+    }
+
+    fn output(&self, descriptor: OutputDescriptor, segment: SealedSegment) {
+        self.send(JobEvent::Output {
+            descriptor,
+            segment,
+        });
+    }
+
+    fn cancelled(&self) -> Option<CancelReason> {
+        self.cancel.reason()
     }
 }
 
@@ -372,7 +436,7 @@ impl JobQueue {
 pub fn run_executor(queue: JobQueue, mut run: impl FnMut(&Job) -> RunSummary) {
     while let Some(job) = queue.next() {
         let summary = match job.cancel.reason() {
-            Some(reason) => job.cancelled_summary(reason, 0),
+            Some(reason) => job.cancelled_summary(reason),
             None => match catch_unwind(AssertUnwindSafe(|| run(&job))) {
                 Ok(summary) => summary,
                 Err(panic) => {
@@ -390,6 +454,7 @@ pub fn run_executor(queue: JobQueue, mut run: impl FnMut(&Job) -> RunSummary) {
                         error: Some(RunError {
                             kind: ErrorKind::Panicked,
                             message: format!("the job panicked: {message} (the daemon kept running; please report this)"),
+                            pointer: None,
                         }),
                     }
                 }
@@ -438,7 +503,7 @@ mod tests {
         let mut order = Vec::new();
         run_executor(queue.clone(), |job| {
             order.push(job.id);
-            job.cancelled_summary(CancelReason::Client, 0)
+            job.cancelled_summary(CancelReason::Client)
         });
         assert_eq!(order, vec![1, 2, 3]);
         assert_eq!(queue.runs(), 3);
@@ -466,7 +531,7 @@ mod tests {
             RunSummary {
                 outcome: Outcome::Finished,
                 error: None,
-                ..job.cancelled_summary(CancelReason::Client, 0)
+                ..job.cancelled_summary(CancelReason::Client)
             }
         });
         let Ok(JobEvent::Done(first)) = rx1.try_recv() else {

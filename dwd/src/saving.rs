@@ -10,9 +10,9 @@ use protocol::workflow::{extension_for, ArtifactName, Step};
 use serde_json::Value;
 
 use crate::fanout::Artifact;
+use crate::host::Host;
 use crate::output::segment_with;
 use crate::pipelines::RgbImage;
-use crate::queue::{Job, JobEvent};
 
 /// What every file of one run records about how it was made.
 #[derive(Debug, Clone, Default)]
@@ -25,7 +25,7 @@ pub struct Metadata {
 
 /// Where a step's files go: the workflow they belong to and the step.
 pub struct Destination<'a> {
-    pub job: &'a Job,
+    pub host: &'a dyn Host,
     pub workflow_id: &'a str,
     pub step: &'a Step,
 }
@@ -164,7 +164,7 @@ impl Destination<'_> {
         let segment =
             segment_with(&bytes).map_err(|e| format!("cannot create the output segment: {e}"))?;
         let descriptor = OutputDescriptor {
-            job_id: self.job.id,
+            job_id: self.host.job_id(),
             workflow_id: self.workflow_id.to_string(),
             step: step.name.clone(),
             step_index: step.index as u32,
@@ -182,10 +182,7 @@ impl Destination<'_> {
             ),
             dw_metadata: metadata.dw.clone(),
         };
-        self.job.send(JobEvent::Output {
-            descriptor,
-            segment,
-        });
+        self.host.output(descriptor, segment);
         Ok(())
     }
 }

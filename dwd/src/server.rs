@@ -351,6 +351,7 @@ async fn serve_run(
                 error: Some(RunError {
                     kind: ErrorKind::InvalidWorkflow,
                     message: e.to_string(),
+                    pointer: e.pointer.clone(),
                 }),
             };
             return send(&mut writer, &ServerMessage::Done(summary)).await;
@@ -359,9 +360,9 @@ async fn serve_run(
     if request.dry_run {
         let message = match state.engine.plan(&workflow) {
             Ok(plan) => ServerMessage::Plan(plan),
-            Err(message) => ServerMessage::Error {
-                kind: ErrorKind::InvalidWorkflow,
-                message,
+            Err(e) => ServerMessage::Error {
+                kind: e.kind(),
+                message: e.to_string(),
             },
         };
         return send(&mut writer, &message).await;
@@ -489,6 +490,7 @@ fn timed_out_in_queue(job_id: u64, workflow_id: &str, timeout_ms: u64) -> RunSum
                 "timed out after {} s (--timeout) while waiting in the queue, and was cancelled",
                 timeout_ms as f64 / 1000.0
             ),
+            pointer: None,
         }),
     }
 }

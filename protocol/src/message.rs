@@ -151,6 +151,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The models a run needs do not fit in the memory budget, even alone (dwctl exits 1).
     OverBudget,
+    /// A model, component or file the workflow names is not there (dwctl exits 2).
+    NotFound,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +274,9 @@ pub struct CacheCounts {
 pub struct RunError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Where in the workflow file the offending value is (a JSON pointer), when known.
+    #[serde(default)]
+    pub pointer: Option<String>,
 }
 
 /// The answer to `status`.

@@ -121,6 +121,8 @@ fn a_missing_model_folder_exits_2_naming_where_it_is_written_and_where_it_was_se
     assert_eq!(warm.json()["cache"]["misses"], 0);
 }
 
+/// The family's scheduler list is checked when the file is read, so dwctl refuses the
+/// workflow itself, naming where, before the daemon loads anything.
 #[test]
 fn an_unsupported_scheduler_exits_2_and_lists_the_supported_ones() {
     let daemon = TestDaemon::new();
@@ -130,10 +132,12 @@ fn an_unsupported_scheduler_exits_2_and_lists_the_supported_ones() {
     run.assert_code(2);
     let summary = run.json();
     assert_eq!(summary["ok"], false);
-    assert_eq!(summary["error"]["kind"], "invalid_workflow");
+    assert_eq!(summary["error"]["kind"], "invalid");
     let message = summary["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("FancyScheduler") && message.contains("DDIMScheduler"),
+        message.contains("sched.json:")
+            && message.contains("scheduler `FancyScheduler` is not supported")
+            && message.contains("DDIMScheduler"),
         "{message}"
     );
 }

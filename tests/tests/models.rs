@@ -101,7 +101,9 @@ fn variant_weights_are_loaded_and_a_missing_variant_is_named() {
 
     let plain = workflow(&daemon, "plain", "", model.to_str().unwrap(), args);
     let result = run(&daemon, &plain, &[]);
-    result.assert_code(1);
+    // A missing weight file is `not_found`, which exits 2 like other missing inputs.
+    result.assert_code(2);
+    assert_eq!(result.json()["error"]["kind"], "not_found");
     let message = result.json()["error"]["message"]
         .as_str()
         .unwrap()

@@ -1,17 +1,36 @@
-//! Diffusion pipelines: Stable Diffusion 1.x and 2.x on candle, loaded from a diffusers
-//! folder.
+//! Diffusion pipelines on candle, loaded from diffusers folders, one folder per family.
 //!
-//! Each component (tokenizer, text encoder, UNet, VAE, scheduler) has its own module and
-//! loader taking that component's folder, so a cache can key and keep them separately;
-//! [`StableDiffusionPipeline`] ties them together. This module holds what they share: the
-//! error type, reading `config.json` files and finding and loading weight files.
+//! A family ([`family::Family`]) assembles a pipeline from components the engine took from
+//! the cache by their names in `model_index.json`; [`components`] says how each component
+//! class is loaded. The building blocks families share (tokenizer, text encoder, UNet, VAE,
+//! schedulers, noise) each have their own module. This module holds the registry of
+//! families and what every part shares: the error type, reading `config.json` files and
+//! finding and loading weight files.
+//!
+//! A new family is a folder here, its table in `protocol::families`, and a line in each
+//! registry ([`FAMILIES`] here, `protocol::families::FAMILIES` there).
 
+pub mod components;
+pub mod family;
 pub mod noise;
 pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_family_in_protocol_has_an_implementation_and_back() {
+        for schema in protocol::families::families() {
+            let family = super::family(schema.id)
+                .unwrap_or_else(|| panic!("`{}` has no implementation", schema.id));
+            assert!(std::ptr::eq(family.schema(), schema), "{}", schema.id);
+        }
+    }
+}
+#[cfg(debug_assertions)]
+pub mod test_noise;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
@@ -24,19 +43,36 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
+pub use family::{Family, Output, Parts, Phase, Pipeline, Progress, Request, RunHost};
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 pub use scheduler::{
     build_scheduler, DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler, LcmScheduler, PndmScheduler, PredictionType, Scheduler,
     SchedulerConfig, TimestepSpacing, UniPcMultistepScheduler, SUPPORTED_SCHEDULERS,
 };
-pub use stable_diffusion::{
-    images_to_rgb8, GenerateArgs, Phase, Progress, RgbImage, StableDiffusionPipeline,
-};
+pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline};
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{Unet, UnetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};
+
+/// Every family this daemon runs, one line each.
+static FAMILIES: &[&dyn Family] = &[&stable_diffusion::StableDiffusion];
+
+/// Families only test builds have.
+#[cfg(debug_assertions)]
+static TEST_FAMILIES: &[&dyn Family] = &[&test_noise::TestNoise];
+#[cfg(not(debug_assertions))]
+static TEST_FAMILIES: &[&dyn Family] = &[];
+
+/// The implementation of the family `id` names (a `protocol::families::Family::id`).
+pub fn family(id: &str) -> Option<&'static dyn Family> {
+    FAMILIES
+        .iter()
+        .chain(TEST_FAMILIES)
+        .copied()
+        .find(|f| f.schema().id == id)
+}
 
 /// Everything that can go wrong while loading or running a pipeline.
 #[derive(Debug, thiserror::Error)]

@@ -40,16 +40,9 @@ pub use unipc::UniPcMultistepScheduler;
 
 const COMPONENT: &str = "scheduler";
 
-/// Scheduler class names [`build_scheduler`] accepts.
-pub const SUPPORTED_SCHEDULERS: &[&str] = &[
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "LCMScheduler",
-];
+/// Scheduler class names [`build_scheduler`] accepts: the registry in `protocol`, which
+/// workflows are checked against before anything loads.
+pub use protocol::families::SCHEDULERS as SUPPORTED_SCHEDULERS;
 
 /// The contents of diffusers' `scheduler_config.json`. Every field is optional: a missing
 /// one takes the default of whichever scheduler is built from the config.

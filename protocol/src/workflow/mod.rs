@@ -28,22 +28,16 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub use crate::families::PipelineClass;
 pub use arguments::{
-    check_auto_class, check_component, is_auto_class, pipeline_kind, resolve_auto_class,
-    ImageSource, OutputType, PipelineKind, PreviousResult, Prompts, StableDiffusionArguments,
+    ArgDefault, ArgSpec, ArgType, ArgValue, ArgumentError, Arguments, ImageSource, OutputType,
+    PreviousResult, Prompts,
 };
 pub use parser::SUPPORTED_DTYPES;
 pub use positions::{pointer_segment, Position, Positions};
 pub use results::{extension_for, ArtifactName, ResultSpec};
 pub use schema::Severity;
 pub use variables::Given;
-
-/// Pipelines that can run.
-pub const SUPPORTED_PIPELINES: &[&str] = PipelineKind::SUPPORTED;
-
-/// Components a pipeline can share with later steps (`shared_components`) or take from an
-/// earlier one (`reused_components`).
-pub const SHAREABLE_COMPONENTS: &[&str] = &["tokenizer", "text_encoder", "unet", "vae"];
 
 /// The most runs one step may fan out to, as diffusers-workflow caps it.
 pub const MAX_RUNS_PER_STEP: usize = 10_000;
@@ -53,6 +47,8 @@ pub const MAX_RUNS_PER_STEP: usize = 10_000;
 pub struct WorkflowError {
     pub file: PathBuf,
     pub position: Option<Position>,
+    /// The JSON pointer of the offending key or value, where the error is about one.
+    pub pointer: Option<String>,
     pub message: String,
 }
 
@@ -114,6 +110,7 @@ impl Workflow {
         WorkflowError {
             file: self.path.clone(),
             position: note.position,
+            pointer: None,
             message,
         }
         .to_string()
@@ -167,7 +164,9 @@ pub enum Action {
 pub struct PipelineStep {
     /// `configuration.component_type` as written.
     pub component_type: String,
-    pub kind: PipelineKind,
+    /// The class it names; for an auto class, the class it is read as until its model
+    /// folder says otherwise.
+    pub class: &'static PipelineClass,
     /// `model_name` as written: a folder (relative to the workflow file) or a hub id.
     pub model_name: String,
     /// Where `model_name` is written, for errors found when the model is resolved.
@@ -177,7 +176,7 @@ pub struct PipelineStep {
     pub scheduler: Option<SchedulerSpec>,
     /// The most specific of the pipeline's, the step's and the workflow's `seed`.
     pub seed: Option<u64>,
-    pub arguments: StableDiffusionArguments,
+    pub arguments: Arguments,
     /// The arguments as JSON after variable substitution; `previous_result:` values are
     /// filled in per run.
     pub arguments_json: Map<String, Value>,
@@ -220,9 +219,9 @@ pub struct ComponentSource {
 #[derive(Debug, Clone)]
 pub struct ReferenceStep {
     pub reference_name: String,
-    pub kind: PipelineKind,
+    pub class: &'static PipelineClass,
     pub seed: Option<u64>,
-    pub arguments: StableDiffusionArguments,
+    pub arguments: Arguments,
     pub arguments_json: Map<String, Value>,
 }
 
@@ -308,6 +307,7 @@ pub fn read_source(path: &Path) -> Result<String, WorkflowError> {
     let fail = |message: String| WorkflowError {
         file: path.to_path_buf(),
         position: None,
+        pointer: None,
         message,
     };
     crate::input::read_text_bounded(path, MAX_WORKFLOW_BYTES)
@@ -328,6 +328,7 @@ pub fn parse_assignments(
             _ => Err(WorkflowError {
                 file: path.to_path_buf(),
                 position: None,
+                pointer: None,
                 message: format!("`{raw}` is not a variable assignment: write NAME=VALUE, e.g. prompt=\"a red fox\""),
             }),
         })

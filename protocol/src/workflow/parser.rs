@@ -7,15 +7,16 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::arguments::{self, PipelineKind, PreviousResult, StableDiffusionArguments};
+use super::arguments::{Arguments, PreviousResult};
 use super::positions::{pointer_segment, Position, Positions};
 use super::results::{content_type_refusal, extension_for, ResultSpec};
 use super::schema::{self, Level, Remark};
 use super::variables::{self, type_name, Given};
 use super::{
     sha256_hex, Action, ChildWorkflow, ComponentSource, Note, PipelineStep, ReferenceStep,
-    SchedulerSpec, Step, TaskStep, Workflow, WorkflowError, SHAREABLE_COMPONENTS,
+    SchedulerSpec, Step, TaskStep, Workflow, WorkflowError,
 };
+use crate::families::{self, PipelineClass};
 
 const STEP_KINDS: &[&str] = &["pipeline", "pipeline_reference", "task", "workflow"];
 
@@ -45,16 +46,23 @@ impl<'a> Parser<'a> {
         WorkflowError {
             file: self.path.to_path_buf(),
             position,
+            pointer: None,
             message: message.into(),
         }
     }
 
     fn at_value(&self, pointer: &str, message: impl Into<String>) -> WorkflowError {
-        self.error_at(Some(self.positions.value(pointer)), message)
+        WorkflowError {
+            pointer: Some(pointer.to_string()),
+            ..self.error_at(Some(self.positions.value(pointer)), message)
+        }
     }
 
     fn at_key(&self, pointer: &str, message: impl Into<String>) -> WorkflowError {
-        self.error_at(Some(self.positions.key(pointer)), message)
+        WorkflowError {
+            pointer: Some(pointer.to_string()),
+            ..self.error_at(Some(self.positions.key(pointer)), message)
+        }
     }
 
     fn check(&mut self, level: &Level, object: &Map<String, Value>, pointer: &str) -> Parsed<()> {
@@ -443,7 +451,7 @@ impl<'a> Parser<'a> {
             "a pipeline names its class in `configuration.component_type`",
         )?;
         let configuration = self.object(configuration, &config_ptr, "`configuration`")?;
-        let (component_type, kind) = self.pipeline_class(configuration, &config_ptr)?;
+        let (component_type, class) = self.pipeline_class(configuration, &config_ptr)?;
         self.check(&schema::PIPELINE, pipeline, pointer)?;
         self.check(&schema::CONFIGURATION, configuration, &config_ptr)?;
         let fp_ptr = format!("{pointer}/from_pretrained_arguments");
@@ -459,24 +467,13 @@ impl<'a> Parser<'a> {
         let options = self.configuration(configuration, &config_ptr, &model.torch_dtype)?;
         let scheduler = match pipeline.get("scheduler") {
             None => None,
-            Some(value) => Some(self.scheduler(value, &format!("{pointer}/scheduler"))?),
+            Some(value) => Some(self.scheduler(class, value, &format!("{pointer}/scheduler"))?),
         };
         let seed = self
             .seed(pipeline.get("seed"), &format!("{pointer}/seed"))?
             .or(step_seed);
-        let (arguments, arguments_json) = self
-            .arguments(pipeline, pointer, kind, earlier)
-            .map_err(|e| match arguments::is_auto_class(&component_type) {
-                true => WorkflowError {
-                    message: format!(
-                        "{} (`{component_type}` is read as {} until its model's class is known: Stable Diffusion 1.x/2.x is the family dw builds)",
-                        e.message,
-                        kind.name()
-                    ),
-                    ..e
-                },
-                false => e,
-            })?;
+        let (class, arguments, arguments_json) =
+            self.pipeline_arguments(pipeline, pointer, &component_type, class, earlier)?;
         let shared_components = [
             self.component_list(
                 pipeline.get("shared_components"),
@@ -489,10 +486,10 @@ impl<'a> Parser<'a> {
         ]
         .concat();
         let reused_components = self.reused(pipeline, configuration, pointer, earlier)?;
-        let components = self.components(pipeline, pointer, &model.torch_dtype)?;
+        let components = self.components(class, pipeline, pointer, &model.torch_dtype)?;
         Ok(PipelineStep {
             component_type,
-            kind,
+            class,
             model_name: model.model_name.unwrap_or_default(),
             model_name_at: self.positions.value(&format!("{fp_ptr}/model_name")),
             torch_dtype: model.torch_dtype,
@@ -508,24 +505,55 @@ impl<'a> Parser<'a> {
         })
     }
 
+    /// A pipeline's arguments, checked against its class. An auto class is checked against
+    /// each class it may resolve to, and read as the first that takes them, until the
+    /// model's folder says which it is.
+    fn pipeline_arguments(
+        &self,
+        pipeline: &Map<String, Value>,
+        pointer: &str,
+        component_type: &str,
+        class: &'static PipelineClass,
+        earlier: &[Step],
+    ) -> Parsed<(&'static PipelineClass, Arguments, Map<String, Value>)> {
+        let first = self.arguments(pipeline, pointer, class, earlier);
+        if first.is_ok() || !families::is_auto_class(component_type) {
+            return first.map(|(arguments, json)| (class, arguments, json));
+        }
+        for candidate in families::auto_candidates(component_type) {
+            if let Ok((arguments, json)) = self.arguments(pipeline, pointer, candidate, earlier) {
+                return Ok((candidate, arguments, json));
+            }
+        }
+        first
+            .map(|(arguments, json)| (class, arguments, json))
+            .map_err(|e| WorkflowError {
+                message: format!(
+                    "{} (`{component_type}` is read as {} until its model's class is known)",
+                    e.message, class.name
+                ),
+                ..e
+            })
+    }
+
     /// `configuration.component_type`: a class name, bare or as `diffusers.Name`.
     fn pipeline_class(
         &self,
         configuration: &Map<String, Value>,
         pointer: &str,
-    ) -> Parsed<(String, PipelineKind)> {
+    ) -> Parsed<(String, &'static PipelineClass)> {
         let at = format!("{pointer}/component_type");
         let written = match configuration.get("component_type") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => return Err(self.at_value(&at, format!("`component_type` must be a class name such as \"StableDiffusionPipeline\", found {other}"))),
             None => return Err(self.at_value(pointer, format!(
                 "missing `component_type`: the pipeline class to run; supported: {}",
-                PipelineKind::SUPPORTED.join(", ")
+                families::supported_classes().join(", ")
             ))),
         };
-        let kind =
-            arguments::pipeline_kind(&written).map_err(|message| self.at_value(&at, message))?;
-        Ok((written, kind))
+        let class =
+            families::pipeline_class(&written).map_err(|message| self.at_value(&at, message))?;
+        Ok((written, class))
     }
 
     fn configuration(
@@ -662,6 +690,7 @@ impl<'a> Parser<'a> {
     /// loaded from instead of the pipeline's own folder.
     fn components(
         &mut self,
+        class: &PipelineClass,
         pipeline: &Map<String, Value>,
         pointer: &str,
         pipeline_dtype: &str,
@@ -689,7 +718,7 @@ impl<'a> Parser<'a> {
                 "component_type",
                 "the component's class",
             )?;
-            arguments::check_component(slot, &written)
+            families::check_component(class, slot, &written)
                 .map_err(|m| self.at_value(&format!("{config_ptr}/component_type"), m))?;
             let fp_ptr = format!("{at}/from_pretrained_arguments");
             let fp = self.object(
@@ -759,9 +788,9 @@ impl<'a> Parser<'a> {
         &self,
         object: &Map<String, Value>,
         pointer: &str,
-        kind: PipelineKind,
+        class: &'static PipelineClass,
         earlier: &[Step],
-    ) -> Parsed<(StableDiffusionArguments, Map<String, Value>)> {
+    ) -> Parsed<(Arguments, Map<String, Value>)> {
         let args_ptr = format!("{pointer}/arguments");
         let json = self.required(
             object,
@@ -771,7 +800,7 @@ impl<'a> Parser<'a> {
         )?;
         let json = self.object(json, &args_ptr, "`arguments`")?.clone();
         self.check_references(&Value::Object(json.clone()), &args_ptr, earlier)?;
-        let typed = StableDiffusionArguments::from_json(&json, kind).map_err(|e| {
+        let typed = Arguments::check(&json, class).map_err(|e| {
             self.at_value(
                 &format!("{args_ptr}/{}", pointer_segment(&e.key)),
                 e.message,
@@ -827,10 +856,10 @@ impl<'a> Parser<'a> {
             )));
         };
         let (arguments, arguments_json) =
-            self.arguments(reference, pointer, target.kind, earlier)?;
+            self.arguments(reference, pointer, target.class, earlier)?;
         Ok(ReferenceStep {
             reference_name: name,
-            kind: target.kind,
+            class: target.class,
             seed,
             arguments,
             arguments_json,
@@ -933,19 +962,24 @@ impl<'a> Parser<'a> {
             .iter()
             .enumerate()
             .map(|(i, item)| match item.as_str() {
-                Some(name) if SHAREABLE_COMPONENTS.contains(&name) => Ok(name.to_string()),
+                Some(name) if families::component_names().contains(&name) => Ok(name.to_string()),
                 _ => Err(self.at_value(
                     &format!("{pointer}/{i}"),
                     format!(
-                        "component {item} cannot be shared: a Stable Diffusion pipeline has {}",
-                        SHAREABLE_COMPONENTS.join(", ")
+                        "component {item} cannot be shared: pipelines have {}",
+                        families::component_names().join(", ")
                     ),
                 )),
             })
             .collect()
     }
 
-    fn scheduler(&mut self, value: &Value, pointer: &str) -> Parsed<SchedulerSpec> {
+    fn scheduler(
+        &mut self,
+        class: &PipelineClass,
+        value: &Value,
+        pointer: &str,
+    ) -> Parsed<SchedulerSpec> {
         let scheduler = self.object(value, pointer, "`scheduler`")?;
         self.check(&schema::SCHEDULER, scheduler, pointer)?;
         let config_ptr = format!("{pointer}/configuration");
@@ -965,6 +999,17 @@ impl<'a> Parser<'a> {
             Some(Value::String(s)) => s.strip_prefix("diffusers.").unwrap_or(s).to_string(),
             _ => return Err(self.at_value(&config_ptr, "the scheduler's `configuration` needs a `scheduler_type` string, e.g. \"DDIMScheduler\"")),
         };
+        let schedulers = families::family(class.family).map_or(&[][..], |f| f.schedulers);
+        if !schedulers.contains(&scheduler_type.as_str()) {
+            return Err(self.at_value(
+                &format!("{config_ptr}/scheduler_type"),
+                format!(
+                    "scheduler `{scheduler_type}` is not supported for {}; supported: {}",
+                    class.name,
+                    schedulers.join(", ")
+                ),
+            ));
+        }
         let from_config_args = match scheduler.get("from_config_args") {
             None => Map::new(),
             Some(value) => unbrace_types(self.object(

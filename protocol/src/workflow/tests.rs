@@ -45,11 +45,14 @@ fn a_valid_workflow_parses_with_its_variables_substituted() {
     assert_eq!(wf.steps.len(), 1);
     let step = &wf.steps[0];
     assert_eq!(step.name, "main");
+    assert_eq!(step.pipeline().unwrap().arguments.prompts(), ["a fox"]);
     assert_eq!(
-        step.pipeline().unwrap().arguments.prompt,
-        Prompts(vec!["a fox".into()])
+        step.pipeline()
+            .unwrap()
+            .arguments
+            .integer("num_inference_steps"),
+        Some(4)
     );
-    assert_eq!(step.pipeline().unwrap().arguments.num_inference_steps, 4);
     assert_eq!(step.pipeline().unwrap().seed, Some(42));
     assert_eq!(
         step.pipeline()
@@ -71,9 +74,9 @@ fn overrides_are_converted_to_the_type_of_the_default() {
     )
     .unwrap();
     let args = &wf.steps[0].pipeline().unwrap().arguments;
-    assert_eq!(args.prompt, Prompts(vec!["a blue fox".into()]));
-    assert_eq!(args.num_inference_steps, 7);
-    assert_eq!(args.guidance_scale, 3.0);
+    assert_eq!(args.prompts(), ["a blue fox"]);
+    assert_eq!(args.integer("num_inference_steps"), Some(7));
+    assert_eq!(args.number("guidance_scale"), Some(3.0));
     assert_eq!(wf.variables["fast"], Value::Bool(true));
 }
 
@@ -269,20 +272,20 @@ const TWO_STEPS: &str = r#"{
 fn an_img2img_step_takes_an_earlier_steps_images_and_a_strength() {
     let wf = parse(TWO_STEPS, &[]).unwrap();
     let refine = &wf.steps[1].pipeline().unwrap();
-    assert_eq!(refine.kind, PipelineKind::ImageToImage);
+    assert_eq!(refine.class.name, "StableDiffusionImg2ImgPipeline");
     assert_eq!(
-        refine.arguments.image,
-        Some(ImageSource::PreviousResult {
+        refine.arguments.image("image"),
+        Some(&ImageSource::PreviousResult {
             reference: PreviousResult {
                 reference: "base".into()
             }
         })
     );
-    assert_eq!(refine.arguments.strength, 0.5);
+    assert_eq!(refine.arguments.number("strength"), Some(0.5));
     assert_eq!(
-        wf.steps[0].pipeline().unwrap().arguments.strength,
-        0.8,
-        "diffusers' default"
+        wf.steps[0].pipeline().unwrap().arguments.number("strength"),
+        None,
+        "text to image takes no strength"
     );
 }
 
@@ -305,8 +308,8 @@ fn an_image_can_be_a_path_a_location_with_a_size_or_a_url() {
     let with = |image: &str| TWO_STEPS.replace("\"previous_result:base\"", image);
     let wf = parse(&with("\"in.png\""), &[]).unwrap();
     assert_eq!(
-        wf.steps[1].pipeline().unwrap().arguments.image,
-        Some(ImageSource::File {
+        wf.steps[1].pipeline().unwrap().arguments.image("image"),
+        Some(&ImageSource::File {
             location: "in.png".into(),
             size: None
         })
@@ -317,8 +320,8 @@ fn an_image_can_be_a_path_a_location_with_a_size_or_a_url() {
     )
     .unwrap();
     assert_eq!(
-        wf.steps[1].pipeline().unwrap().arguments.image,
-        Some(ImageSource::File {
+        wf.steps[1].pipeline().unwrap().arguments.image("image"),
+        Some(&ImageSource::File {
             location: "in.png".into(),
             size: Some((64, 48))
         })
@@ -326,8 +329,8 @@ fn an_image_can_be_a_path_a_location_with_a_size_or_a_url() {
     // dw/arguments.py fetch_image: http(s) URLs are loaded too.
     let wf = parse(&with("\"https://example.com/x.png\""), &[]).unwrap();
     assert_eq!(
-        wf.steps[1].pipeline().unwrap().arguments.image,
-        Some(ImageSource::Url {
+        wf.steps[1].pipeline().unwrap().arguments.image("image"),
+        Some(&ImageSource::Url {
             url: "https://example.com/x.png".into(),
             size: None
         })
@@ -349,8 +352,8 @@ fn latent_output_and_a_latents_file_are_accepted_for_text_to_image() {
     );
     let wf = parse(&src, &[]).unwrap();
     let args = &wf.steps[0].pipeline().unwrap().arguments;
-    assert_eq!(args.output_type, OutputType::Latent);
-    assert_eq!(args.latents.as_deref(), Some("noise.safetensors"));
+    assert_eq!(args.output_type(), OutputType::Latent);
+    assert_eq!(args.latents(), Some("noise.safetensors"));
     let src = TWO_STEPS.replace("\"output_type\": \"{pil}\"", "\"output_type\": \"tensor\"");
     assert!(error(&src, &[]).contains("unsupported `output_type` \"tensor\""));
     // dw resolves every `*_type` value as a Python type unless it is written `{...}`
@@ -383,7 +386,7 @@ fn a_step_can_reuse_components_an_earlier_step_shares() {
     assert!(e.contains("names `unet`, which no earlier step lists in `shared_components`; shared so far: vae (from `base`), text_encoder (from `base`)"), "{e}");
     let unknown = src.replace("[\"vae\", \"text_encoder\"]", "[\"vea\"]");
     assert!(error(&unknown, &[]).contains(
-        "component \"vea\" cannot be shared: a Stable Diffusion pipeline has tokenizer, text_encoder, unet, vae"
+        "component \"vea\" cannot be shared: pipelines have tokenizer, text_encoder, unet, vae"
     ));
 }
 
@@ -522,7 +525,7 @@ fn a_workflow_using_every_key_gets_each_keys_documented_fate() {
                 schema::Fate::Implemented => {
                     let other_slot = level.path == "steps[].pipeline"
                         && schema::COMPONENT_SLOTS.contains(&key.name)
-                        && !SHAREABLE_COMPONENTS.contains(&key.name);
+                        && !crate::families::component_names().contains(&key.name);
                     if other_slot {
                         let e = error(
                             &with_key(
@@ -591,24 +594,36 @@ fn scheduler_type_values_in_braces_are_unwrapped_as_dw_does() {
 // folder's model_index.json; a Stable Diffusion folder maps to the SD pipelines.
 #[test]
 fn auto_classes_resolve_from_the_folders_class_as_diffusers_resolves_them() {
+    use crate::families::{pipeline_class, resolve_auto_class};
     assert_eq!(
-        pipeline_kind("AutoPipelineForImage2Image").unwrap(),
-        PipelineKind::ImageToImage
+        pipeline_class("AutoPipelineForImage2Image").unwrap().name,
+        "StableDiffusionImg2ImgPipeline"
     );
     assert_eq!(
-        resolve_auto_class("AutoPipelineForImage2Image", "StableDiffusionPipeline").unwrap(),
-        PipelineKind::ImageToImage
+        resolve_auto_class("AutoPipelineForImage2Image", "StableDiffusionPipeline")
+            .unwrap()
+            .name,
+        "StableDiffusionImg2ImgPipeline"
     );
     assert_eq!(
-        resolve_auto_class("diffusers.DiffusionPipeline", "StableDiffusionPipeline").unwrap(),
-        PipelineKind::TextToImage
+        resolve_auto_class("diffusers.DiffusionPipeline", "StableDiffusionPipeline")
+            .unwrap()
+            .name,
+        "StableDiffusionPipeline"
+    );
+    assert_eq!(
+        resolve_auto_class("DiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+            .unwrap()
+            .name,
+        "StableDiffusionImg2ImgPipeline",
+        "the folder's own class"
     );
     let e = resolve_auto_class("DiffusionPipeline", "StableDiffusionXLPipeline").unwrap_err();
     assert!(
         e.starts_with("`DiffusionPipeline` resolves to `StableDiffusionXLPipeline`"),
         "{e}"
     );
-    let e = pipeline_kind("AutoPipelineForInpainting").unwrap_err();
+    let e = pipeline_class("AutoPipelineForInpainting").unwrap_err();
     assert!(
         e.contains("`AutoPipelineForInpainting` is not supported yet"),
         "{e}"

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
-use super::noise::{NoiseSource, SeededNoise};
-use super::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
-use super::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
+use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::noise::{NoiseSource, SeededNoise};
+use crate::pipelines::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
+use crate::pipelines::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
 
 const COMPONENT: &str = "pipeline";
 /// Token sequence length of the CLIP text encoders SD 1.x and 2.x use.
@@ -96,23 +97,6 @@ impl Default for GenerateArgs {
             vae_tiling: false,
         }
     }
-}
-
-/// Which part of the generation is running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Encoding,
-    Denoising,
-    Decoding,
-}
-
-/// Reported before each phase and before every denoising step: `step` of `total`
-/// (0-based; encoding and decoding are a single step).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    pub phase: Phase,
-    pub step: usize,
-    pub total: usize,
 }
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved (HWC).

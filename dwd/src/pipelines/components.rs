@@ -1,0 +1,118 @@
+//! How each component class is loaded, by its diffusers (or transformers) class name.
+//!
+//! Families name their components' classes in their `protocol` tables; this is the one
+//! place that says which files make up a component of a class (for the cache key and the
+//! memory estimate) and how it is loaded. A class shared by several families (a VAE, a
+//! CLIP text encoder) is loaded the same way for all of them, and the cache shares it.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::{weight_files_variant, ClipTokenizer, PipelineError, TextEncoder, Unet, Vae};
+
+/// A loaded component, as the cache holds it.
+pub type Loaded = Arc<dyn Any + Send + Sync>;
+
+/// How one component class is found on disk and loaded.
+pub struct ComponentLoader {
+    pub class: &'static str,
+    /// Whether it has weights (in the pipeline's dtype); a tokenizer has none.
+    pub weighted: bool,
+    /// The files it is read from (its identity) and, of those, its weight files.
+    pub files: fn(&Path, Option<&str>) -> Result<ComponentFiles, PipelineError>,
+    pub load: fn(&Path, Option<&str>, DType, &Device) -> Result<Loaded, PipelineError>,
+}
+
+/// What a component is read from.
+#[derive(Debug, Clone)]
+pub struct ComponentFiles {
+    pub all: Vec<PathBuf>,
+    pub weights: Vec<PathBuf>,
+}
+
+/// Every component class dw loads.
+pub static LOADERS: &[ComponentLoader] = &[
+    ComponentLoader {
+        class: "transformers.CLIPTokenizer",
+        weighted: false,
+        files: tokenizer_files,
+        load: |dir, _, _, _| Ok(Arc::new(ClipTokenizer::load(dir)?)),
+    },
+    ComponentLoader {
+        class: "transformers.CLIPTextModel",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(TextEncoder::load_variant(
+                dir, variant, dtype, device,
+            )?))
+        },
+    },
+    ComponentLoader {
+        class: "UNet2DConditionModel",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(Unet::load_variant(dir, variant, dtype, device)?))
+        },
+    },
+    ComponentLoader {
+        class: "AutoencoderKL",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(Vae::load_variant(dir, variant, dtype, device)?))
+        },
+    },
+];
+
+/// The loader of `class`.
+pub fn loader(class: &str) -> Option<&'static ComponentLoader> {
+    LOADERS.iter().find(|l| l.class == class)
+}
+
+/// A CLIP tokenizer's vocabulary and merges, and the optional files that change it.
+fn tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, PipelineError> {
+    let mut all = vec![dir.join("vocab.json"), dir.join("merges.txt")];
+    all.extend(
+        ["special_tokens_map.json", "tokenizer_config.json"]
+            .map(|f| dir.join(f))
+            .into_iter()
+            .filter(|p| p.is_file()),
+    );
+    Ok(ComponentFiles {
+        all,
+        weights: Vec::new(),
+    })
+}
+
+/// A model's weights (the variant's, when one is asked for) and its `config.json`.
+fn model_files(dir: &Path, variant: Option<&str>) -> Result<ComponentFiles, PipelineError> {
+    let weights = weight_files_variant(dir, variant)?;
+    let mut all = weights.clone();
+    all.push(dir.join("config.json"));
+    Ok(ComponentFiles { all, weights })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_component_class_a_family_names_has_a_loader() {
+        for family in protocol::families::families() {
+            for component in family.components {
+                assert!(
+                    loader(component.class).is_some(),
+                    "{}: `{}` is `{}`, which nothing loads",
+                    family.id,
+                    component.name,
+                    component.class
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The seam between the engine and a pipeline family.
+//!
+//! A [`Family`] takes its components, loaded by the engine from the cache by their names in
+//! `model_index.json`, and assembles a [`Pipeline`]; a pipeline runs one [`Request`] (typed
+//! arguments, bound inputs) through a [`RunHost`] that carries the noise to draw and the
+//! progress to report (and, through it, cancellation). The engine, loader and cache see
+//! only these traits; a family's own code stays in its folder.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use protocol::workflow::{Arguments, PipelineClass, SchedulerSpec};
+
+use super::noise::NoiseSource;
+use super::PipelineError;
+
+/// One family's implementation.
+pub trait Family: Send + Sync {
+    /// Its table in `protocol`: classes, components, arguments, schedulers.
+    fn schema(&self) -> &'static protocol::families::Family;
+
+    /// A pipeline from its loaded components.
+    fn assemble(&self, parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError>;
+}
+
+/// A loaded pipeline of any family.
+pub trait Pipeline: Send + Sync {
+    /// The scheduler class its checkpoint ships, used when a step names none.
+    fn default_scheduler(&self) -> Option<&str>;
+
+    /// About the most memory a run of `request` takes beyond the weights.
+    fn activation_bytes(&self, request: &Request) -> Result<u64, PipelineError>;
+
+    /// Runs `request`: f32 images (N, 3, H, W) in [0, 1] on the CPU, or the final latents
+    /// when `output_type` asks for them.
+    fn run(&self, request: &Request, host: RunHost<'_>) -> Result<Output, PipelineError>;
+}
+
+/// One run of a pipeline.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub class: &'static PipelineClass,
+    /// Checked against `class`, every `previous_result:` filled in.
+    pub arguments: Arguments,
+    /// Input images by argument name: f32 (images, 3, H, W) in [0, 1].
+    pub images: HashMap<&'static str, Tensor>,
+    /// Initial latents, from a file or an earlier step.
+    pub latents: Option<Tensor>,
+    /// The step's `scheduler` block, if any.
+    pub scheduler: Option<SchedulerSpec>,
+    /// `configuration.vae.enable_slicing`.
+    pub vae_slicing: bool,
+    /// `configuration.vae.enable_tiling`.
+    pub vae_tiling: bool,
+}
+
+impl Request {
+    /// An argument the class gives a default, or `fallback` where it has none.
+    pub fn integer(&self, name: &str, fallback: usize) -> usize {
+        self.arguments.integer(name).unwrap_or(fallback)
+    }
+
+    pub fn number(&self, name: &str, fallback: f64) -> f64 {
+        self.arguments.number(name).unwrap_or(fallback)
+    }
+}
+
+/// What a run gives back.
+#[derive(Debug)]
+pub enum Output {
+    /// f32 (N, 3, H, W) in [0, 1], on the CPU.
+    Images(Tensor),
+    /// f32 latents, on the CPU.
+    Latents(Tensor),
+}
+
+/// What a run may draw on: its noise and its progress reports. `progress` returns an
+/// error when the run must stop (the job was cancelled); the pipeline returns it as is.
+pub struct RunHost<'a> {
+    pub noise: &'a mut dyn NoiseSource,
+    pub progress: &'a mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+}
+
+/// Which part of the generation is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Encoding,
+    Denoising,
+    Decoding,
+}
+
+/// Reported before each phase and before every denoising step: `step` of `total`
+/// (0-based; encoding and decoding are a single step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: Phase,
+    pub step: usize,
+    pub total: usize,
+}
+
+/// A pipeline's loaded components by their names in `model_index.json`, and where it runs.
+pub struct Parts {
+    pub model_dir: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+    components: HashMap<&'static str, Arc<dyn Any + Send + Sync>>,
+}
+
+impl Parts {
+    pub fn new(model_dir: PathBuf, device: Device, dtype: DType) -> Self {
+        Parts {
+            model_dir,
+            device,
+            dtype,
+            components: HashMap::new(),
+        }
+    }
+
+    pub fn insert(&mut self, name: &'static str, component: Arc<dyn Any + Send + Sync>) {
+        self.components.insert(name, component);
+    }
+
+    /// The component named `name`, as the type its family expects.
+    pub fn take<T: Any + Send + Sync>(&mut self, name: &str) -> Result<Arc<T>, PipelineError> {
+        let component = self.components.remove(name).ok_or_else(|| {
+            PipelineError::invalid(name, "this pipeline's component was not loaded")
+        })?;
+        component.downcast::<T>().map_err(|_| {
+            PipelineError::invalid(name, "loaded as another class than this family expects")
+        })
+    }
+}

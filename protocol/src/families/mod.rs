@@ -1,0 +1,277 @@
+//! Pipeline families: the diffusers classes dw runs, and what each one takes.
+//!
+//! A family declares, in one table, the pipeline classes it serves (each with its argument
+//! schema), the `_class_name`s of the model folders it loads (what `DiffusionPipeline` and
+//! the `AutoPipelineFor*` classes resolve from `model_index.json`), its components by their
+//! names in `model_index.json`, and the schedulers it runs. `dwctl validate` and the daemon
+//! read the same tables, so a bad argument is caught before anything loads. The daemon's
+//! implementation of a family lives in `dwd/src/pipelines/<family>/`; adding one is a table
+//! here, that folder, and one line in each registry.
+
+pub mod stable_diffusion;
+#[cfg(debug_assertions)]
+pub mod test_noise;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::workflow::{ArgSpec, Arguments};
+
+/// What a pipeline class makes, as diffusers' auto pipelines tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    TextToImage,
+    ImageToImage,
+}
+
+/// One diffusers pipeline class.
+#[derive(Debug, PartialEq)]
+pub struct PipelineClass {
+    /// The class name, as `configuration.component_type` writes it.
+    pub name: &'static str,
+    /// The [`Family::id`] it belongs to.
+    pub family: &'static str,
+    pub task: Task,
+    /// Its `__call__` arguments dw accepts, in groups (those its family's classes share,
+    /// then its own).
+    pub arguments: &'static [&'static [ArgSpec]],
+}
+
+impl PipelineClass {
+    /// Every argument it takes.
+    pub fn argument_specs(&self) -> impl Iterator<Item = &'static ArgSpec> {
+        self.arguments.iter().flat_map(|group| group.iter())
+    }
+
+    pub fn argument(&self, name: &str) -> Option<&'static ArgSpec> {
+        self.argument_specs().find(|a| a.name == name)
+    }
+
+    pub fn argument_names(&self) -> Vec<&'static str> {
+        self.argument_specs().map(|a| a.name).collect()
+    }
+
+    /// Checks a step's arguments against this class.
+    pub fn check(
+        &self,
+        arguments: &serde_json::Map<String, Value>,
+    ) -> Result<Arguments, crate::workflow::ArgumentError> {
+        Arguments::check(arguments, self)
+    }
+}
+
+/// A component of a family's pipelines: its name in `model_index.json` (also its folder)
+/// and the class it must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentSpec {
+    pub name: &'static str,
+    pub class: &'static str,
+}
+
+/// Everything a workflow can ask of one family.
+#[derive(Debug, PartialEq)]
+pub struct Family {
+    /// Its folder under `dwd/src/pipelines/`.
+    pub id: &'static str,
+    /// What users call it, for messages.
+    pub title: &'static str,
+    pub classes: &'static [PipelineClass],
+    /// `model_index.json` `_class_name`s of the folders it loads.
+    pub folder_classes: &'static [&'static str],
+    pub components: &'static [ComponentSpec],
+    /// Scheduler classes its pipelines run.
+    pub schedulers: &'static [&'static str],
+}
+
+impl Family {
+    pub fn component(&self, name: &str) -> Option<&'static ComponentSpec> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    fn class_for(&self, task: Task) -> Option<&'static PipelineClass> {
+        self.classes.iter().find(|c| c.task == task)
+    }
+}
+
+/// Scheduler classes dw implements, by their diffusers names.
+pub const SCHEDULERS: &[&str] = &[
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+];
+
+/// The families users can name, in the order messages list them.
+pub static FAMILIES: &[&Family] = &[&stable_diffusion::FAMILY];
+
+/// Families only the test builds have (a tiny one that proves the seam).
+#[cfg(debug_assertions)]
+static TEST_FAMILIES: &[&Family] = &[&test_noise::FAMILY];
+#[cfg(not(debug_assertions))]
+static TEST_FAMILIES: &[&Family] = &[];
+
+/// Every family this build runs.
+pub fn families() -> impl Iterator<Item = &'static Family> {
+    FAMILIES.iter().chain(TEST_FAMILIES).copied()
+}
+
+/// The family with this id.
+pub fn family(id: &str) -> Option<&'static Family> {
+    families().find(|f| f.id == id)
+}
+
+/// Class names users can write, for messages.
+pub fn supported_classes() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.classes.iter().map(|c| c.name))
+        .collect()
+}
+
+/// Every component name a family has, each once (`shared_components` and friends).
+pub fn component_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for spec in families().flat_map(|f| f.components) {
+        if !names.contains(&spec.name) {
+            names.push(spec.name);
+        }
+    }
+    names
+}
+
+/// Classes diffusers resolves from a model folder's `model_index.json`, and the task each
+/// asks for (`None`: the folder's own class decides).
+const AUTO_CLASSES: &[(&str, Option<Task>)] = &[
+    ("DiffusionPipeline", None),
+    ("AutoPipelineForText2Image", Some(Task::TextToImage)),
+    ("AutoPipelineForImage2Image", Some(Task::ImageToImage)),
+];
+
+fn bare(component_type: &str) -> &str {
+    component_type
+        .strip_prefix("diffusers.")
+        .unwrap_or(component_type)
+}
+
+/// Whether `component_type` is one diffusers resolves from `model_index.json`.
+pub fn is_auto_class(component_type: &str) -> bool {
+    AUTO_CLASSES.iter().any(|(n, _)| *n == bare(component_type))
+}
+
+/// The class a `component_type` names (bare, or as `diffusers.Name`), or why it cannot
+/// run. An auto class gives, until its model folder is read, the first family's class for
+/// the task it asks for; [`resolve_auto_class`] decides once the folder is known.
+pub fn pipeline_class(component_type: &str) -> Result<&'static PipelineClass, String> {
+    let class = bare(component_type);
+    if let Some(found) = families().flat_map(|f| f.classes).find(|c| c.name == class) {
+        return Ok(found);
+    }
+    if let Some((_, task)) = AUTO_CLASSES.iter().find(|(n, _)| *n == class) {
+        let task = task.unwrap_or(Task::TextToImage);
+        if let Some(found) = FAMILIES.iter().find_map(|f| f.class_for(task)) {
+            return Ok(found);
+        }
+    }
+    let supported = supported_classes().join(", ");
+    if class.contains('.') {
+        return Err(format!("pipeline class `{component_type}` is not supported: dw runs diffusers' own pipelines, not Python code from other modules; supported: {supported}"));
+    }
+    Err(format!(
+        "pipeline class `{class}` is not supported yet; supported: {supported}"
+    ))
+}
+
+/// The classes an auto `component_type` may resolve to, in registry order.
+pub fn auto_candidates(component_type: &str) -> Vec<&'static PipelineClass> {
+    let Some((_, task)) = AUTO_CLASSES
+        .iter()
+        .find(|(n, _)| *n == bare(component_type))
+    else {
+        return Vec::new();
+    };
+    families()
+        .flat_map(|f| f.classes)
+        .filter(|c| task.is_none_or(|t| c.task == t))
+        .collect()
+}
+
+/// The `_class_name` of a model folder's `model_index.json`.
+pub fn folder_class(model_dir: &Path) -> Result<String, String> {
+    let index = model_dir.join("model_index.json");
+    let text = crate::input::read_text_bounded(&index, crate::input::CONFIG_BYTES)
+        .map_err(|e| format!("{} cannot be read: {e}", index.display()))?;
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
+        .ok_or_else(|| format!("{} has no `_class_name`", index.display()))
+}
+
+/// The class an auto `component_type` resolves to for a folder whose `model_index.json`
+/// names `folder_class`, as diffusers resolves it; an error names the class it would need.
+pub fn resolve_auto_class(
+    component_type: &str,
+    folder_class: &str,
+) -> Result<&'static PipelineClass, String> {
+    let class = bare(component_type);
+    let Some((_, task)) = AUTO_CLASSES.iter().find(|(n, _)| *n == class) else {
+        return Err(format!("`{class}` is not an auto pipeline class"));
+    };
+    let unsupported = || {
+        format!(
+            "`{class}` resolves to `{folder_class}` from the model's model_index.json, which is not supported yet; supported: {}",
+            supported_classes().join(", ")
+        )
+    };
+    let family = families()
+        .find(|f| f.folder_classes.contains(&folder_class))
+        .ok_or_else(unsupported)?;
+    let resolved = match task {
+        Some(task) => family.class_for(*task),
+        None => family.classes.iter().find(|c| c.name == folder_class),
+    };
+    resolved.ok_or_else(unsupported)
+}
+
+/// Resolves an auto `component_type` from `model_dir`; any other class is itself.
+pub fn class_for_folder(
+    component_type: &str,
+    written: &'static PipelineClass,
+    model_dir: &Path,
+) -> Result<&'static PipelineClass, String> {
+    if !is_auto_class(component_type) {
+        return Ok(written);
+    }
+    let folder = folder_class(model_dir)
+        .map_err(|e| format!("`{component_type}` is resolved from the model folder: {e}"))?;
+    resolve_auto_class(component_type, &folder)
+}
+
+/// Checks a component block (`"vae": {"configuration": {"component_type": ...}}`) against
+/// the components of `class`'s family.
+pub fn check_component(
+    class: &PipelineClass,
+    slot: &str,
+    component_type: &str,
+) -> Result<(), String> {
+    let family = family(class.family).ok_or_else(|| format!("no family `{}`", class.family))?;
+    let Some(spec) = family.component(slot) else {
+        let slots: Vec<&str> = family.components.iter().map(|c| c.name).collect();
+        return Err(format!(
+            "`{slot}` is not supported here: a {} pipeline has no `{slot}`; its components are {}",
+            family.title,
+            slots.join(", ")
+        ));
+    };
+    if bare(component_type) == bare(spec.class) {
+        Ok(())
+    } else {
+        Err(format!(
+            "component class `{component_type}` is not supported for `{slot}`; a {} `{slot}` is `{}`",
+            family.title, spec.class
+        ))
+    }
+}
