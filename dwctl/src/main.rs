@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use protocol::message::{ClientMessage, ServerMessage, StatusReport};
+use protocol::message::{ClientMessage, MemoryReport, ServerMessage, StatusReport};
 use protocol::paths::DaemonPaths;
 use serde_json::json;
 
@@ -220,18 +220,7 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             quiet,
             preview,
         } => {
-            let timeout = match timeout {
-                Some(secs) if secs > 0.0 && secs <= MAX_TIMEOUT_SECS => {
-                    Some(Duration::from_secs_f64(secs))
-                }
-                Some(secs) => {
-                    return Err(Failure::new(
-                        EXIT_INVALID,
-                        format!("--timeout must be a positive number of seconds, at most {MAX_TIMEOUT_SECS} (a year), got {secs}"),
-                    ))
-                }
-                None => None,
-            };
+            let timeout = timeout.map(checked_timeout).transpose()?;
             run::run(
                 paths,
                 run::RunOptions {
@@ -276,12 +265,8 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
         Command::Cancel { job_id } => cancel(paths, job_id),
         Command::Logs { follow, lines } => logs(paths, follow, lines),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "dwctl",
-                &mut std::io::stdout(),
-            );
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "dwctl", &mut std::io::stdout());
             Ok(EXIT_OK)
         }
         Command::Ping => ping(paths),
@@ -291,6 +276,17 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             require_models,
         } => validate::validate(&workflow, &assignments, require_models),
     }
+}
+
+/// `--timeout` as a duration: positive, and at most a year.
+fn checked_timeout(secs: f64) -> Result<Duration, Failure> {
+    if secs > 0.0 && secs <= MAX_TIMEOUT_SECS {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    Err(Failure::new(
+        EXIT_INVALID,
+        format!("--timeout must be a positive number of seconds, at most {MAX_TIMEOUT_SECS} (a year), got {secs}"),
+    ))
 }
 
 fn unexpected(answer: ServerMessage) -> Failure {
@@ -322,7 +318,6 @@ fn status(paths: &DaemonPaths, json: bool) -> Result<u8, Failure> {
 }
 
 fn print_status(report: &StatusReport) {
-    let memory = &report.memory;
     outln!(
         "dwd {} (pid {}) on {}, up {}",
         report.version,
@@ -347,13 +342,29 @@ fn print_status(report: &StatusReport) {
             report.log_dropped_lines
         );
     }
+    outln!("{}", memory_line(&report.memory));
+    outln!("runs    {} finished", report.runs);
+    if report.queue.is_empty() {
+        outln!("queue   empty");
+    }
+    for job in &report.queue {
+        outln!(
+            "queue   job {} ({}) {} #{}",
+            job.job_id,
+            job.workflow_id,
+            job.state,
+            job.position
+        );
+    }
+    print_loaded(report);
+}
+
+/// `memory  R resident; device U used of T; models L of a B budget (source); ...`.
+fn memory_line(memory: &MemoryReport) -> String {
     let mut line = format!("memory  {} resident", human_bytes(memory.rss_bytes));
     if let (Some(used), Some(total)) = (memory.device_used_bytes, memory.device_total_bytes) {
-        line.push_str(&format!(
-            "; device {} used of {}",
-            human_bytes(used),
-            human_bytes(total)
-        ));
+        let (used, total) = (human_bytes(used), human_bytes(total));
+        line.push_str(&format!("; device {used} used of {total}"));
     }
     line.push_str(&format!(
         "; models {} of a {} budget",
@@ -364,26 +375,14 @@ fn print_status(report: &StatusReport) {
         line.push_str(&format!(" ({})", memory.budget_source));
     }
     if let Some(baseline) = memory.baseline_bytes {
-        line.push_str(&format!(
-            "; {} right after the last load",
-            human_bytes(baseline)
-        ));
+        let baseline = human_bytes(baseline);
+        line.push_str(&format!("; {baseline} right after the last load"));
     }
-    outln!("{line}");
-    outln!("runs    {} finished", report.runs);
-    if report.queue.is_empty() {
-        outln!("queue   empty");
-    } else {
-        for job in &report.queue {
-            outln!(
-                "queue   job {} ({}) {} #{}",
-                job.job_id,
-                job.workflow_id,
-                job.state,
-                job.position
-            );
-        }
-    }
+    line
+}
+
+/// The loaded components, one row each.
+fn print_loaded(report: &StatusReport) {
     if report.loaded.is_empty() {
         outln!("loaded  nothing");
         return;
@@ -391,7 +390,7 @@ fn print_status(report: &StatusReport) {
     outln!(
         "loaded  {} component(s), {}:",
         report.loaded.len(),
-        human_bytes(memory.loaded_bytes)
+        human_bytes(report.memory.loaded_bytes)
     );
     outln!(
         "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} MODEL",

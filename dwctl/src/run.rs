@@ -182,26 +182,69 @@ pub fn execute(
     options: &RunOptions,
     on_submitted: &mut dyn FnMut(&UnixStream) -> Result<Arc<AtomicBool>, Failure>,
 ) -> Result<Option<RunOutcome>, Failure> {
+    let (workflow, request) = prepare(options)?;
+    trace("validated");
+    let mut connection = Connection::open(paths, options.start_daemon)?;
+    trace("welcomed");
+    connection
+        .send(&ClientMessage::Run(request))
+        .map_err(|e| died(paths, e))?;
+    if options.dry_run {
+        return dry_run(paths, &mut connection, options.json).map(Some);
+    }
+    let interrupted = on_submitted(connection.reader.stream())?;
+    let display = Display::new(options.json || options.quiet);
+    display.line(&format!(
+        "running `{}` ({} step(s)) on dwd pid {} ({})",
+        workflow.id,
+        workflow.steps.len(),
+        connection.daemon_pid,
+        connection.daemon_device
+    ));
+    let writer = OutputWriter::start(options.output_dir.clone(), options.preview)?;
+    let mut follow = Follow {
+        display,
+        writer,
+        job_id: 0,
+    };
+    let summary = loop {
+        let message = match connection.receive() {
+            Ok(message) => message,
+            Err(_) if interrupted.load(Ordering::SeqCst) => {
+                return Err(follow.abandon(Failure::new(EXIT_CANCELLED, "cancelled")))
+            }
+            Err(e) => return Err(follow.abandon(died(paths, e))),
+        };
+        if let Some(summary) = follow.handle(message, &mut connection)? {
+            break summary;
+        }
+    };
+    let outputs = follow.writer.finish(&follow.display);
+    follow.display.finish();
+    Ok(Some(RunOutcome {
+        job_id: follow.job_id,
+        summary,
+        outputs: outputs?,
+        plan_code: None,
+    }))
+}
+
+/// Reads and validates the workflow here first (errors come back at once, with the path
+/// as the user typed it), makes the output folder, and builds the request.
+fn prepare(options: &RunOptions) -> Result<(Workflow, RunRequest), Failure> {
     let workflow_path = std::path::absolute(&options.workflow)
         .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", options.workflow.display())))?;
     let source = protocol::workflow::read_source(&workflow_path)
         .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
-    // Validate here first: errors come back at once, with the path as the user typed it.
     let workflow = Workflow::parse(&options.workflow, &source, &options.assignments)
         .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
     std::fs::create_dir_all(&options.output_dir).map_err(|e| {
+        let dir = options.output_dir.display();
         Failure::new(
             EXIT_FAILED,
-            format!(
-                "cannot create the output directory {}: {e}",
-                options.output_dir.display()
-            ),
+            format!("cannot create the output directory {dir}: {e}"),
         )
     })?;
-
-    trace("validated");
-    let mut connection = Connection::open(paths, options.start_daemon)?;
-    trace("welcomed");
     let request = RunRequest {
         workflow_path: workflow_path.display().to_string(),
         workflow_source: source,
@@ -214,111 +257,117 @@ pub fn execute(
         session: Some(session_id()),
         dry_run: options.dry_run,
     };
-    connection
-        .send(&ClientMessage::Run(request))
-        .map_err(|e| died(paths, e))?;
-    if options.dry_run {
-        return match connection.receive().map_err(|e| died(paths, e))? {
-            ServerMessage::Plan(plan) => Ok(Some(RunOutcome {
-                job_id: 0,
-                summary: plan_summary(&plan),
-                outputs: Vec::new(),
-                plan_code: Some(report_plan(&plan, options.json)),
-            })),
-            ServerMessage::Error { message, .. } | ServerMessage::Refused { message } => {
-                Err(Failure::new(EXIT_INVALID, message))
-            }
-            other => Err(Failure::new(
-                EXIT_FAILED,
-                format!("unexpected answer to a dry run: {other:?}"),
-            )),
-        };
-    }
-    let interrupted = on_submitted(connection.reader.stream())?;
+    Ok((workflow, request))
+}
 
-    let display = Display::new(options.json || options.quiet);
-    display.line(&format!(
-        "running `{}` ({} step(s)) on dwd pid {} ({})",
-        workflow.id,
-        workflow.steps.len(),
-        connection.daemon_pid,
-        connection.daemon_device
-    ));
-    let mut writer = OutputWriter::start(options.output_dir.clone(), options.preview)?;
-    let mut job_id = 0;
-    let summary = loop {
-        let message = match connection.receive() {
-            Ok(message) => message,
-            Err(e) => {
-                display.finish();
-                let _ = writer.finish(&display);
-                if interrupted.load(Ordering::SeqCst) {
-                    return Err(Failure::new(EXIT_CANCELLED, "cancelled"));
-                }
-                return Err(died(paths, e));
-            }
-        };
+/// A dry run's answer: the plan, printed, or why there is none.
+fn dry_run(
+    paths: &DaemonPaths,
+    connection: &mut Connection,
+    json: bool,
+) -> Result<RunOutcome, Failure> {
+    match connection.receive().map_err(|e| died(paths, e))? {
+        ServerMessage::Plan(plan) => Ok(RunOutcome {
+            job_id: 0,
+            summary: plan_summary(&plan),
+            outputs: Vec::new(),
+            plan_code: Some(report_plan(&plan, json)),
+        }),
+        ServerMessage::Error { kind, message } => Err(Failure::new(exit_code_for(kind), message)),
+        ServerMessage::Refused { message } => Err(Failure::new(EXIT_INVALID, message)),
+        other => Err(Failure::new(
+            EXIT_FAILED,
+            format!("unexpected answer to a dry run: {other:?}"),
+        )),
+    }
+}
+
+/// A submitted run being followed: progress shown, outputs written as they come.
+struct Follow {
+    display: Display,
+    writer: OutputWriter,
+    job_id: u64,
+}
+
+impl Follow {
+    /// Handles one frame; the summary once the run is done.
+    fn handle(
+        &mut self,
+        message: ServerMessage,
+        connection: &mut Connection,
+    ) -> Result<Option<RunSummary>, Failure> {
         match message {
             ServerMessage::Accepted {
-                job_id: id,
+                job_id,
                 queue_position,
             } => {
-                job_id = id;
+                self.job_id = job_id;
                 if queue_position > 0 {
-                    display.line(&format!("job {id} queued behind {queue_position} job(s)"));
+                    let line = format!("job {job_id} queued behind {queue_position} job(s)");
+                    self.display.line(&line);
                 }
             }
             ServerMessage::Log { level, message, .. } => {
-                let prefix = if level == LogLevel::Warn {
-                    "warning: "
-                } else {
-                    ""
+                let prefix = match level {
+                    LogLevel::Warn => "warning: ",
+                    LogLevel::Info => "",
                 };
-                display.line(&format!("dwd: {prefix}{message}"));
+                self.display.line(&format!("dwd: {prefix}{message}"));
             }
             ServerMessage::Progress {
                 step, phase, i, n, ..
-            } => display.progress(&step, phase.as_str(), i, n),
-            ServerMessage::Output(descriptor) => {
-                trace("output frame");
-                let Some(fd) = connection.reader.take_fd() else {
-                    return Err(Failure::new(
-                        EXIT_FAILED,
-                        format!(
-                            "dwd sent output of step `{}` without its shared memory",
-                            descriptor.step
-                        ),
-                    ));
-                };
-                if !writer.write(descriptor, fd) {
-                    // The writer stopped at a failed output: say which, and stop here.
-                    display.finish();
-                    return Err(writer.finish(&display).err().unwrap_or_else(|| {
-                        Failure::new(EXIT_FAILED, "the output writer stopped early")
-                    }));
-                }
-            }
+            } => self.display.progress(&step, phase.as_str(), i, n),
+            ServerMessage::Output(descriptor) => self.output(descriptor, connection)?,
             ServerMessage::Done(summary) => {
                 trace("done frame");
-                break summary;
+                return Ok(Some(summary));
             }
             ServerMessage::Heartbeat { .. } => {}
             ServerMessage::Error { kind, message } => {
-                display.finish();
-                let _ = writer.finish(&display);
-                return Err(Failure::new(exit_code_for(kind), format!("dwd: {message}")));
+                let failure = Failure::new(exit_code_for(kind), format!("dwd: {message}"));
+                return Err(self.abandon(failure));
             }
-            other => display.line(&format!("dwd sent an unexpected message: {other:?}")),
+            other => self
+                .display
+                .line(&format!("dwd sent an unexpected message: {other:?}")),
         }
-    };
-    let outputs = writer.finish(&display);
-    display.finish();
-    Ok(Some(RunOutcome {
-        job_id,
-        summary,
-        outputs: outputs?,
-        plan_code: None,
-    }))
+        Ok(None)
+    }
+
+    /// Hands an output and its shared memory to the writer.
+    fn output(
+        &mut self,
+        descriptor: OutputDescriptor,
+        connection: &mut Connection,
+    ) -> Result<(), Failure> {
+        trace("output frame");
+        let Some(fd) = connection.reader.take_fd() else {
+            return Err(Failure::new(
+                EXIT_FAILED,
+                format!(
+                    "dwd sent output of step `{}` without its shared memory",
+                    descriptor.step
+                ),
+            ));
+        };
+        if self.writer.write(descriptor, fd) {
+            return Ok(());
+        }
+        // The writer stopped at a failed output: say which, and stop here.
+        self.display.finish();
+        Err(self
+            .writer
+            .finish(&self.display)
+            .err()
+            .unwrap_or_else(|| Failure::new(EXIT_FAILED, "the output writer stopped early")))
+    }
+
+    /// Stops following: what was written stays, and `failure` is the result.
+    fn abandon(&mut self, failure: Failure) -> Failure {
+        self.display.finish();
+        let _ = self.writer.finish(&self.display);
+        failure
+    }
 }
 
 /// Writes outputs on a thread of its own, in the order they arrive, while the main thread
@@ -409,67 +458,30 @@ fn write_output(
     keep_pixels: bool,
 ) -> Result<WrittenOutput, Failure> {
     let failed = |message: String| Failure::new(EXIT_FAILED, message);
-    let expected_len =
-        descriptor.shape.iter().product::<u64>() * descriptor.element_type.size() as u64;
-    if expected_len != descriptor.byte_len {
-        return Err(failed(format!(
-            "output of step `{}` announces {} bytes for shape {:?}; expected {expected_len}",
-            descriptor.step, descriptor.byte_len, descriptor.shape
-        )));
-    }
-    let mapped = MappedOutput::map(fd, descriptor.byte_len as usize).map_err(|e| {
-        failed(format!(
-            "cannot map the output of step `{}`: {e}",
-            descriptor.step
-        ))
-    })?;
-    // The daemon names the file; it must stay inside the output directory.
-    if !is_plain_file_name(&descriptor.file_name) {
-        return Err(failed(format!(
-            "the daemon named an output {:?}, which is not a plain file name; nothing was written",
-            descriptor.file_name
-        )));
-    }
-    let name = &descriptor.file_name;
-    let path = dir.join(name);
+    let mapped = map_output(descriptor, fd)?;
+    let path = dir.join(&descriptor.file_name);
+    let bytes = mapped.bytes();
     let mut rgb = None;
     let (width, height) = match (descriptor.element_type, &descriptor.shape[..]) {
         (ElementType::U8, [_]) if !descriptor.content_type.starts_with("image/") => {
-            write_bytes(&path, mapped.bytes()).map_err(failed)?;
+            write_bytes(&path, bytes).map_err(failed)?;
             (0, 0)
         }
         (ElementType::U8, [height, width, 3]) => {
             let image = RgbView {
                 width: *width as u32,
                 height: *height as u32,
-                pixels: mapped.bytes(),
+                pixels: bytes,
             };
-            let text = PngText {
-                parameters: &descriptor.parameters,
-                dw: &descriptor.dw_metadata,
-            };
-            write_image(
-                &path,
-                &descriptor.content_type,
-                &image,
-                descriptor.embed_metadata.then_some(&text),
-            )
-            .map_err(failed)?;
-            rgb = keep_pixels.then(|| mapped.bytes().to_vec());
+            write_rgb(&path, descriptor, &image).map_err(failed)?;
+            rgb = keep_pixels.then(|| bytes.to_vec());
             (*width, *height)
         }
         (ElementType::F32, [.., height, width]) => {
             let metadata = descriptor
                 .embed_metadata
                 .then_some(("dw", descriptor.dw_metadata.as_str()));
-            write_tensor(
-                &path,
-                "latents",
-                &descriptor.shape,
-                mapped.bytes(),
-                metadata,
-            )
-            .map_err(failed)?;
+            write_tensor(&path, "latents", &descriptor.shape, bytes, metadata).map_err(failed)?;
             (*width, *height)
         }
         _ => {
@@ -487,6 +499,49 @@ fn write_output(
         height,
         rgb,
     })
+}
+
+/// Maps an output's shared memory once its descriptor is checked: its size matches its
+/// shape, and its file name stays inside the output directory.
+fn map_output(
+    descriptor: &OutputDescriptor,
+    fd: std::os::fd::OwnedFd,
+) -> Result<MappedOutput, Failure> {
+    let failed = |message: String| Failure::new(EXIT_FAILED, message);
+    let expected_len =
+        descriptor.shape.iter().product::<u64>() * descriptor.element_type.size() as u64;
+    if expected_len != descriptor.byte_len {
+        return Err(failed(format!(
+            "output of step `{}` announces {} bytes for shape {:?}; expected {expected_len}",
+            descriptor.step, descriptor.byte_len, descriptor.shape
+        )));
+    }
+    if !is_plain_file_name(&descriptor.file_name) {
+        return Err(failed(format!(
+            "the daemon named an output {:?}, which is not a plain file name; nothing was written",
+            descriptor.file_name
+        )));
+    }
+    MappedOutput::map(fd, descriptor.byte_len as usize).map_err(|e| {
+        failed(format!(
+            "cannot map the output of step `{}`: {e}",
+            descriptor.step
+        ))
+    })
+}
+
+/// Writes an RGB image in the descriptor's format, with its metadata when it asks.
+fn write_rgb(
+    path: &Path,
+    descriptor: &OutputDescriptor,
+    image: &RgbView<'_>,
+) -> Result<(), String> {
+    let text = PngText {
+        parameters: &descriptor.parameters,
+        dw: &descriptor.dw_metadata,
+    };
+    let metadata = descriptor.embed_metadata.then_some(&text);
+    write_image(path, &descriptor.content_type, image, metadata)
 }
 
 fn exit_code(summary: &RunSummary) -> u8 {

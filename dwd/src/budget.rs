@@ -1,88 +1,29 @@
 //! What a component will take before it is loaded, read from its safetensors headers, so
 //! the daemon can make room (or refuse) before loading anything.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::DType;
 
-/// Largest safetensors header we read (the format allows 100 MB).
-const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+use crate::pipelines::weights::read_header;
+use crate::pipelines::PipelineError;
 
-/// A weight file whose header cannot be read.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {problem}", path.display())]
-pub struct HeaderError {
-    pub path: PathBuf,
-    pub problem: String,
-}
-
-/// Bytes the tensors in `files` take once loaded as `dtype`.
-pub fn weights_bytes(files: &[PathBuf], dtype: DType) -> Result<u64, HeaderError> {
+/// Bytes the tensors in `files` take once loaded as `dtype`: every element at `dtype`'s
+/// size, read from the headers alone.
+pub fn weights_bytes(files: &[PathBuf], dtype: DType) -> Result<u64, PipelineError> {
     let mut total = 0u64;
     for file in files {
-        total += tensor_elements(file)?.saturating_mul(dtype.size_in_bytes() as u64);
+        let (_, entries) = read_header(file)?;
+        let elements: u64 = entries.iter().map(|e| e.elements as u64).sum();
+        total = total.saturating_add(elements.saturating_mul(dtype.size_in_bytes() as u64));
     }
     Ok(total)
-}
-
-/// The number of elements of all tensors in one safetensors file, from its header alone.
-fn tensor_elements(path: &Path) -> Result<u64, HeaderError> {
-    let fail = |problem: String| HeaderError {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let (mut file, _) =
-        protocol::input::open_regular(path).map_err(|e| fail(format!("cannot open: {e}")))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| fail(format!("cannot stat: {e}")))?
-        .len();
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| fail("truncated: shorter than a safetensors header".into()))?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > MAX_HEADER_BYTES || header_len + 8 > file_len {
-        return Err(fail(format!("not a safetensors file, or truncated (header of {header_len} bytes in a file of {file_len})")));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| fail(format!("cannot read the header: {e}")))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| fail(format!("malformed safetensors header: {e}")))?;
-    let mut elements = 0u64;
-    let mut data_end = 0u64;
-    for (name, info) in header
-        .iter()
-        .filter(|(name, _)| name.as_str() != "__metadata__")
-    {
-        let shape = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| fail(format!("tensor `{name}` has no shape")))?;
-        elements += shape
-            .iter()
-            .map(|d| d.as_u64().unwrap_or(0))
-            .product::<u64>();
-        let end = info
-            .get("data_offsets")
-            .and_then(|o| o.get(1))
-            .and_then(|e| e.as_u64())
-            .unwrap_or(0);
-        data_end = data_end.max(end);
-    }
-    if 8 + header_len + data_end > file_len {
-        return Err(fail(format!(
-            "truncated: its tensors need {} bytes, the file has {file_len}",
-            8 + header_len + data_end
-        )));
-    }
-    Ok(elements)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn fixture(relative: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -21,6 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 use protocol::paths::{check_socket, ensure_private_dir, DaemonPaths, SocketPath};
 use protocol::units::{parse_duration, KeepAlive, SizeLimit};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use dwd::cache::ComponentCache;
 use dwd::cache::EXPIRY_CHECK_INTERVAL;
@@ -167,26 +168,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Only parse the choice here: a CUDA context does not survive the fork below, so the
     // device is opened in the daemon process itself.
     let device_choice = DeviceChoice::parse(&args.device)?;
-
     let lock = take_lock(&paths)?;
-    if check_socket(&paths.socket)? == SocketPath::StaleSocket {
-        // We hold the lock, so no daemon owns this socket of ours: a crash left it.
-        std::fs::remove_file(&paths.socket).with_context(|| {
-            format!("cannot remove the stale socket {}", paths.socket.display())
-        })?;
-    }
-    let listener = StdUnixListener::bind(&paths.socket)
-        .with_context(|| format!("cannot bind {}", paths.socket.display()))?;
-    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
-    let socket_inode = std::fs::symlink_metadata(&paths.socket)?.ino();
-
-    let log_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&paths.log)
-        .with_context(|| format!("cannot open the log file {}", paths.log.display()))?;
+    let (listener, socket_inode) = bind_socket(&paths)?;
+    let log_file = open_log(&paths)?;
     if !args.foreground {
         let stderr = log_file.try_clone()?;
         daemonize::Daemonize::new()
@@ -202,23 +186,72 @@ fn run(args: Args) -> anyhow::Result<()> {
         .open()
         .inspect_err(|e| tracing::error!("{e:#}"))?;
     dwd::memory::register_device(&device);
-    let warming = std::time::Instant::now();
-    match dwd::warm_up::warm_up(&device) {
-        Ok(()) if !device.is_cpu() => tracing::info!(
-            ms = warming.elapsed().as_millis() as u64,
-            "device warmed up: kernels loaded, cuBLAS ready"
-        ),
-        Ok(()) => {}
-        // Only the first run pays for what the warm-up would have done.
-        Err(e) => tracing::warn!("device warm-up failed: {e}"),
-    }
-
+    warm_up(&device);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("dwd-io")
         .build()
         .context("cannot start the async runtime")?;
+    let engine = engine(&args, device);
+    let identity = Identity {
+        socket_inode,
+        lock_inode: lock.metadata()?.ino(),
+    };
+    let serving = serve_until_stopped(listener, paths.clone(), engine, args.idle_exit, identity);
+    let result = runtime.block_on(serving);
+    if std::fs::symlink_metadata(&paths.socket).is_ok_and(|m| m.ino() == socket_inode) {
+        let _ = std::fs::remove_file(&paths.socket);
+    }
+    tracing::info!("dwd stopped");
+    // A job that did not stop in time must not keep the process alive: its thread ends
+    // with the process.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    drop(lock);
+    result
+}
+
+/// Binds the socket (removing a stale one a crash left: we hold the lock, so no daemon
+/// owns it), readable by its owner only; returns it and its inode.
+fn bind_socket(paths: &DaemonPaths) -> anyhow::Result<(StdUnixListener, u64)> {
+    if check_socket(&paths.socket)? == SocketPath::StaleSocket {
+        std::fs::remove_file(&paths.socket).with_context(|| {
+            format!("cannot remove the stale socket {}", paths.socket.display())
+        })?;
+    }
+    let listener = StdUnixListener::bind(&paths.socket)
+        .with_context(|| format!("cannot bind {}", paths.socket.display()))?;
+    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
+    let socket_inode = std::fs::symlink_metadata(&paths.socket)?.ino();
+    Ok((listener, socket_inode))
+}
+
+/// The log file, appended to, never through a link.
+fn open_log(paths: &DaemonPaths) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&paths.log)
+        .with_context(|| format!("cannot open the log file {}", paths.log.display()))
+}
+
+/// Loads the device's kernels before the first job; only the first run pays if it fails.
+fn warm_up(device: &Device) {
+    let warming = std::time::Instant::now();
+    match dwd::warm_up::warm_up(device) {
+        Ok(()) if !device.is_cpu() => tracing::info!(
+            ms = warming.elapsed().as_millis() as u64,
+            "device warmed up: kernels loaded, cuBLAS ready"
+        ),
+        Ok(()) => {}
+        Err(e) => tracing::warn!("device warm-up failed: {e}"),
+    }
+}
+
+/// The engine, with the memory budget and policy the flags give.
+fn engine(args: &Args, device: Device) -> Engine {
     let limit = match device_memory(&device) {
         Some((_, total)) => dwd::memory::MemoryLimit {
             bytes: total,
@@ -241,26 +274,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     engine.budget_source = budget_source;
     engine.fetcher.timeout = args.fetch_timeout;
     engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
-    let identity = Identity {
-        socket_inode,
-        lock_inode: lock.metadata()?.ino(),
-    };
-    let result = runtime.block_on(serve_until_stopped(
-        listener,
-        paths.clone(),
-        engine,
-        args.idle_exit,
-        identity,
-    ));
-    if std::fs::symlink_metadata(&paths.socket).is_ok_and(|m| m.ino() == socket_inode) {
-        let _ = std::fs::remove_file(&paths.socket);
-    }
-    tracing::info!("dwd stopped");
-    // A job that did not stop in time must not keep the process alive: its thread ends
-    // with the process.
-    runtime.shutdown_timeout(Duration::from_millis(500));
-    drop(lock);
-    result
+    engine
 }
 
 /// Where pipelines run, as chosen on the command line.
@@ -405,112 +419,23 @@ async fn serve_until_stopped(
     });
     tracing::info!(pid = std::process::id(), version = protocol::TOOL_VERSION, device = %state.device_name,
         socket = %state.paths.socket.display(), "dwd started");
-
-    let executor_queue = queue.clone();
-    let executor_engine = engine.clone();
-    let executor = std::thread::Builder::new()
-        .name("dwd-executor".into())
-        .spawn(move || {
-            run_executor(executor_queue, |job| {
-                job.summarize(executor_engine.run(&job.workflow, job.keep_alive(), job))
-            })
-        })
-        .context("cannot start the executor thread")?;
-
-    // Unload components whose keep-alive ran out.
-    let expiry = {
-        let cache = engine.cache.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
-            loop {
-                tick.tick().await;
-                let cleared = cache.expire(Instant::now());
-                if cleared.unloaded > 0 {
-                    tracing::info!(
-                        unloaded = cleared.unloaded,
-                        bytes_freed = cleared.bytes_freed,
-                        "keep-alive ran out"
-                    );
-                }
-            }
-        })
-    };
-
-    // The handlers are installed here, before the daemon says it is ready: a SIGTERM or
+    let executor = spawn_executor(queue.clone(), engine.clone())?;
+    // The signal handlers are installed before the daemon says it is ready: a SIGTERM or
     // SIGHUP that came before a spawned task got to install them would kill the process
     // by the default action, leaving its socket behind.
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int, mut hup) = (
-        signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-        signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-        signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
-    );
-    let signals = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                    _ = hup.recv() => {
-                        match dwd::logging::reopen(&state.paths.log) {
-                            Ok(()) => tracing::info!("SIGHUP: log reopened"),
-                            Err(e) => tracing::warn!("SIGHUP: cannot reopen the log: {e}"),
-                        }
-                        continue;
-                    }
-                }
-                state.shutdown.send_replace(true);
-                break;
-            }
-        })
-    };
-
-    // One daemon per socket: if the socket or the lock file is removed or replaced,
-    // another daemon may start on it, so this one stops.
-    let watchdog = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if let Some(why) = identity.lost(&state.paths) {
-                    tracing::warn!("{why}; stopping so that one daemon serves the socket");
-                    state.shutdown.send_replace(true);
-                    break;
-                }
-            }
-        })
-    };
-
-    // With --idle-exit, stop once nothing has run for that long.
-    let idle = idle_exit.map(|limit| {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                if state.queue.idle_for().is_some_and(|idle| idle >= limit) {
-                    tracing::info!("idle for {limit:?} (--idle-exit); stopping");
-                    state.shutdown.send_replace(true);
-                    break;
-                }
-            }
-        })
-    });
-
+    let mut tasks = vec![
+        expire_components(&engine),
+        handle_signals(&state)?,
+        watch_identity(&state, identity),
+    ];
+    tasks.extend(idle_exit.map(|limit| exit_when_idle(&state, limit)));
     // Under systemd (Type=notify, --foreground): ready once connections are served.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot tell systemd the daemon is ready: {e}");
     }
     serve(listener, state.clone()).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    signals.abort();
-    watchdog.abort();
-    expiry.abort();
-    if let Some(idle) = idle {
-        idle.abort();
-    }
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
     tracing::info!("shutting down: no new connections; cancelling jobs");
     if identity.lost(&state.paths).is_none() {
         let _ = std::fs::remove_file(&state.paths.socket);
@@ -526,4 +451,99 @@ async fn serve_until_stopped(
     // Let connection tasks deliver the jobs' final frames.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// The thread that runs jobs one at a time.
+fn spawn_executor(
+    queue: JobQueue,
+    engine: Arc<Engine>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("dwd-executor".into())
+        .spawn(move || {
+            run_executor(queue, |job| {
+                job.summarize(engine.run(&job.workflow, job.keep_alive(), job))
+            })
+        })
+        .context("cannot start the executor thread")
+}
+
+/// Unloads components whose keep-alive ran out.
+fn expire_components(engine: &Engine) -> JoinHandle<()> {
+    let cache = engine.cache.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_CHECK_INTERVAL);
+        loop {
+            tick.tick().await;
+            let cleared = cache.expire(Instant::now());
+            if cleared.unloaded > 0 {
+                tracing::info!(
+                    unloaded = cleared.unloaded,
+                    bytes_freed = cleared.bytes_freed,
+                    "keep-alive ran out"
+                );
+            }
+        }
+    })
+}
+
+/// SIGTERM and SIGINT stop the daemon; SIGHUP reopens its log.
+fn handle_signals(state: &Arc<DaemonState>) -> anyhow::Result<JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int, mut hup) = (
+        signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+    );
+    let state = state.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = hup.recv() => {
+                    match dwd::logging::reopen(&state.paths.log) {
+                        Ok(()) => tracing::info!("SIGHUP: log reopened"),
+                        Err(e) => tracing::warn!("SIGHUP: cannot reopen the log: {e}"),
+                    }
+                    continue;
+                }
+            }
+            state.shutdown.send_replace(true);
+            break;
+        }
+    }))
+}
+
+/// One daemon per socket: if the socket or the lock file is removed or replaced, another
+/// daemon may start on it, so this one stops.
+fn watch_identity(state: &Arc<DaemonState>, identity: Identity) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Some(why) = identity.lost(&state.paths) {
+                tracing::warn!("{why}; stopping so that one daemon serves the socket");
+                state.shutdown.send_replace(true);
+                break;
+            }
+        }
+    })
+}
+
+/// With --idle-exit, stops once nothing has run for `limit`.
+fn exit_when_idle(state: &Arc<DaemonState>, limit: Duration) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if state.queue.idle_for().is_some_and(|idle| idle >= limit) {
+                tracing::info!("idle for {limit:?} (--idle-exit); stopping");
+                state.shutdown.send_replace(true);
+                break;
+            }
+        }
+    })
 }

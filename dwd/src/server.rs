@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::engine::Engine;
 use crate::memory::{device_memory, resident_set_bytes};
-use crate::queue::{CancelReason, JobEvent, JobOptions, JobQueue};
+use crate::queue::{CancelReason, CancelToken, JobEvent, JobOptions, JobQueue};
 
 /// How long a new connection may take to say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,71 +136,11 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
     let peer_uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (mut reader, mut writer) = stream.into_split();
     if peer_uid != Some(state.uid) {
-        tracing::warn!(?peer_uid, "refused a connection from another user");
-        let message = format!(
-            "permission denied: this dwd belongs to uid {}; start your own daemon",
-            state.uid
-        );
-        send(&mut writer, &ServerMessage::Refused { message }).await?;
-        // Let the stranger's hello arrive before closing, so it reads the refusal rather
-        // than a broken pipe.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            read_message::<ClientMessage>(&mut reader),
-        )
-        .await;
+        return refuse_stranger(peer_uid, &mut reader, &mut writer, &state).await;
+    }
+    if !handshake(&mut reader, &mut writer, &state).await? {
         return Ok(());
     }
-
-    let hello = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        read_message::<ClientMessage>(&mut reader),
-    )
-    .await
-    {
-        Err(_) => return Ok(()),
-        Ok(Err(FrameError::Closed)) => return Ok(()),
-        Ok(Err(e)) => {
-            return bad_request(&mut writer, format!("could not read the handshake: {e}")).await
-        }
-        Ok(Ok(message)) => message,
-    };
-    match hello {
-        ClientMessage::Hello {
-            protocol_version,
-            client_version,
-        } if protocol_version == PROTOCOL_VERSION => {
-            let _ = client_version;
-        }
-        ClientMessage::Hello {
-            protocol_version,
-            client_version,
-        } => {
-            let message = format!(
-                "dwd {TOOL_VERSION} (protocol {PROTOCOL_VERSION}) is running, dwctl is {client_version} (protocol {protocol_version}): run `dwctl stop`, then retry"
-            );
-            send(&mut writer, &ServerMessage::Refused { message }).await?;
-            return Ok(());
-        }
-        other => {
-            return bad_request(
-                &mut writer,
-                format!("expected a hello first, got {}", request_name(&other)),
-            )
-            .await;
-        }
-    }
-    send(
-        &mut writer,
-        &ServerMessage::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            daemon_version: TOOL_VERSION.to_string(),
-            pid: std::process::id(),
-            device: state.device_name.clone(),
-        },
-    )
-    .await?;
-
     // A client that goes quiet after the handshake holds a descriptor: give it as long
     // as the handshake, then close.
     let request = match tokio::time::timeout(
@@ -217,85 +157,151 @@ async fn handle_connection(stream: UnixStream, state: Arc<DaemonState>) -> Resul
     };
     match request {
         ClientMessage::Run(run) => serve_run(run, reader, writer, &state).await,
-        ClientMessage::Status => send(&mut writer, &ServerMessage::Status(status(&state))).await,
-        ClientMessage::Clear { model } => {
-            let cleared = state.engine.cache.clear(model.as_deref());
-            if model.is_none() {
-                let spares = crate::output::release_spares();
-                tracing::debug!(bytes = spares, "released the spare output segments");
-            }
-            tracing::info!(
-                unloaded = cleared.unloaded,
-                bytes_freed = cleared.bytes_freed,
-                "cleared the cache"
-            );
-            send(
-                &mut writer,
-                &ServerMessage::Cleared {
-                    unloaded: cleared.unloaded,
-                    bytes_freed: cleared.bytes_freed,
-                },
-            )
-            .await
+        other => answer(other, &mut writer, &state).await,
+    }
+}
+
+/// Tells another user's client that this daemon is not theirs.
+async fn refuse_stranger(
+    peer_uid: Option<u32>,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    state: &DaemonState,
+) -> Result<(), FrameError> {
+    tracing::warn!(?peer_uid, "refused a connection from another user");
+    let message = format!(
+        "permission denied: this dwd belongs to uid {}; start your own daemon",
+        state.uid
+    );
+    send(writer, &ServerMessage::Refused { message }).await?;
+    // Let the stranger's hello arrive before closing, so it reads the refusal rather
+    // than a broken pipe.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        read_message::<ClientMessage>(reader),
+    )
+    .await;
+    Ok(())
+}
+
+/// Reads the client's hello and answers it; `false` when the connection should close.
+async fn handshake(
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    state: &DaemonState,
+) -> Result<bool, FrameError> {
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_message::<ClientMessage>(reader))
+        .await
+    {
+        Err(_) | Ok(Err(FrameError::Closed)) => return Ok(false),
+        Ok(Err(e)) => {
+            bad_request(writer, format!("could not read the handshake: {e}")).await?;
+            return Ok(false);
         }
+        Ok(Ok(message)) => message,
+    };
+    match hello {
+        ClientMessage::Hello {
+            protocol_version, ..
+        } if protocol_version == PROTOCOL_VERSION => {}
+        ClientMessage::Hello {
+            protocol_version,
+            client_version,
+        } => {
+            let message = format!(
+                "dwd {TOOL_VERSION} (protocol {PROTOCOL_VERSION}) is running, dwctl is {client_version} (protocol {protocol_version}): run `dwctl stop`, then retry"
+            );
+            send(writer, &ServerMessage::Refused { message }).await?;
+            return Ok(false);
+        }
+        other => {
+            let message = format!("expected a hello first, got {}", request_name(&other));
+            bad_request(writer, message).await?;
+            return Ok(false);
+        }
+    }
+    let welcome = ServerMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        daemon_version: TOOL_VERSION.to_string(),
+        pid: std::process::id(),
+        device: state.device_name.clone(),
+    };
+    send(writer, &welcome).await?;
+    Ok(true)
+}
+
+/// Answers a request other than `run`.
+async fn answer(
+    request: ClientMessage,
+    writer: &mut OwnedWriteHalf,
+    state: &DaemonState,
+) -> Result<(), FrameError> {
+    let reply = match request {
+        ClientMessage::Status => ServerMessage::Status(status(state)),
+        ClientMessage::Clear { model } => clear(state, model.as_deref()),
         ClientMessage::Cancel { job_id, session } => {
             let cancelled = state.queue.cancel(job_id, session);
-            let message = match (&cancelled[..], job_id) {
-                ([], Some(id)) => format!("no job {id} is queued or running"),
-                ([], None) => {
-                    let jobs = state.queue.snapshot();
-                    if jobs.is_empty() {
-                        "no job is queued or running".to_string()
-                    } else {
-                        let list: Vec<String> = jobs
-                            .iter()
-                            .map(|j| format!("{} ({}, {})", j.job_id, j.workflow_id, j.state))
-                            .collect();
-                        format!(
-                            "no job from this shell is queued or running; jobs: {}; give a JOB_ID",
-                            list.join(", ")
-                        )
-                    }
-                }
-                (ids, _) => format!(
-                    "cancelled job {}",
-                    ids.iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            send(
-                &mut writer,
-                &ServerMessage::CancelResult { cancelled, message },
-            )
-            .await
+            let message = cancel_message(state, &cancelled, job_id);
+            ServerMessage::CancelResult { cancelled, message }
         }
-        ClientMessage::Ping => {
-            let uptime_ms = state.started.elapsed().as_millis() as u64;
-            send(
-                &mut writer,
-                &ServerMessage::Pong {
-                    pid: std::process::id(),
-                    uptime_ms,
-                },
-            )
-            .await
-        }
+        ClientMessage::Ping => ServerMessage::Pong {
+            pid: std::process::id(),
+            uptime_ms: state.started.elapsed().as_millis() as u64,
+        },
         ClientMessage::Shutdown => {
             tracing::info!("shutdown requested by a client");
-            send(
-                &mut writer,
-                &ServerMessage::ShuttingDown {
-                    message: "dwd is shutting down".into(),
-                },
-            )
-            .await?;
+            let message = "dwd is shutting down".to_string();
+            send(writer, &ServerMessage::ShuttingDown { message }).await?;
             state.shutdown.send_replace(true);
-            Ok(())
+            return Ok(());
         }
-        ClientMessage::Hello { .. } => {
-            bad_request(&mut writer, "hello sent twice".to_string()).await
+        ClientMessage::Hello { .. } | ClientMessage::Run(_) => {
+            let message = format!("{} sent out of turn", request_name(&request));
+            return bad_request(writer, message).await;
+        }
+    };
+    send(writer, &reply).await
+}
+
+/// Unloads `model`'s components, or everything (and the spare output segments).
+fn clear(state: &DaemonState, model: Option<&str>) -> ServerMessage {
+    let cleared = state.engine.cache.clear(model);
+    if model.is_none() {
+        let spares = crate::output::release_spares();
+        tracing::debug!(bytes = spares, "released the spare output segments");
+    }
+    tracing::info!(
+        unloaded = cleared.unloaded,
+        bytes_freed = cleared.bytes_freed,
+        "cleared the cache"
+    );
+    ServerMessage::Cleared {
+        unloaded: cleared.unloaded,
+        bytes_freed: cleared.bytes_freed,
+    }
+}
+
+/// What `dwctl cancel` prints: what was cancelled, or why nothing was.
+fn cancel_message(state: &DaemonState, cancelled: &[u64], job_id: Option<u64>) -> String {
+    match (cancelled, job_id) {
+        ([], Some(id)) => format!("no job {id} is queued or running"),
+        ([], None) => {
+            let jobs = state.queue.snapshot();
+            if jobs.is_empty() {
+                return "no job is queued or running".to_string();
+            }
+            let list: Vec<String> = jobs
+                .iter()
+                .map(|j| format!("{} ({}, {})", j.job_id, j.workflow_id, j.state))
+                .collect();
+            format!(
+                "no job from this shell is queued or running; jobs: {}; give a JOB_ID",
+                list.join(", ")
+            )
+        }
+        (ids, _) => {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            format!("cancelled job {}", ids.join(", "))
         }
     }
 }
@@ -327,35 +333,13 @@ fn request_name(message: &ClientMessage) -> &'static str {
 /// Queues a run and streams its events until its `done`; cancels it if the client leaves.
 async fn serve_run(
     request: RunRequest,
-    mut reader: OwnedReadHalf,
+    reader: OwnedReadHalf,
     mut writer: OwnedWriteHalf,
     state: &DaemonState,
 ) -> Result<(), FrameError> {
-    let path = Path::new(&request.workflow_path);
-    let workflow = match Workflow::parse(path, &request.workflow_source, &request.overrides) {
-        Ok(workflow) => Workflow {
-            cwd: request.cwd.as_ref().map(std::path::PathBuf::from),
-            ..workflow
-        },
-        Err(e) => {
-            let summary = RunSummary {
-                job_id: 0,
-                outcome: Outcome::Failed,
-                workflow: WorkflowInfo {
-                    id: String::new(),
-                    path: request.workflow_path.clone(),
-                    sha256: sha256_hex(request.workflow_source.as_bytes()),
-                },
-                timings: Default::default(),
-                cache: Default::default(),
-                error: Some(RunError {
-                    kind: ErrorKind::InvalidWorkflow,
-                    message: e.to_string(),
-                    pointer: e.pointer.clone(),
-                }),
-            };
-            return send(&mut writer, &ServerMessage::Done(summary)).await;
-        }
+    let workflow = match parse_workflow(&request) {
+        Ok(workflow) => workflow,
+        Err(summary) => return send(&mut writer, &ServerMessage::Done(*summary)).await,
     };
     if request.dry_run {
         let message = match state.engine.plan(&workflow) {
@@ -368,7 +352,7 @@ async fn serve_run(
         return send(&mut writer, &message).await;
     }
     let workflow_id = workflow.id.clone();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let options = JobOptions {
         timeout_ms: request.timeout_ms,
         keep_alive_ms: request.keep_alive_ms,
@@ -377,89 +361,166 @@ async fn serve_run(
     let Ok((job_id, queue_position, cancel)) = state.queue.submit(workflow, options, events_tx)
     else {
         let message = "dwd is shutting down and accepts no new jobs".to_string();
-        return send(
-            &mut writer,
-            &ServerMessage::Error {
-                kind: ErrorKind::ShuttingDown,
-                message,
-            },
-        )
-        .await;
+        let kind = ErrorKind::ShuttingDown;
+        return send(&mut writer, &ServerMessage::Error { kind, message }).await;
     };
     tracing::info!(job = job_id, workflow = %workflow_id, path = %request.workflow_path, "job accepted");
-    send(
-        &mut writer,
-        &ServerMessage::Accepted {
-            job_id,
-            queue_position,
-        },
-    )
-    .await
-    .inspect_err(|_| cancel.cancel(CancelReason::Client))?;
+    let accepted = ServerMessage::Accepted {
+        job_id,
+        queue_position,
+    };
+    send(&mut writer, &accepted)
+        .await
+        .inspect_err(|_| cancel.cancel(CancelReason::Client))?;
+    let stream = RunStream {
+        job_id,
+        workflow_id,
+        timeout_ms: request.timeout_ms,
+        cancel,
+        reader,
+        writer,
+        client_gone: false,
+    };
+    stream.serve(events, state).await
+}
 
-    let mut client_gone = false;
-    // `--timeout` counts the wait in the queue too: a job still waiting when it passes is
-    // answered at once (the executor skips it when its turn comes).
-    let deadline = request
-        .timeout_ms
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
-    let mut deadline_seen = false;
-    let mut heartbeat = tokio::time::interval(protocol::message::HEARTBEAT);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = sleep_until_some(deadline), if !client_gone && !deadline_seen => {
-                deadline_seen = true;
-                if state.queue.is_waiting(job_id) {
-                    cancel.cancel(CancelReason::Timeout);
-                    let summary = timed_out_in_queue(job_id, &workflow_id, request.timeout_ms.unwrap_or(0));
-                    return send(&mut writer, &ServerMessage::Done(summary)).await;
-                }
-            }
-            _ = heartbeat.tick(), if !client_gone => {
-                if send(&mut writer, &ServerMessage::Heartbeat { job_id }).await.is_err() {
-                    tracing::info!(job = job_id, "client went away; cancelling its job");
-                    cancel.cancel(CancelReason::Client);
-                    client_gone = true;
-                }
-            }
-            event = events.recv() => {
-                heartbeat.reset();
-                let Some(event) = event else { return Ok(()) };
-                let done = matches!(event, JobEvent::Done(_));
-                if let JobEvent::Done(summary) = &event {
-                    tracing::info!(job = job_id, outcome = ?summary.outcome, run_ms = summary.timings.run_ms, load_ms = summary.timings.load_ms,
-                        error = summary.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""), "job done");
-                }
-                if client_gone {
-                    if done { return Ok(()); }
-                    continue;
-                }
-                if let Err(e) = send_event(&mut writer, job_id, event).await {
-                    tracing::info!(job = job_id, "client went away ({e}); cancelling its job");
-                    cancel.cancel(CancelReason::Client);
-                    client_gone = true;
-                }
-                if done {
-                    return Ok(());
-                }
-            }
-            message = read_message::<ClientMessage>(&mut reader), if !client_gone => {
-                match message {
-                    Ok(ClientMessage::Cancel { .. }) => {
-                        tracing::info!(job = job_id, "cancel requested by its client");
-                        cancel.cancel(CancelReason::Client);
+/// The request's workflow, parsed as it was sent, or the summary of why it is invalid.
+fn parse_workflow(request: &RunRequest) -> Result<Workflow, Box<RunSummary>> {
+    let path = Path::new(&request.workflow_path);
+    match Workflow::parse(path, &request.workflow_source, &request.overrides) {
+        Ok(workflow) => Ok(Workflow {
+            cwd: request.cwd.as_ref().map(std::path::PathBuf::from),
+            ..workflow
+        }),
+        Err(e) => Err(Box::new(RunSummary {
+            job_id: 0,
+            outcome: Outcome::Failed,
+            workflow: WorkflowInfo {
+                id: String::new(),
+                path: request.workflow_path.clone(),
+                sha256: sha256_hex(request.workflow_source.as_bytes()),
+            },
+            timings: Default::default(),
+            cache: Default::default(),
+            error: Some(RunError {
+                kind: ErrorKind::InvalidWorkflow,
+                message: e.to_string(),
+                pointer: e.pointer.clone(),
+            }),
+        })),
+    }
+}
+
+/// A queued job's connection: its events go out, a `cancel` or a hang-up comes in.
+struct RunStream {
+    job_id: u64,
+    workflow_id: String,
+    timeout_ms: Option<u64>,
+    cancel: CancelToken,
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    /// The client hung up: the job is cancelled, its events are drained unsent.
+    client_gone: bool,
+}
+
+impl RunStream {
+    /// Streams the job's events until its `done`, with a heartbeat while it is quiet.
+    async fn serve(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<JobEvent>,
+        state: &DaemonState,
+    ) -> Result<(), FrameError> {
+        // `--timeout` counts the wait in the queue too: a job still waiting when it passes
+        // is answered at once (the executor skips it when its turn comes).
+        let deadline = self
+            .timeout_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        let mut deadline_seen = false;
+        let mut heartbeat = tokio::time::interval(protocol::message::HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let gone = self.client_gone;
+            tokio::select! {
+                _ = sleep_until_some(deadline), if !gone && !deadline_seen => {
+                    deadline_seen = true;
+                    if state.queue.is_waiting(self.job_id) {
+                        return self.timed_out_waiting().await;
                     }
-                    Ok(other) => tracing::debug!(job = job_id, "ignoring {} during a run", request_name(&other)),
-                    Err(e) => {
-                        tracing::info!(job = job_id, "client disconnected ({e}); cancelling its job");
-                        cancel.cancel(CancelReason::Client);
-                        client_gone = true;
+                }
+                _ = heartbeat.tick(), if !gone => {
+                    let beat = ServerMessage::Heartbeat { job_id: self.job_id };
+                    if send(&mut self.writer, &beat).await.is_err() {
+                        self.hung_up("client went away");
                     }
+                }
+                event = events.recv() => {
+                    heartbeat.reset();
+                    let Some(event) = event else { return Ok(()) };
+                    if self.forward(event).await {
+                        return Ok(());
+                    }
+                }
+                message = read_message::<ClientMessage>(&mut self.reader), if !gone => {
+                    self.client_said(message);
                 }
             }
         }
     }
+
+    /// Sends one event on (unless the client is gone); `true` once the job is done.
+    async fn forward(&mut self, event: JobEvent) -> bool {
+        let done = matches!(event, JobEvent::Done(_));
+        if let JobEvent::Done(summary) = &event {
+            log_done(self.job_id, summary);
+        }
+        if !self.client_gone {
+            if let Err(e) = send_event(&mut self.writer, self.job_id, event).await {
+                self.hung_up(&format!("client went away ({e})"));
+            }
+        }
+        done
+    }
+
+    fn client_said(&mut self, message: Result<ClientMessage, FrameError>) {
+        match message {
+            Ok(ClientMessage::Cancel { .. }) => {
+                tracing::info!(job = self.job_id, "cancel requested by its client");
+                self.cancel.cancel(CancelReason::Client);
+            }
+            Ok(other) => tracing::debug!(
+                job = self.job_id,
+                "ignoring {} during a run",
+                request_name(&other)
+            ),
+            Err(e) => self.hung_up(&format!("client disconnected ({e})")),
+        }
+    }
+
+    fn hung_up(&mut self, why: &str) {
+        tracing::info!(job = self.job_id, "{why}; cancelling its job");
+        self.cancel.cancel(CancelReason::Client);
+        self.client_gone = true;
+    }
+
+    /// Answers a job whose timeout passed while it waited in the queue.
+    async fn timed_out_waiting(mut self) -> Result<(), FrameError> {
+        self.cancel.cancel(CancelReason::Timeout);
+        let timeout_ms = self.timeout_ms.unwrap_or(0);
+        let summary = timed_out_in_queue(self.job_id, &self.workflow_id, timeout_ms);
+        send(&mut self.writer, &ServerMessage::Done(summary)).await
+    }
+}
+
+fn log_done(job_id: u64, summary: &RunSummary) {
+    let error = summary.error.as_ref().map_or("", |e| e.message.as_str());
+    tracing::info!(
+        job = job_id,
+        outcome = ?summary.outcome,
+        run_ms = summary.timings.run_ms,
+        load_ms = summary.timings.load_ms,
+        error,
+        "job done"
+    );
 }
 
 /// Sleeps until `deadline`, or forever without one.

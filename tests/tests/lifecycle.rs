@@ -370,7 +370,12 @@ fn a_run_during_another_shells_stop_waits_and_starts_a_fresh_daemon() {
     let run = daemon.run_example(&[]);
     let _ = long.wait_with_output();
     let stop = stop.wait_with_output().unwrap();
-    assert_eq!(stop.status.code(), Some(0));
+    assert_eq!(
+        stop.status.code(),
+        Some(0),
+        "stop: {}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
     run.assert_code(0);
     assert!(!dw_tests::process_alive(first));
     assert_eq!(dw_tests::daemons_on(&daemon.socket).len(), 1);

@@ -47,48 +47,12 @@ impl UnetConfig {
     pub fn load(dir: &Path) -> Result<Self, PipelineError> {
         let config = ConfigJson::load(dir.join("config.json"))?;
         reject_unsupported(&config)?;
-
         let block_out_channels = config.usize_list("block_out_channels")?;
         let blocks = block_out_channels.len();
         if blocks == 0 {
             return Err(config.bad("block_out_channels", "is empty"));
         }
-        let down_block_types = config.string_list("down_block_types")?;
-        if down_block_types.len() != blocks {
-            return Err(config.bad(
-                "down_block_types",
-                format!("has {} entries for {blocks} blocks", down_block_types.len()),
-            ));
-        }
-        let uses_cross_attention = down_block_types
-            .iter()
-            .map(|block_type| match block_type.as_str() {
-                CROSS_ATTN_DOWN => Ok(true),
-                PLAIN_DOWN => Ok(false),
-                other => Err(PipelineError::unsupported(
-                    "down_block_types",
-                    other,
-                    format!("{CROSS_ATTN_DOWN}, {PLAIN_DOWN}"),
-                )),
-            })
-            .collect::<Result<Vec<bool>, _>>()?;
-        // The model builds the up path as the mirror of the down path.
-        let mirrored_up: Vec<&str> = uses_cross_attention
-            .iter()
-            .rev()
-            .map(|cross| if *cross { CROSS_ATTN_UP } else { PLAIN_UP })
-            .collect();
-        if config.value("up_block_types").is_some() {
-            let up_block_types = config.string_list("up_block_types")?;
-            if up_block_types != mirrored_up {
-                return Err(PipelineError::unsupported(
-                    "up_block_types",
-                    format!("{up_block_types:?}"),
-                    format!("the mirror of down_block_types: {mirrored_up:?}"),
-                ));
-            }
-        }
-
+        let uses_cross_attention = block_types(&config, blocks)?;
         // diffusers' `attention_head_dim` is, for SD 1.x/2.x, the number of heads; an
         // explicit `num_attention_heads` takes precedence.
         let heads_key = if config.value("num_attention_heads").is_some() {
@@ -99,42 +63,15 @@ impl UnetConfig {
         let heads = config.usize_per_block(heads_key, 8, blocks)?;
         let transformer_layers =
             config.usize_per_block("transformer_layers_per_block", 1, blocks)?;
-        let cross_attention_dim = match config.value("cross_attention_dim") {
-            None => 1280,
-            Some(Value::Array(_)) => {
-                return Err(PipelineError::unsupported(
-                    "cross_attention_dim",
-                    "a list",
-                    "one integer for all blocks",
-                ))
-            }
-            Some(_) => config.usize_or("cross_attention_dim", 1280)?,
-        };
-        if config.contains_key("norm_num_groups") && config.value("norm_num_groups").is_none() {
-            return Err(PipelineError::unsupported(
-                "norm_num_groups",
-                "null",
-                "an integer",
-            ));
-        }
-        let norm_num_groups = config.usize_or("norm_num_groups", 32)?;
-        for (index, (&channels, &head_count)) in block_out_channels.iter().zip(&heads).enumerate() {
-            if channels.checked_rem(head_count) != Some(0) {
-                return Err(config.bad(
-                    heads_key,
-                    format!(
-                        "{head_count} heads do not divide {channels} channels of block {index}"
-                    ),
-                ));
-            }
-            if channels.checked_rem(norm_num_groups) != Some(0) {
-                return Err(config.bad(
-                    "norm_num_groups",
-                    format!("{norm_num_groups} groups do not divide {channels} channels"),
-                ));
-            }
-        }
-
+        let cross_attention_dim = cross_attention_dim(&config)?;
+        let norm_num_groups = norm_num_groups(&config)?;
+        check_divisions(
+            &config,
+            &block_out_channels,
+            &heads,
+            heads_key,
+            norm_num_groups,
+        )?;
         let block_configs = (0..blocks)
             .map(|index| BlockConfig {
                 out_channels: block_out_channels[index],
@@ -166,6 +103,96 @@ impl UnetConfig {
             sample_size: config.usize_or("sample_size", 64)?,
         })
     }
+}
+
+/// Whether each down block has cross-attention; the up blocks, if listed, must mirror them.
+fn block_types(config: &ConfigJson, blocks: usize) -> Result<Vec<bool>, PipelineError> {
+    let down_block_types = config.string_list("down_block_types")?;
+    if down_block_types.len() != blocks {
+        return Err(config.bad(
+            "down_block_types",
+            format!("has {} entries for {blocks} blocks", down_block_types.len()),
+        ));
+    }
+    let uses_cross_attention = down_block_types
+        .iter()
+        .map(|block_type| match block_type.as_str() {
+            CROSS_ATTN_DOWN => Ok(true),
+            PLAIN_DOWN => Ok(false),
+            other => Err(PipelineError::unsupported(
+                "down_block_types",
+                other,
+                format!("{CROSS_ATTN_DOWN}, {PLAIN_DOWN}"),
+            )),
+        })
+        .collect::<Result<Vec<bool>, _>>()?;
+    // The model builds the up path as the mirror of the down path.
+    let mirrored_up: Vec<&str> = uses_cross_attention
+        .iter()
+        .rev()
+        .map(|cross| if *cross { CROSS_ATTN_UP } else { PLAIN_UP })
+        .collect();
+    if config.value("up_block_types").is_some() {
+        let up_block_types = config.string_list("up_block_types")?;
+        if up_block_types != mirrored_up {
+            return Err(PipelineError::unsupported(
+                "up_block_types",
+                format!("{up_block_types:?}"),
+                format!("the mirror of down_block_types: {mirrored_up:?}"),
+            ));
+        }
+    }
+    Ok(uses_cross_attention)
+}
+
+/// `cross_attention_dim`: one integer for every block.
+fn cross_attention_dim(config: &ConfigJson) -> Result<usize, PipelineError> {
+    match config.value("cross_attention_dim") {
+        None => Ok(1280),
+        Some(Value::Array(_)) => Err(PipelineError::unsupported(
+            "cross_attention_dim",
+            "a list",
+            "one integer for all blocks",
+        )),
+        Some(_) => config.usize_or("cross_attention_dim", 1280),
+    }
+}
+
+/// `norm_num_groups`: an integer (diffusers' `null` turns group norm off, which we lack).
+fn norm_num_groups(config: &ConfigJson) -> Result<usize, PipelineError> {
+    if config.contains_key("norm_num_groups") && config.value("norm_num_groups").is_none() {
+        return Err(PipelineError::unsupported(
+            "norm_num_groups",
+            "null",
+            "an integer",
+        ));
+    }
+    config.usize_or("norm_num_groups", 32)
+}
+
+/// Every block's channels divide into its heads and into the norm's groups.
+fn check_divisions(
+    config: &ConfigJson,
+    block_out_channels: &[usize],
+    heads: &[usize],
+    heads_key: &str,
+    norm_num_groups: usize,
+) -> Result<(), PipelineError> {
+    for (index, (&channels, &head_count)) in block_out_channels.iter().zip(heads).enumerate() {
+        if channels.checked_rem(head_count) != Some(0) {
+            return Err(config.bad(
+                heads_key,
+                format!("{head_count} heads do not divide {channels} channels of block {index}"),
+            ));
+        }
+        if channels.checked_rem(norm_num_groups) != Some(0) {
+            return Err(config.bad(
+                "norm_num_groups",
+                format!("{norm_num_groups} groups do not divide {channels} channels"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Rejects diffusers UNet options that our `UNet2DConditionModel` does not implement.

@@ -232,7 +232,6 @@ impl StableDiffusionPipeline {
         let latent_shape = self.latent_shape(args)?;
         let mut scheduler = self.scheduler_for(args)?;
         scheduler.set_timesteps(args.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
         let first_step = match &args.init_image {
             Some(_) => self.first_img2img_step(args, scheduler.as_ref())?,
             None => 0,
@@ -243,7 +242,6 @@ impl StableDiffusionPipeline {
             (None, Some(latents)) => Some(checked_latents(latents, latent_shape)?),
             (None, None) => Some(noise.next(&latent_shape)?),
         };
-
         on_progress(Progress {
             phase: Phase::Encoding,
             step: 0,
@@ -251,18 +249,14 @@ impl StableDiffusionPipeline {
         })?;
         let guided = args.guidance_scale > 1.0;
         let text_embeddings = self.encode_prompts(args, guided)?;
-
-        let mut latents = match (initial_latents, &args.init_image) {
+        let latents = match (initial_latents, &args.init_image) {
             (Some(initial), _) => (initial * scheduler.init_noise_sigma())
                 .and_then(|latents| latents.to_device(&self.device))
                 .in_component(COMPONENT)?,
-            (None, Some(image)) => self.noised_image_latents(
-                image,
-                latent_shape,
-                scheduler.as_ref(),
-                first_step,
-                noise,
-            )?,
+            (None, Some(image)) => {
+                let scheduler = scheduler.as_ref();
+                self.noised_image_latents(image, latent_shape, scheduler, first_step, noise)?
+            }
             (None, None) => {
                 return Err(PipelineError::invalid(
                     "init_image",
@@ -270,36 +264,13 @@ impl StableDiffusionPipeline {
                 ))
             }
         };
-
-        let total = timesteps.len() - first_step;
-        for (step_index, &timestep) in timesteps.iter().enumerate().skip(first_step) {
-            on_progress(Progress {
-                phase: Phase::Denoising,
-                step: step_index - first_step,
-                total,
-            })?;
-            let model_input = if guided {
-                Tensor::cat(&[&latents, &latents], 0).in_component(COMPONENT)?
-            } else {
-                latents.clone()
-            };
-            let model_input = scheduler
-                .scale_model_input(model_input, step_index)?
-                .to_dtype(self.dtype)
-                .in_component(COMPONENT)?;
-            let prediction = self
-                .unet
-                .forward(&model_input, timestep, &text_embeddings)?
-                .to_dtype(DType::F32)
-                .in_component(COMPONENT)?;
-            let prediction = if guided {
-                apply_guidance(&prediction, args.guidance_scale).in_component(COMPONENT)?
-            } else {
-                prediction
-            };
-            latents = scheduler.step(&prediction, step_index, &latents, noise)?;
-        }
-
+        let denoising = Denoising {
+            scheduler: scheduler.as_mut(),
+            first_step,
+            text_embeddings: &text_embeddings,
+            guidance_scale: args.guidance_scale,
+        };
+        let latents = self.denoise(denoising, latents, noise, on_progress)?;
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
@@ -308,6 +279,56 @@ impl StableDiffusionPipeline {
             step: 0,
             total: 1,
         })?;
+        self.decode(&latents, args)
+    }
+
+    /// Runs the scheduler's steps from `first_step` on, with classifier-free guidance when
+    /// the scale is above 1.
+    fn denoise(
+        &self,
+        run: Denoising<'_>,
+        mut latents: Tensor,
+        noise: &mut dyn NoiseSource,
+        on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        let guided = run.guidance_scale > 1.0;
+        let timesteps = run.scheduler.timesteps().to_vec();
+        let total = timesteps.len() - run.first_step;
+        for (step_index, &timestep) in timesteps.iter().enumerate().skip(run.first_step) {
+            on_progress(Progress {
+                phase: Phase::Denoising,
+                step: step_index - run.first_step,
+                total,
+            })?;
+            let model_input = if guided {
+                Tensor::cat(&[&latents, &latents], 0).in_component(COMPONENT)?
+            } else {
+                latents.clone()
+            };
+            let model_input = run
+                .scheduler
+                .scale_model_input(model_input, step_index)?
+                .to_dtype(self.dtype)
+                .in_component(COMPONENT)?;
+            let prediction = self
+                .unet
+                .forward(&model_input, timestep, run.text_embeddings)?
+                .to_dtype(DType::F32)
+                .in_component(COMPONENT)?;
+            let prediction = match guided {
+                true => apply_guidance(&prediction, run.guidance_scale).in_component(COMPONENT)?,
+                false => prediction,
+            };
+            latents = run
+                .scheduler
+                .step(&prediction, step_index, &latents, noise)?;
+        }
+        Ok(latents)
+    }
+
+    /// Decodes final latents into f32 images in [0, 1] on the CPU: one image at a time with
+    /// `vae_slicing`, in tiles with `vae_tiling`.
+    fn decode(&self, latents: &Tensor, args: &GenerateArgs) -> Result<Tensor, PipelineError> {
         let scaled = (latents / self.vae.scaling_factor())
             .and_then(|scaled| scaled.to_dtype(self.dtype))
             .in_component(COMPONENT)?;
@@ -490,6 +511,16 @@ impl StableDiffusionPipeline {
         };
         repeat_rows().in_component("text encoder")
     }
+}
+
+/// What the denoising loop runs with.
+struct Denoising<'a> {
+    scheduler: &'a mut dyn Scheduler,
+    /// The first timestep run (image to image skips the start of the schedule).
+    first_step: usize,
+    /// In UNet batch order: negative rows first when guided.
+    text_embeddings: &'a Tensor,
+    guidance_scale: f64,
 }
 
 /// The caller's initial latents as f32, checked against the expected shape.

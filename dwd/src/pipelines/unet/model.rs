@@ -92,22 +92,7 @@ impl UNet2DConditionModel {
             TimestepEmbedding::load(vb.pp("time_embedding"), base_channels, temb_channels)?;
         let conv_in = Conv2d::load(vb.pp("conv_in"), config.in_channels, base_channels, 3, 1, 1)?;
 
-        let down_vb = vb.pp("down_blocks");
-        let mut down_blocks = Vec::with_capacity(blocks.len());
-        let mut in_channels = base_channels;
-        for (index, block) in blocks.iter().enumerate() {
-            let down = DownBlockConfig {
-                in_channels,
-                out_channels: block.out_channels,
-                layers: config.layers_per_block,
-                attention: block.cross_attention.then(|| block.attention()),
-                add_downsample: index + 1 < blocks.len(),
-                downsample_padding: config.downsample_padding,
-            };
-            down_blocks.push(DownBlock2D::load(down_vb.pp(index), down, &shared)?);
-            in_channels = block.out_channels;
-        }
-
+        let down_blocks = load_down_blocks(vb.pp("down_blocks"), &config, &shared)?;
         let mid_block = UNetMidBlock2DCrossAttn::load(
             vb.pp("mid_block"),
             last.out_channels,
@@ -115,27 +100,7 @@ impl UNet2DConditionModel {
             config.mid_block_scale_factor,
             &shared,
         )?;
-
-        // The up path mirrors the down path: up block `i` matches down block
-        // `blocks - 1 - i`, and its last ResNet takes the skip connection from the block
-        // before that one (the input of the mirrored down block).
-        let up_vb = vb.pp("up_blocks");
-        let mut up_blocks = Vec::with_capacity(blocks.len());
-        let mut prev_output_channels = last.out_channels;
-        for (index, block) in blocks.iter().rev().enumerate() {
-            let mirrored = blocks.len() - 1 - index;
-            let up = UpBlockConfig {
-                in_channels: blocks[mirrored.saturating_sub(1)].out_channels,
-                prev_output_channels,
-                out_channels: block.out_channels,
-                layers: config.layers_per_block + 1,
-                attention: block.cross_attention.then(|| block.attention()),
-                add_upsample: mirrored > 0,
-            };
-            up_blocks.push(UpBlock2D::load(up_vb.pp(index), up, &shared)?);
-            prev_output_channels = block.out_channels;
-        }
-
+        let up_blocks = load_up_blocks(vb.pp("up_blocks"), &config, &shared)?;
         Ok(Self {
             time_proj,
             time_embedding,
@@ -228,6 +193,57 @@ impl UNet2DConditionModel {
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
+}
+
+/// The down path: each block halves the resolution but the last.
+fn load_down_blocks(
+    vb: VarBuilder,
+    config: &UNet2DConditionModelConfig,
+    shared: &BlockShared,
+) -> Result<Vec<DownBlock2D>> {
+    let blocks = &config.blocks;
+    let mut down_blocks = Vec::with_capacity(blocks.len());
+    let mut in_channels = blocks.first().map_or(0, |b| b.out_channels);
+    for (index, block) in blocks.iter().enumerate() {
+        let down = DownBlockConfig {
+            in_channels,
+            out_channels: block.out_channels,
+            layers: config.layers_per_block,
+            attention: block.cross_attention.then(|| block.attention()),
+            add_downsample: index + 1 < blocks.len(),
+            downsample_padding: config.downsample_padding,
+        };
+        down_blocks.push(DownBlock2D::load(vb.pp(index), down, shared)?);
+        in_channels = block.out_channels;
+    }
+    Ok(down_blocks)
+}
+
+/// The up path mirrors the down path: up block `i` matches down block `blocks - 1 - i`,
+/// and its last ResNet takes the skip connection from the block before that one (the
+/// input of the mirrored down block).
+fn load_up_blocks(
+    vb: VarBuilder,
+    config: &UNet2DConditionModelConfig,
+    shared: &BlockShared,
+) -> Result<Vec<UpBlock2D>> {
+    let blocks = &config.blocks;
+    let mut up_blocks = Vec::with_capacity(blocks.len());
+    let mut prev_output_channels = blocks.last().map_or(0, |b| b.out_channels);
+    for (index, block) in blocks.iter().rev().enumerate() {
+        let mirrored = blocks.len() - 1 - index;
+        let up = UpBlockConfig {
+            in_channels: blocks[mirrored.saturating_sub(1)].out_channels,
+            prev_output_channels,
+            out_channels: block.out_channels,
+            layers: config.layers_per_block + 1,
+            attention: block.cross_attention.then(|| block.attention()),
+            add_upsample: mirrored > 0,
+        };
+        up_blocks.push(UpBlock2D::load(vb.pp(index), up, shared)?);
+        prev_output_channels = block.out_channels;
+    }
+    Ok(up_blocks)
 }
 
 #[cfg(test)]
