@@ -275,3 +275,81 @@ pub fn check_component(
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_lists_every_scheduler_the_registry_has() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("- **Schedulers**")
+            .nth(1)
+            .and_then(|rest| rest.split("\n- **").next())
+            .expect("README.md has a Schedulers entry");
+        for name in SCHEDULERS {
+            assert!(
+                section.contains(&format!("`{name}`")),
+                "README.md should list {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_auto_class_resolves_through_the_registry_to_any_family() {
+        let class = resolve_auto_class("DiffusionPipeline", "DwTestNoisePipeline").unwrap();
+        assert_eq!(
+            (class.name, class.family),
+            ("DwTestNoisePipeline", "test_noise")
+        );
+        let class = resolve_auto_class("AutoPipelineForText2Image", "DwTestNoisePipeline").unwrap();
+        assert_eq!(class.name, "DwTestNoisePipeline");
+        let e =
+            resolve_auto_class("AutoPipelineForImage2Image", "DwTestNoisePipeline").unwrap_err();
+        assert!(
+            e.contains("`AutoPipelineForImage2Image` resolves to `DwTestNoisePipeline`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_candidates_follow_the_task_an_auto_class_asks_for() {
+        let names = |c: &str| -> Vec<&str> { auto_candidates(c).iter().map(|c| c.name).collect() };
+        assert_eq!(
+            names("AutoPipelineForImage2Image"),
+            ["StableDiffusionImg2ImgPipeline"]
+        );
+        assert!(names("DiffusionPipeline").contains(&"StableDiffusionImg2ImgPipeline"));
+        assert!(names("StableDiffusionPipeline").is_empty());
+    }
+
+    #[test]
+    fn a_component_block_is_checked_against_its_familys_table() {
+        let sd = pipeline_class("StableDiffusionPipeline").unwrap();
+        assert!(check_component(sd, "vae", "diffusers.AutoencoderKL").is_ok());
+        let e = check_component(sd, "transformer", "FluxTransformer2DModel").unwrap_err();
+        assert!(
+            e.contains("a Stable Diffusion pipeline has no `transformer`"),
+            "{e}"
+        );
+        let e = check_component(sd, "vae", "AutoencoderTiny").unwrap_err();
+        assert!(
+            e.contains("a Stable Diffusion `vae` is `AutoencoderKL`"),
+            "{e}"
+        );
+        let noise = pipeline_class("DwTestNoisePipeline").unwrap();
+        let e = check_component(noise, "vae", "AutoencoderKL").unwrap_err();
+        assert!(e.contains("its components are "), "{e}");
+    }
+
+    #[test]
+    fn every_class_names_a_family_that_lists_it() {
+        for family in families() {
+            for class in family.classes {
+                assert_eq!(class.family, family.id, "{}", class.name);
+            }
+            assert!(family.schedulers.iter().all(|s| SCHEDULERS.contains(s)));
+        }
+    }
+}
