@@ -518,29 +518,36 @@ fn handle_signals(state: &Arc<DaemonState>) -> anyhow::Result<JoinHandle<()>> {
 /// One daemon per socket: if the socket or the lock file is removed or replaced, another
 /// daemon may start on it, so this one stops.
 fn watch_identity(state: &Arc<DaemonState>, identity: Identity) -> JoinHandle<()> {
-    let state = state.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Some(why) = identity.lost(&state.paths) {
-                tracing::warn!("{why}; stopping so that one daemon serves the socket");
-                state.shutdown.send_replace(true);
-                break;
-            }
-        }
+    let paths = state.paths.clone();
+    stop_when(state, Duration::from_secs(1), move || {
+        identity
+            .lost(&paths)
+            .map(|why| format!("{why}; stopping so that one daemon serves the socket"))
     })
 }
 
 /// With --idle-exit, stops once nothing has run for `limit`.
 fn exit_when_idle(state: &Arc<DaemonState>, limit: Duration) -> JoinHandle<()> {
+    let queue = state.queue.clone();
+    stop_when(state, Duration::from_millis(250), move || {
+        let idle = queue.idle_for().is_some_and(|idle| idle >= limit);
+        idle.then(|| format!("idle for {limit:?} (--idle-exit); stopping"))
+    })
+}
+
+/// Checks `why_stop` every `period`; once it gives a reason, logs it and stops the daemon.
+fn stop_when(
+    state: &Arc<DaemonState>,
+    period: Duration,
+    mut why_stop: impl FnMut() -> Option<String> + Send + 'static,
+) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            if state.queue.idle_for().is_some_and(|idle| idle >= limit) {
-                tracing::info!("idle for {limit:?} (--idle-exit); stopping");
+            if let Some(why) = why_stop() {
+                tracing::info!("{why}");
                 state.shutdown.send_replace(true);
                 break;
             }

@@ -52,6 +52,16 @@ pub static LOADERS: &[ComponentLoader] = &[
         },
     },
     ComponentLoader {
+        class: "transformers.CLIPTextModelWithProjection",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(TextEncoder::load_variant(
+                dir, variant, dtype, device,
+            )?))
+        },
+    },
+    ComponentLoader {
         class: "UNet2DConditionModel",
         weighted: true,
         files: model_files,

@@ -1,9 +1,14 @@
-//! The CLIP text transformer that turns token ids into the hidden states the UNet attends
-//! to (transformers' `CLIPTextModel`, output `last_hidden_state`).
+//! The CLIP text transformer that turns token ids into the hidden states a denoiser attends
+//! to: transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`.
 //!
-//! Written on candle ops so that its sizes come from the checkpoint's `config.json` and
-//! both activations SD checkpoints use are available: `quick_gelu` (SD 1.x) and exact erf
-//! `gelu` (SD 2.x). Weights are read with or without the `text_model.` key prefix.
+//! [`TextEncoder::encode`] gives `last_hidden_state` (SD 1.x/2.x);
+//! [`TextEncoder::encode_all`] also gives `hidden_states[-2]` (the second-to-last layer's
+//! output, before the final norm, which SDXL and SD 3 use), the pooled output at each row's
+//! first end-of-text token, and, for a model with a `text_projection`, its projected
+//! `text_embeds`. Written on candle ops so that its sizes come from the checkpoint's
+//! `config.json` and every activation CLIP checkpoints use is available: `quick_gelu`
+//! (OpenAI CLIP) and exact erf `gelu` (OpenCLIP). Weights are read with or without the
+//! `text_model.` key prefix.
 
 use std::path::Path;
 
@@ -36,6 +41,9 @@ pub struct TextEncoderConfig {
     pub max_position_embeddings: usize,
     pub layer_norm_eps: f64,
     pub hidden_act: HiddenActivation,
+    /// The end-of-text token the pooled output is taken at; 2 means transformers' legacy
+    /// rule (the row's highest id).
+    pub eos_token_id: u32,
 }
 
 impl TextEncoderConfig {
@@ -70,6 +78,7 @@ impl TextEncoderConfig {
             max_position_embeddings: config.usize_or("max_position_embeddings", 77)?,
             layer_norm_eps: config.f64_or("layer_norm_eps", 1e-5)?,
             hidden_act,
+            eos_token_id: config.usize_or("eos_token_id", 2)? as u32,
         };
         if parsed.hidden_size.checked_rem(parsed.num_attention_heads) != Some(0) {
             return Err(config.bad(
@@ -171,13 +180,27 @@ impl EncoderLayer {
     }
 }
 
-/// CLIP text transformer returning the last hidden state after the final layer norm.
+/// What a CLIP text encoder gives back; pipelines use different parts of it.
+#[derive(Debug)]
+pub struct ClipOutput {
+    /// `last_hidden_state`: the last layer's output after the final layer norm.
+    pub last_hidden_state: Tensor,
+    /// `hidden_states[-2]`: the second-to-last layer's output, without the final norm.
+    pub penultimate: Tensor,
+    /// `pooler_output`: `last_hidden_state` at each row's first end-of-text token.
+    pub pooled: Tensor,
+    /// `text_embeds`: `text_projection` of `pooled`, for a `CLIPTextModelWithProjection`.
+    pub text_embeds: Option<Tensor>,
+}
+
+/// A CLIP text transformer, with its text projection when the checkpoint has one.
 #[derive(Debug)]
 pub struct TextEncoder {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     config: TextEncoderConfig,
     dtype: DType,
     device: Device,
@@ -205,8 +228,12 @@ impl TextEncoder {
     }
 
     /// Builds the encoder from weights named as transformers names them, with or without
-    /// the `text_model.` prefix.
+    /// the `text_model.` prefix; a `text_projection` beside it is loaded too.
     pub fn new(vb: VarBuilder, config: TextEncoderConfig) -> candle_core::Result<Self> {
+        let text_projection = match vb.get_unchecked("text_projection.weight") {
+            Ok(weight) => Some(Linear::new(weight, None)),
+            Err(_) => None,
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -230,6 +257,7 @@ impl TextEncoder {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             config,
@@ -252,6 +280,56 @@ impl TextEncoder {
 
     /// Hidden states (batch, seq, hidden) for rows of token ids of equal length.
     pub fn encode(&self, token_ids: &[Vec<u32>]) -> Result<Tensor, PipelineError> {
+        let ids = self.ids_tensor(token_ids)?;
+        self.forward(&ids)
+    }
+
+    /// Every output diffusers' pipelines take from a CLIP encoder, for rows of token ids of
+    /// equal length.
+    pub fn encode_all(&self, token_ids: &[Vec<u32>]) -> Result<ClipOutput, PipelineError> {
+        let ids = self.ids_tensor(token_ids)?;
+        self.check_length(token_ids[0].len())?;
+        let (penultimate, last) = self.hidden_states(&ids).in_component(COMPONENT)?;
+        let last_hidden_state = self
+            .final_layer_norm
+            .forward(&last)
+            .in_component(COMPONENT)?;
+        let pooled = token_ids
+            .iter()
+            .enumerate()
+            .map(|(row, ids)| last_hidden_state.get(row)?.get(self.pooled_position(ids)))
+            .collect::<candle_core::Result<Vec<Tensor>>>()
+            .and_then(|rows| Tensor::stack(&rows, 0))
+            .in_component(COMPONENT)?;
+        let text_embeds = match &self.text_projection {
+            Some(projection) => Some(projection.forward(&pooled).in_component(COMPONENT)?),
+            None => None,
+        };
+        Ok(ClipOutput {
+            last_hidden_state,
+            penultimate,
+            pooled,
+            text_embeds,
+        })
+    }
+
+    /// Where a row's pooled output is taken: its first end-of-text token, or with the
+    /// legacy id 2 its highest id (transformers' `CLIPTextTransformer`).
+    fn pooled_position(&self, row: &[u32]) -> usize {
+        let eos = self.config.eos_token_id;
+        let found = match eos {
+            2 => row
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, id)| (**id, std::cmp::Reverse(*i)))
+                .map(|(i, _)| i),
+            _ => row.iter().position(|id| *id == eos),
+        };
+        found.unwrap_or(0)
+    }
+
+    /// The rows as a (batch, seq) tensor, once every id is in the vocabulary.
+    fn ids_tensor(&self, token_ids: &[Vec<u32>]) -> Result<Tensor, PipelineError> {
         let seq = token_ids.first().map_or(0, Vec::len);
         if seq == 0 || token_ids.iter().any(|row| row.len() != seq) {
             return Err(PipelineError::invalid(
@@ -273,14 +351,10 @@ impl TextEncoder {
             ));
         }
         let flat: Vec<u32> = token_ids.iter().flatten().copied().collect();
-        let ids =
-            Tensor::from_vec(flat, (token_ids.len(), seq), &self.device).in_component(COMPONENT)?;
-        self.forward(&ids)
+        Tensor::from_vec(flat, (token_ids.len(), seq), &self.device).in_component(COMPONENT)
     }
 
-    /// Hidden states (batch, seq, hidden) for a (batch, seq) tensor of u32 token ids.
-    pub fn forward(&self, token_ids: &Tensor) -> Result<Tensor, PipelineError> {
-        let (_batch, seq) = token_ids.dims2().in_component(COMPONENT)?;
+    fn check_length(&self, seq: usize) -> Result<(), PipelineError> {
         if seq > self.config.max_position_embeddings {
             return Err(PipelineError::invalid(
                 "token ids",
@@ -290,20 +364,33 @@ impl TextEncoder {
                 ),
             ));
         }
-        self.forward_tensors(token_ids, seq).in_component(COMPONENT)
+        Ok(())
     }
 
-    fn forward_tensors(&self, token_ids: &Tensor, seq: usize) -> candle_core::Result<Tensor> {
+    /// Hidden states (batch, seq, hidden) for a (batch, seq) tensor of u32 token ids.
+    pub fn forward(&self, token_ids: &Tensor) -> Result<Tensor, PipelineError> {
+        let (_batch, seq) = token_ids.dims2().in_component(COMPONENT)?;
+        self.check_length(seq)?;
+        let (_, last) = self.hidden_states(token_ids).in_component(COMPONENT)?;
+        self.final_layer_norm.forward(&last).in_component(COMPONENT)
+    }
+
+    /// The second-to-last and the last layer's outputs (`hidden_states[-2]` and
+    /// `hidden_states[-1]`, the first of those being the embeddings for a one-layer model).
+    fn hidden_states(&self, token_ids: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, seq) = token_ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, &self.device)?;
         let mut xs = self
             .token_embedding
             .forward(token_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, self.dtype, &self.device)?;
+        let mut previous = xs.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            previous = xs;
+            xs = layer.forward(&previous, &mask)?;
         }
-        self.final_layer_norm.forward(&xs)
+        Ok((previous, xs))
     }
 }
 
