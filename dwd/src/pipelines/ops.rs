@@ -302,6 +302,51 @@ pub fn attention_reference(
     weights.matmul(&value)?.to_dtype(in_dtype)
 }
 
+/// [`attention`] with an additive `mask` on the scores (broadcast over (n, query_len,
+/// key_len): `-inf` hides a key from a query, as CLIP's causal mask does). Computed as
+/// [`attention_reference`] is.
+pub fn masked_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    scale: f64,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let in_dtype = query.dtype();
+    let compute = if query.device().is_cpu() {
+        DType::F32
+    } else {
+        in_dtype
+    };
+    let query = (query.to_dtype(compute)? * scale)?;
+    let scores = query
+        .matmul(&key.to_dtype(compute)?.t()?)?
+        .broadcast_add(&mask.to_dtype(compute)?)?;
+    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+    weights
+        .matmul(&value.to_dtype(compute)?)?
+        .to_dtype(in_dtype)
+}
+
+/// Joint attention, as MMDiT blocks (SD 3, FLUX) attend: the context's and the image's
+/// tokens are one sequence (context first), every token attending to all of them; the
+/// result is split back into the context's part and the image's. Each of `context` and
+/// `image` is (query, key, value), each (n, tokens, head_dim).
+pub fn joint_attention(
+    context: [&Tensor; 3],
+    image: [&Tensor; 3],
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let context_len = context[0].dim(1)?;
+    let joined = |i: usize| Tensor::cat(&[context[i], image[i]], 1);
+    let attended = attention(&joined(0)?, &joined(1)?, &joined(2)?, scale)?;
+    let total = attended.dim(1)?;
+    Ok((
+        attended.narrow(1, 0, context_len)?,
+        attended.narrow(1, context_len, total - context_len)?,
+    ))
+}
+
 /// Whether `xs` takes the `kernels` fast path: f32 on the CPU.
 fn runs_on_kernels(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -663,6 +708,57 @@ mod tests {
         let fast = attention(&q, &k, &v, scale).expect("fast");
         let reference = attention_reference(&q, &k, &v, scale).expect("reference");
         assert!(max_abs_diff(&fast, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn a_zero_mask_changes_nothing_and_a_causal_mask_hides_later_keys() {
+        let q = random(&[2, 5, 4], 1);
+        let k = random(&[2, 5, 4], 2);
+        let v = random(&[2, 5, 4], 3);
+        let zeros = Tensor::zeros((5, 5), DType::F32, &Device::Cpu).expect("zeros");
+        let plain = attention_reference(&q, &k, &v, 0.5).expect("plain");
+        let masked = masked_attention(&q, &k, &v, 0.5, &zeros).expect("masked");
+        assert!(max_abs_diff(&plain, &masked) < 1e-6);
+        // With a causal mask the first query sees only the first key: its output is the
+        // first value.
+        let causal: Vec<f32> = (0..5)
+            .flat_map(|r| (0..5).map(move |c| if c > r { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (5, 5), &Device::Cpu).expect("mask");
+        let out = masked_attention(&q, &k, &v, 0.5, &causal).expect("causal");
+        let first = out.narrow(1, 0, 1).expect("row");
+        assert!(max_abs_diff(&first, &v.narrow(1, 0, 1).expect("value")) < 1e-6);
+    }
+
+    #[test]
+    fn joint_attention_is_attention_over_both_sequences_split_back() {
+        let (context, image) = (
+            [
+                random(&[3, 4, 8], 1),
+                random(&[3, 4, 8], 2),
+                random(&[3, 4, 8], 3),
+            ],
+            [
+                random(&[3, 6, 8], 4),
+                random(&[3, 6, 8], 5),
+                random(&[3, 6, 8], 6),
+            ],
+        );
+        let scale = 1.0 / 8f64.sqrt();
+        let (text_out, image_out) = joint_attention(
+            [&context[0], &context[1], &context[2]],
+            [&image[0], &image[1], &image[2]],
+            scale,
+        )
+        .expect("joint");
+        assert_eq!(
+            (text_out.dims(), image_out.dims()),
+            (&[3, 4, 8][..], &[3, 6, 8][..])
+        );
+        let cat = |i: usize| Tensor::cat(&[&context[i], &image[i]], 1).expect("cat");
+        let whole = attention_reference(&cat(0), &cat(1), &cat(2), scale).expect("whole");
+        let joined = Tensor::cat(&[text_out, image_out], 1).expect("joined");
+        assert!(max_abs_diff(&joined, &whole) < 1e-5);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::{load_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_weights, ops, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "text encoder";
 
@@ -126,13 +126,15 @@ impl SelfAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, seq, hidden) = xs.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let queries = self.split_heads((self.q_proj.forward(xs)? * scale)?, batch, seq)?;
-        let keys = self.split_heads(self.k_proj.forward(xs)?, batch, seq)?;
-        let values = self.split_heads(self.v_proj.forward(xs)?, batch, seq)?;
-        let scores = queries.matmul(&keys.t()?)?.broadcast_add(causal_mask)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attended = weights
-            .matmul(&values)?
+        let heads = |xs: Tensor| -> candle_core::Result<Tensor> {
+            self.split_heads(xs, batch, seq)?
+                .reshape((batch * self.num_heads, seq, self.head_dim))
+        };
+        let queries = heads(self.q_proj.forward(xs)?)?;
+        let keys = heads(self.k_proj.forward(xs)?)?;
+        let values = heads(self.v_proj.forward(xs)?)?;
+        let attended = ops::masked_attention(&queries, &keys, &values, scale, causal_mask)?
+            .reshape((batch, self.num_heads, seq, self.head_dim))?
             .transpose(1, 2)?
             .reshape((batch, seq, hidden))?;
         self.out_proj.forward(&attended)
