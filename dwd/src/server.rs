@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::fdpass::send_with_fd;
-use protocol::frame::{body_len, decode, encode, FrameError, HEADER_LEN};
+use protocol::frame::{body_read, encode, header_read, FrameError, HEADER_LEN};
 use protocol::message::{
     ClientMessage, ErrorKind, MemoryReport, Outcome, RunError, RunRequest, RunSummary,
     ServerMessage, StatusReport, WorkflowInfo,
@@ -95,36 +95,31 @@ async fn refuse_busy(stream: UnixStream) {
     let _ = send(&mut writer, &ServerMessage::Refused { message }).await;
 }
 
+/// Reads one frame, ending it as the blocking reader does ([`header_read`], [`body_read`]).
 async fn read_message<T: serde::de::DeserializeOwned>(
     reader: &mut (impl AsyncRead + Unpin),
 ) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match reader.read(&mut header[got..]).await? {
-            0 if got == 0 => return Err(FrameError::Closed),
-            0 => {
-                return Err(FrameError::Truncated {
-                    got,
-                    expected: HEADER_LEN,
-                })
-            }
-            n => got += n,
+    let got = read_full(reader, &mut header).await?;
+    let len = header_read(got, header)?;
+    let mut body = vec![0u8; len];
+    let got = read_full(reader, &mut body).await?;
+    body_read(got, &body)
+}
+
+/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
+async fn read_full(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
         }
     }
-    let len = body_len(header)?;
-    let mut body = vec![0u8; len];
-    reader
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated {
-                got: 0,
-                expected: len,
-            },
-            _ => FrameError::Io(e),
-        })?;
-    decode(&body)
+    Ok(filled)
 }
 
 async fn send(writer: &mut OwnedWriteHalf, message: &ServerMessage) -> Result<(), FrameError> {

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::de::DeserializeOwned;
 
-use crate::frame::{body_len, decode, FrameError, HEADER_LEN};
+use crate::frame::{read_frame, FrameError};
 
 /// Most descriptors one `recvmsg` accepts; the daemon sends one per frame.
 const MAX_FDS_PER_READ: usize = 4;
@@ -47,44 +47,15 @@ impl FdFrameReader {
         &self.stream
     }
 
-    /// Reads exactly one frame and decodes it.
+    /// Reads exactly one frame and decodes it (with [`read_frame`], the one frame reader),
+    /// keeping any descriptors that came with it.
     pub fn read_message<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
-        let mut header = [0u8; HEADER_LEN];
-        let got = self.read_full(&mut header)?;
-        if got == 0 {
-            return Err(FrameError::Closed);
-        }
-        if got < HEADER_LEN {
-            return Err(FrameError::Truncated {
-                got,
-                expected: HEADER_LEN,
-            });
-        }
-        let len = body_len(header)?;
-        let mut body = vec![0u8; len];
-        let got = self.read_full(&mut body)?;
-        if got < len {
-            return Err(FrameError::Truncated { got, expected: len });
-        }
-        decode(&body)
+        read_frame(self)
     }
 
     /// The oldest descriptor received and not yet taken.
     pub fn take_fd(&mut self) -> Option<OwnedFd> {
         self.fds.pop_front()
-    }
-
-    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match self.recv(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(filled)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -113,6 +84,13 @@ impl FdFrameReader {
             ));
         }
         Ok(bytes)
+    }
+}
+
+/// Bytes as they arrive, descriptors set aside for [`FdFrameReader::take_fd`].
+impl io::Read for FdFrameReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
     }
 }
 

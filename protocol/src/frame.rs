@@ -75,22 +75,35 @@ pub fn write_frame<T: Serialize>(writer: &mut impl Write, message: &T) -> Result
 pub fn read_frame<T: DeserializeOwned>(reader: &mut impl Read) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(reader, &mut header)?;
-    if got == 0 {
-        return Err(FrameError::Closed);
-    }
-    if got < HEADER_LEN {
-        return Err(FrameError::Truncated {
-            got,
-            expected: HEADER_LEN,
-        });
-    }
-    let len = body_len(header)?;
+    let len = header_read(got, header)?;
     let mut body = vec![0u8; len];
     let got = read_full(reader, &mut body)?;
-    if got < len {
-        return Err(FrameError::Truncated { got, expected: len });
+    body_read(got, &body)
+}
+
+/// The body length once `got` bytes of a header were read (fewer than a header: the
+/// stream ended there). Every frame reader, blocking or not, goes through this and
+/// [`body_read`], so they end frames the same way.
+pub fn header_read(got: usize, header: [u8; HEADER_LEN]) -> Result<usize, FrameError> {
+    match got {
+        0 => Err(FrameError::Closed),
+        got if got < HEADER_LEN => Err(FrameError::Truncated {
+            got,
+            expected: HEADER_LEN,
+        }),
+        _ => body_len(header),
     }
-    decode(&body)
+}
+
+/// The message once `got` bytes of its `body` were read.
+pub fn body_read<T: DeserializeOwned>(got: usize, body: &[u8]) -> Result<T, FrameError> {
+    if got < body.len() {
+        return Err(FrameError::Truncated {
+            got,
+            expected: body.len(),
+        });
+    }
+    decode(body)
 }
 
 /// Reads until `buf` is full or the stream ends; returns how many bytes were read.
