@@ -171,11 +171,7 @@ impl Job {
                 message,
                 pointer,
             }),
-            Err(other) => Some(RunError {
-                kind: other.kind(),
-                message: other.to_string(),
-                pointer: None,
-            }),
+            Err(other) => Some(RunError::new(other.kind(), other.to_string())),
         };
         let outcome = match &error {
             None => Outcome::Finished,
@@ -212,11 +208,7 @@ impl Job {
             ),
             CancelReason::Shutdown => "the daemon is shutting down".to_string(),
         };
-        RunError {
-            kind: JobError::Cancelled(reason).kind(),
-            message,
-            pointer: None,
-        }
+        RunError::new(JobError::Cancelled(reason).kind(), message)
     }
 }
 
@@ -437,28 +429,19 @@ pub fn run_executor(queue: JobQueue, mut run: impl FnMut(&Job) -> RunSummary) {
     while let Some(job) = queue.next() {
         let summary = match job.cancel.reason() {
             Some(reason) => job.cancelled_summary(reason),
-            None => match catch_unwind(AssertUnwindSafe(|| run(&job))) {
-                Ok(summary) => summary,
-                Err(panic) => {
-                    let message = panic_message(panic.as_ref());
-                    tracing::error!(job = job.id, "job panicked: {message}");
-                    RunSummary {
-                        job_id: job.id,
-                        outcome: Outcome::Failed,
-                        workflow: job.workflow_info(),
-                        timings: protocol::message::Timings {
-                            total_ms: job.accepted_at.elapsed().as_millis() as u64,
-                            ..Default::default()
-                        },
-                        cache: Default::default(),
-                        error: Some(RunError {
-                            kind: ErrorKind::Panicked,
-                            message: format!("the job panicked: {message} (the daemon kept running; please report this)"),
-                            pointer: None,
-                        }),
+            None => {
+                match catch_unwind(AssertUnwindSafe(|| run(&job))) {
+                    Ok(summary) => summary,
+                    Err(panic) => {
+                        let message = panic_message(panic.as_ref());
+                        tracing::error!(job = job.id, "job panicked: {message}");
+                        let message = format!("the job panicked: {message} (the daemon kept running; please report this)");
+                        let error = RunError::new(ErrorKind::Panicked, message);
+                        let total_ms = job.accepted_at.elapsed().as_millis() as u64;
+                        RunSummary::failed(job.id, job.workflow_info(), error, total_ms)
                     }
                 }
-            },
+            }
         };
         queue.finished();
         job.send(JobEvent::Done(summary));

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use protocol::fdpass::send_with_fd;
 use protocol::frame::{body_read, encode, header_read, FrameError, HEADER_LEN};
 use protocol::message::{
-    ClientMessage, ErrorKind, MemoryReport, Outcome, RunError, RunRequest, RunSummary,
-    ServerMessage, StatusReport, WorkflowInfo,
+    ClientMessage, ErrorKind, MemoryReport, RunError, RunRequest, RunSummary, ServerMessage,
+    StatusReport, WorkflowInfo,
 };
 use protocol::paths::DaemonPaths;
 use protocol::workflow::{sha256_hex, Workflow};
@@ -387,22 +387,18 @@ fn parse_workflow(request: &RunRequest) -> Result<Workflow, Box<RunSummary>> {
             cwd: request.cwd.as_ref().map(std::path::PathBuf::from),
             ..workflow
         }),
-        Err(e) => Err(Box::new(RunSummary {
-            job_id: 0,
-            outcome: Outcome::Failed,
-            workflow: WorkflowInfo {
+        Err(e) => {
+            let workflow = WorkflowInfo {
                 id: String::new(),
                 path: request.workflow_path.clone(),
                 sha256: sha256_hex(request.workflow_source.as_bytes()),
-            },
-            timings: Default::default(),
-            cache: Default::default(),
-            error: Some(RunError {
-                kind: ErrorKind::InvalidWorkflow,
-                message: e.to_string(),
+            };
+            let error = RunError {
                 pointer: e.pointer.clone(),
-            }),
-        })),
+                ..RunError::new(ErrorKind::InvalidWorkflow, e.to_string())
+            };
+            Err(Box::new(RunSummary::failed(0, workflow, error, 0)))
+        }
     }
 }
 
@@ -528,27 +524,16 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 
 /// The answer to a job whose `--timeout` passed while it waited for its turn.
 fn timed_out_in_queue(job_id: u64, workflow_id: &str, timeout_ms: u64) -> RunSummary {
-    RunSummary {
-        job_id,
-        outcome: Outcome::Failed,
-        workflow: WorkflowInfo {
-            id: workflow_id.to_string(),
-            ..WorkflowInfo::default()
-        },
-        timings: protocol::message::Timings {
-            total_ms: timeout_ms,
-            ..Default::default()
-        },
-        cache: Default::default(),
-        error: Some(RunError {
-            kind: ErrorKind::Timeout,
-            message: format!(
-                "timed out after {} s (--timeout) while waiting in the queue, and was cancelled",
-                timeout_ms as f64 / 1000.0
-            ),
-            pointer: None,
-        }),
-    }
+    let workflow = WorkflowInfo {
+        id: workflow_id.to_string(),
+        ..WorkflowInfo::default()
+    };
+    let message = format!(
+        "timed out after {} s (--timeout) while waiting in the queue, and was cancelled",
+        timeout_ms as f64 / 1000.0
+    );
+    let error = RunError::new(ErrorKind::Timeout, message);
+    RunSummary::failed(job_id, workflow, error, timeout_ms)
 }
 
 async fn send_event(

@@ -239,6 +239,34 @@ pub struct RunSummary {
     pub error: Option<RunError>,
 }
 
+impl RunSummary {
+    /// The summary of a job that failed with `error` before it ran (or without running):
+    /// nothing loaded, nothing timed but `total_ms`.
+    pub fn failed(job_id: u64, workflow: WorkflowInfo, error: RunError, total_ms: u64) -> Self {
+        RunSummary {
+            job_id,
+            outcome: Outcome::Failed,
+            workflow,
+            timings: Timings {
+                total_ms,
+                ..Timings::default()
+            },
+            cache: CacheCounts::default(),
+            error: Some(error),
+        }
+    }
+}
+
+impl RunError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        RunError {
+            kind,
+            message: message.into(),
+            pointer: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
