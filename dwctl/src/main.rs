@@ -172,17 +172,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let paths = DaemonPaths::resolve(cli.socket.as_deref());
     let json = wants_json(&cli.command);
-    match dispatch(cli.command, &paths) {
-        Ok(code) => ExitCode::from(code),
+    let code = match dispatch(cli.command, &paths) {
+        Ok(code) => code,
         Err(failure) => {
             eprintln!("dwctl: {}", failure.message);
             if json {
                 // Scripts read every outcome from stdout, client-side failures included.
                 outln!("{}", failure_json(&failure));
             }
-            ExitCode::from(failure.code)
+            failure.code
         }
+    };
+    if code == exit::EXIT_CANCELLED && run::interrupted_by_user() {
+        // Everything is reported and written: end as Ctrl-C ends other tools.
+        run::die_of_sigint();
     }
+    ExitCode::from(code)
 }
 
 /// Whether the command was asked for JSON output.

@@ -424,8 +424,25 @@ impl OutputWriter {
     }
 }
 
+/// Set once the user pressed Ctrl-C: a cancelled run then ends by SIGINT, as tools do.
+static INTERRUPTED_BY_USER: AtomicBool = AtomicBool::new(false);
+
+/// Whether this run was interrupted with Ctrl-C.
+pub fn interrupted_by_user() -> bool {
+    INTERRUPTED_BY_USER.load(Ordering::SeqCst)
+}
+
+/// Ends the process by SIGINT (its default action), so that a calling shell or make sees
+/// the signal and stops too, rather than a plain exit status.
+pub fn die_of_sigint() -> ! {
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = signal_hook::low_level::emulate_default_handler(signal_hook::consts::SIGINT);
+    // Only reached where the signal could not be raised.
+    std::process::exit(i32::from(EXIT_CANCELLED))
+}
+
 /// Sends `cancel` on the first Ctrl-C (the daemon then ends the job and says so); a second
-/// Ctrl-C exits at once.
+/// Ctrl-C ends dwctl at once, by the signal.
 fn watch_for_interrupt(stream: &UnixStream) -> Result<Arc<AtomicBool>, Failure> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let mut writer = stream
@@ -436,8 +453,9 @@ fn watch_for_interrupt(stream: &UnixStream) -> Result<Arc<AtomicBool>, Failure> 
     let flag = interrupted.clone();
     std::thread::spawn(move || {
         for _ in signals.forever() {
+            INTERRUPTED_BY_USER.store(true, Ordering::SeqCst);
             if flag.swap(true, Ordering::SeqCst) {
-                std::process::exit(i32::from(EXIT_CANCELLED));
+                die_of_sigint();
             }
             eprintln!("\ndwctl: cancelling (Ctrl-C again to quit at once)");
             if let Ok(frame) = encode(&ClientMessage::Cancel {

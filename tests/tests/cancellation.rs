@@ -55,14 +55,21 @@ fn signal(child: &Child, signal: Signal) {
     kill(Pid::from_raw(child.id() as i32), signal).unwrap();
 }
 
+/// After cleaning up, dwctl ends by SIGINT itself (as Ctrl-C ends other tools), so a
+/// calling shell or make sees a signal death and stops too; a shell shows it as 130.
 #[test]
-fn ctrl_c_cancels_the_job_exits_130_and_the_models_stay_loaded() {
+fn ctrl_c_cancels_the_job_ends_by_sigint_and_the_models_stay_loaded() {
+    use std::os::unix::process::ExitStatusExt;
     let daemon = TestDaemon::new();
     let (mut child, stderr) = start_long_run(&daemon, &[]);
     signal(&child, Signal::SIGINT);
     let status = child.wait().unwrap();
     let text = rest(stderr);
-    assert_eq!(status.code(), Some(130), "{text}");
+    assert_eq!(
+        status.signal(),
+        Some(Signal::SIGINT as i32),
+        "{status:?} {text}"
+    );
     assert!(text.contains("cancelled"), "{text}");
     let status = daemon.status();
     assert_eq!(status["queue"], serde_json::json!([]));
