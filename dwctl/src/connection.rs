@@ -259,6 +259,8 @@ fn start_daemon(paths: &DaemonPaths) -> Result<UnixStream, Failure> {
         let output = Command::new(&binary)
             .arg("--socket")
             .arg(&paths.socket)
+            .arg("--log-file")
+            .arg(&paths.log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

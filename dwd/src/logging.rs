@@ -1,10 +1,14 @@
 //! The daemon's log: a file that tracing writes to and that never stops the daemon. A
 //! line that cannot be written (a full disk, a broken stderr) is dropped and counted, and
 //! `dwctl status` shows the count; a panic is logged without waiting on the log's lock,
-//! so a panic raised while a line is being written cannot deadlock the daemon.
+//! so a panic raised while a line is being written cannot deadlock the daemon. Once the
+//! file reaches its size cap it is renamed `<log>.1` (replacing the one before) and a
+//! fresh file starts, so the logs never take more than twice the cap.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -13,27 +17,68 @@ static LOG: OnceLock<LogFile> = OnceLock::new();
 
 /// Where log lines go, and how many were lost.
 pub struct LogFile {
-    file: Mutex<File>,
+    file: Mutex<Sink>,
     dropped: AtomicU64,
+    /// The file's path and size cap, when it rotates.
+    rotation: Option<(PathBuf, u64)>,
+}
+
+/// The open file and how much it holds.
+struct Sink {
+    file: File,
+    len: u64,
+}
+
+impl Sink {
+    fn new(file: File) -> Self {
+        let len = file.metadata().map_or(0, |m| m.len());
+        Sink { file, len }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
 }
 
 impl LogFile {
+    /// A log that grows without bound (for a file the caller manages).
     pub fn new(file: File) -> Self {
         LogFile {
-            file: Mutex::new(file),
+            file: Mutex::new(Sink::new(file)),
             dropped: AtomicU64::new(0),
+            rotation: None,
         }
     }
 
-    /// Writes one formatted line; a failure is counted, never returned.
+    /// A log at `path` that rotates once it holds `max_bytes`.
+    pub fn rotating(file: File, path: PathBuf, max_bytes: u64) -> Self {
+        LogFile {
+            rotation: Some((path, max_bytes)),
+            ..LogFile::new(file)
+        }
+    }
+
+    /// Writes one formatted line (rotating first when it would pass the cap); a failure is
+    /// counted, never returned.
     fn write_line(&self, bytes: &[u8], also_stderr: bool) {
-        let written = match self.file.lock() {
-            Ok(mut file) => file.write_all(bytes),
-            Err(poisoned) => poisoned.into_inner().write_all(bytes),
+        let mut sink = match self.file.lock() {
+            Ok(sink) => sink,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        if written.is_err() {
+        if let Some((path, max)) = &self.rotation {
+            if sink.len > 0 && sink.len + bytes.len() as u64 > *max {
+                // A log that cannot rotate goes on in the file it has.
+                if let Ok(fresh) = rotate(path) {
+                    *sink = Sink::new(fresh);
+                }
+            }
+        }
+        if sink.write(bytes).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        drop(sink);
         if also_stderr {
             let _ = io::stderr().write_all(bytes);
         }
@@ -42,7 +87,7 @@ impl LogFile {
     /// Writes `line` only if the lock is free right now (for the panic hook).
     fn try_write_line(&self, line: &str) {
         let written = match self.file.try_lock() {
-            Ok(mut file) => file.write_all(line.as_bytes()).is_ok(),
+            Ok(mut sink) => sink.write(line.as_bytes()).is_ok(),
             Err(_) => false,
         };
         if !written {
@@ -55,19 +100,31 @@ impl LogFile {
     }
 }
 
-/// Opens `path` anew for the log (after a rotation moved the old file away): SIGHUP.
-pub fn reopen(path: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
+/// Opens the log file for appending, never through a link.
+fn open_append(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+        .open(path)
+}
+
+/// Moves the full log to `<log>.1` and opens a fresh one.
+fn rotate(path: &Path) -> io::Result<File> {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::rename(path, &old)?;
+    open_append(path)
+}
+
+/// Opens `path` anew for the log (after a rotation moved the old file away): SIGHUP.
+pub fn reopen(path: &Path) -> io::Result<()> {
+    let file = open_append(path)?;
     if let Some(log) = LOG.get() {
         match log.file.lock() {
-            Ok(mut current) => *current = file,
-            Err(poisoned) => *poisoned.into_inner() = file,
+            Ok(mut current) => *current = Sink::new(file),
+            Err(poisoned) => *poisoned.into_inner() = Sink::new(file),
         }
     }
     Ok(())
@@ -119,10 +176,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for MakeLineWriter {
     }
 }
 
-/// Sets up logging to `file` (and stderr in the foreground) at `filter` (else `$DWD_LOG`,
+/// Sets up logging to `log` (and stderr in the foreground) at `filter` (else `$DWD_LOG`,
 /// else `info`), and a panic hook that logs without blocking.
-pub fn init(file: File, foreground: bool, filter: Option<&str>) {
-    let _ = LOG.set(LogFile::new(file));
+pub fn init(log: LogFile, foreground: bool, filter: Option<&str>) {
+    let _ = LOG.set(log);
     let filter = filter
         .map(str::to_string)
         .or_else(|| std::env::var("DWD_LOG").ok())
@@ -157,6 +214,29 @@ mod tests {
         log.write_line(b"one\n", false);
         log.write_line(b"two\n", false);
         assert_eq!(log.dropped(), 2);
+    }
+
+    #[test]
+    fn a_full_log_moves_to_dot_one_and_a_fresh_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dwd.log");
+        let log = LogFile::rotating(open_append(&path).unwrap(), path.clone(), 100);
+        let line = [&[b'x'; 39][..], b"\n"].concat();
+        log.write_line(&line, false);
+        log.write_line(&line, false);
+        log.write_line(b"third line\n", false);
+        assert!(
+            !dir.path().join("dwd.log.1").exists(),
+            "91 bytes fit in 100"
+        );
+        log.write_line(b"fourth line\n", false);
+        log.write_line(b"fifth line\n", false);
+        let old = std::fs::read_to_string(dir.path().join("dwd.log.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old.len(), 91);
+        assert!(old.ends_with("third line\n"), "{old}");
+        assert_eq!(new, "fourth line\nfifth line\n");
+        assert_eq!(log.dropped(), 0);
     }
 
     #[test]

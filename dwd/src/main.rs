@@ -46,9 +46,15 @@ struct Args {
     #[arg(long)]
     foreground: bool,
 
-    /// Log file [default: beside the socket, e.g. dwd.log].
+    /// Log file [default: $XDG_STATE_HOME/dw/dwd.log (~/.local/state/dw/dwd.log); beside
+    /// the socket when --socket or $DWD_SOCKET chooses one, e.g. a.sock logs to a.log].
     #[arg(long, value_name = "PATH", env = "DWD_LOG_FILE")]
     log_file: Option<PathBuf>,
+
+    /// Rotate the log once it reaches this size: it becomes <log>.1 (replacing the one
+    /// before) and a fresh log starts, so the logs take at most twice this.
+    #[arg(long, default_value = "16MiB", value_name = "SIZE", value_parser = parse_log_max, env = "DWD_LOG_MAX")]
+    log_max: u64,
 
     /// Where pipelines run: auto (CUDA if built with it and present, else CPU), cpu, or
     /// cuda:N.
@@ -171,6 +177,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let lock = take_lock(&paths)?;
     let (listener, socket_inode) = bind_socket(&paths)?;
     let log_file = open_log(&paths)?;
+    let log_sink =
+        dwd::logging::LogFile::rotating(log_file.try_clone()?, paths.log.clone(), args.log_max);
     if !args.foreground {
         let stderr = log_file.try_clone()?;
         daemonize::Daemonize::new()
@@ -181,7 +189,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("cannot daemonize")?;
     }
     let lock = write_pid(lock)?;
-    dwd::logging::init(log_file, args.foreground, args.log_level.as_deref());
+    dwd::logging::init(log_sink, args.foreground, args.log_level.as_deref());
     let device = device_choice
         .open()
         .inspect_err(|e| tracing::error!("{e:#}"))?;
@@ -226,8 +234,13 @@ fn bind_socket(paths: &DaemonPaths) -> anyhow::Result<(StdUnixListener, u64)> {
     Ok((listener, socket_inode))
 }
 
-/// The log file, appended to, never through a link.
+/// The log file, appended to, never through a link, in a private directory of its own
+/// when it is not beside the socket.
 fn open_log(paths: &DaemonPaths) -> anyhow::Result<File> {
+    if let Some(dir) = paths.log.parent().filter(|d| *d != paths.dir()) {
+        ensure_private_dir(dir)
+            .with_context(|| format!("cannot prepare the log directory {}", dir.display()))?;
+    }
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -275,6 +288,20 @@ fn engine(args: &Args, device: Device) -> Engine {
     engine.fetcher.timeout = args.fetch_timeout;
     engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
     engine
+}
+
+/// `--log-max`: a size in bytes (a share of something makes no sense for a log), at least
+/// 1 KiB so that a rotation never comes every line.
+fn parse_log_max(text: &str) -> Result<u64, String> {
+    match SizeLimit::parse(text)? {
+        SizeLimit::Bytes(bytes) if bytes >= 1024 => Ok(bytes),
+        SizeLimit::Bytes(_) => Err(format!(
+            "`{text}` is too small for a log; give at least 1KiB"
+        )),
+        SizeLimit::Percent(_) => Err(format!(
+            "`{text}`: give the log's size in bytes, e.g. 16MiB"
+        )),
+    }
 }
 
 /// Where pipelines run, as chosen on the command line.

@@ -1,9 +1,12 @@
 //! Where the daemon's socket, lock file and log live.
 //!
 //! The socket is, in order: the `--socket` flag, `$DWD_SOCKET`, then
-//! `$XDG_RUNTIME_DIR/dwd/dwd.sock`, then `/tmp/dwd-$UID/dwd.sock`. The lock and log files sit
-//! beside the socket and share its stem (`dwd.lock`, `dwd.log`), so every socket has its own
-//! daemon, lock and log: tests and users can run private daemons side by side.
+//! `$XDG_RUNTIME_DIR/dwd/dwd.sock`, then `/tmp/dwd-$UID/dwd.sock`. The lock file sits beside
+//! the socket and shares its stem (`dwd.lock`), so every socket has its own daemon. The log
+//! of the default daemon is `$XDG_STATE_HOME/dw/dwd.log` (`~/.local/state/dw/dwd.log`): the
+//! runtime directory is a small tmpfs that goes at logout. A daemon on a socket of its own
+//! choosing keeps its log beside that socket (`a.sock`, `a.log`), so private daemons (tests,
+//! side-by-side setups) never share one. `$DWD_LOG_FILE` names the log outright.
 
 use std::ffi::OsString;
 use std::fs;
@@ -13,6 +16,9 @@ use std::path::{Path, PathBuf};
 
 /// Environment variable that selects the socket when no `--socket` flag is given.
 pub const SOCKET_ENV: &str = "DWD_SOCKET";
+
+/// Environment variable that names the log file.
+pub const LOG_ENV: &str = "DWD_LOG_FILE";
 
 /// The files that belong to one daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +31,18 @@ pub struct DaemonPaths {
 impl DaemonPaths {
     /// Resolves the paths from an explicit flag value, else the environment.
     pub fn resolve(flag: Option<&Path>) -> Self {
-        let env_socket = std::env::var_os(SOCKET_ENV).filter(|v| !v.is_empty());
-        let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty());
-        Self::resolve_from(
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let paths = Self::resolve_from(
             flag,
-            env_socket,
-            runtime_dir,
+            var(SOCKET_ENV),
+            var("XDG_RUNTIME_DIR"),
             nix::unistd::getuid().as_raw(),
+        );
+        let state_dir = state_dir(var("XDG_STATE_HOME"), var("HOME"));
+        paths.with_log(
+            var(LOG_ENV).map(PathBuf::from),
+            flag.is_some() || var(SOCKET_ENV).is_some(),
+            state_dir,
         )
     }
 
@@ -54,6 +65,22 @@ impl DaemonPaths {
         Self::for_socket(socket)
     }
 
+    /// Where the log goes: `named` when given; beside a socket the user chose; else in the
+    /// state directory (when there is one).
+    pub fn with_log(
+        self,
+        named: Option<PathBuf>,
+        chosen_socket: bool,
+        state_dir: Option<PathBuf>,
+    ) -> Self {
+        let log = match (named, state_dir) {
+            (Some(named), _) => std::path::absolute(&named).unwrap_or(named),
+            (None, Some(dir)) if !chosen_socket => dir.join("dwd.log"),
+            (None, _) => self.log,
+        };
+        DaemonPaths { log, ..self }
+    }
+
     /// The lock and log files that go with `socket`. A relative socket path is made
     /// absolute, since the daemon changes to `/` once it daemonizes.
     pub fn for_socket(socket: PathBuf) -> Self {
@@ -73,6 +100,16 @@ impl DaemonPaths {
     /// The directory that holds the socket.
     pub fn dir(&self) -> &Path {
         self.socket.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// dw's state directory: `$XDG_STATE_HOME/dw`, else `$HOME/.local/state/dw` (relative
+/// values are ignored, as the XDG specification asks).
+pub fn state_dir(xdg_state_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    let absolute = |v: OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    match xdg_state_home.and_then(absolute) {
+        Some(dir) => Some(dir.join("dw")),
+        None => home.and_then(absolute).map(|h| h.join(".local/state/dw")),
     }
 }
 
@@ -213,6 +250,29 @@ mod tests {
         let p = DaemonPaths::resolve_from(None, None, None, 1234);
         assert_eq!(p.socket, PathBuf::from("/tmp/dwd-1234/dwd.sock"));
         assert_eq!(p.lock, PathBuf::from("/tmp/dwd-1234/dwd.lock"));
+    }
+
+    #[test]
+    fn the_default_daemon_logs_in_the_state_directory_a_chosen_socket_beside_itself() {
+        let state = state_dir(None, Some("/home/u".into()));
+        assert_eq!(state, Some(PathBuf::from("/home/u/.local/state/dw")));
+        let state = state_dir(Some("/s".into()), Some("/home/u".into()));
+        assert_eq!(state, Some(PathBuf::from("/s/dw")));
+        assert_eq!(state_dir(Some("rel".into()), None), None);
+
+        let default = DaemonPaths::resolve_from(None, None, Some("/run/user/5".into()), 5);
+        let p = default.clone().with_log(None, false, state.clone());
+        assert_eq!(p.log, PathBuf::from("/s/dw/dwd.log"));
+        assert_eq!(p.socket, PathBuf::from("/run/user/5/dwd/dwd.sock"));
+        let p = default.clone().with_log(None, false, None);
+        assert_eq!(p.log, PathBuf::from("/run/user/5/dwd/dwd.log"));
+        let chosen = DaemonPaths::for_socket(PathBuf::from("/x/a.sock"));
+        assert_eq!(
+            chosen.with_log(None, true, state.clone()).log,
+            PathBuf::from("/x/a.log")
+        );
+        let named = default.with_log(Some("/logs/mine.log".into()), false, state);
+        assert_eq!(named.log, PathBuf::from("/logs/mine.log"));
     }
 
     #[test]
