@@ -6,6 +6,7 @@ mod exit;
 mod files;
 mod human;
 mod preview;
+mod recall;
 mod run;
 mod stdout;
 mod validate;
@@ -55,10 +56,13 @@ enum Command {
     /// Run a workflow and write its outputs.
     ///
     /// Example: dwctl run examples/tiny-sd.json prompt="a red fox" -o renders
+    ///
+    /// Again, from an output: dwctl run --from renders/tiny_sd-main.0-0.0.png steps=30
     #[command(after_help = EXIT_CODES)]
     Run {
         /// The workflow file (diffusers-workflow JSON).
-        workflow: PathBuf,
+        #[arg(required_unless_present = "from", value_name = "WORKFLOW")]
+        workflow: Option<PathBuf>,
         /// Variable overrides, NAME=VALUE, converted to the type of the variable's default.
         #[arg(value_name = "NAME=VALUE")]
         assignments: Vec<String>,
@@ -82,6 +86,11 @@ enum Command {
         /// whether it fits the memory budget; load and run nothing. Exit 0 if it fits, 1 if not.
         #[arg(long)]
         dry_run: bool,
+        /// Run again the workflow an output PNG was made by (its step's result set
+        /// `embed_metadata`): the same file, as it was then, with the same variables and the
+        /// step's seed; NAME=VALUE after it changes variables.
+        #[arg(long, value_name = "IMAGE")]
+        from: Option<PathBuf>,
         /// Print nothing but errors (and the --json object): for scripts and Makefiles.
         #[arg(short, long)]
         quiet: bool,
@@ -222,15 +231,22 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             no_start,
             keep_alive,
             dry_run,
+            from,
             quiet,
             preview,
         } => {
             let timeout = timeout.map(checked_timeout).transpose()?;
+            let recall::Recalled {
+                workflow,
+                assignments,
+                seeds,
+            } = what_to_run(workflow, assignments, from)?;
             run::run(
                 paths,
                 run::RunOptions {
                     workflow,
                     assignments,
+                    seeds,
                     output_dir,
                     json,
                     timeout,
@@ -254,6 +270,7 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             run::RunOptions {
                 workflow,
                 assignments,
+                seeds: Vec::new(),
                 output_dir,
                 json: false,
                 timeout: None,
@@ -281,6 +298,42 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             require_models,
         } => validate::validate(&workflow, &assignments, require_models),
     }
+}
+
+/// The workflow, variables and pinned seeds a `run` asks for: as given, or recalled from
+/// an output with `--from` (where the positional arguments are all NAME=VALUE).
+fn what_to_run(
+    workflow: Option<PathBuf>,
+    assignments: Vec<String>,
+    from: Option<PathBuf>,
+) -> Result<recall::Recalled, Failure> {
+    let Some(image) = from else {
+        let workflow =
+            workflow.ok_or_else(|| Failure::new(EXIT_INVALID, "give a workflow file"))?;
+        return Ok(recall::Recalled {
+            workflow,
+            assignments,
+            seeds: Vec::new(),
+        });
+    };
+    let given: Vec<String> = workflow
+        .map(|w| w.to_string_lossy().into_owned())
+        .into_iter()
+        .chain(assignments)
+        .collect();
+    if let Some(odd) = given.iter().find(|a| !a.contains('=')) {
+        return Err(Failure::new(
+            EXIT_INVALID,
+            format!("with --from, give only NAME=VALUE changes, not `{odd}`: the workflow is the one the image records"),
+        ));
+    }
+    let recalled = recall::recall(&image)?;
+    // Later assignments win, so the user's changes override the recorded values.
+    let assignments = recalled.assignments.into_iter().chain(given).collect();
+    Ok(recall::Recalled {
+        assignments,
+        ..recalled
+    })
 }
 
 /// `--timeout` as a duration: positive, and at most a year.

@@ -34,6 +34,8 @@ use crate::human::human_bytes;
 pub struct RunOptions {
     pub workflow: PathBuf,
     pub assignments: Vec<String>,
+    /// Seeds to pin, by step name (`--from`).
+    pub seeds: Vec<(String, u64)>,
     pub output_dir: PathBuf,
     pub json: bool,
     pub timeout: Option<Duration>,
@@ -256,6 +258,7 @@ fn prepare(options: &RunOptions) -> Result<(Workflow, RunRequest), Failure> {
         keep_alive_ms: options.keep_alive.map(KeepAlive::to_ms),
         session: Some(session_id()),
         dry_run: options.dry_run,
+        seeds: options.seeds.clone(),
     };
     Ok((workflow, request))
 }

@@ -383,10 +383,14 @@ async fn serve_run(
 fn parse_workflow(request: &RunRequest) -> Result<Workflow, Box<RunSummary>> {
     let path = Path::new(&request.workflow_path);
     match Workflow::parse(path, &request.workflow_source, &request.overrides) {
-        Ok(workflow) => Ok(Workflow {
-            cwd: request.cwd.as_ref().map(std::path::PathBuf::from),
-            ..workflow
-        }),
+        Ok(mut workflow) => {
+            for (step, seed) in &request.seeds {
+                // A step the workflow no longer has keeps nothing to pin.
+                workflow.pin_seed(step, *seed);
+            }
+            workflow.cwd = request.cwd.as_ref().map(std::path::PathBuf::from);
+            Ok(workflow)
+        }
         Err(e) => {
             let workflow = WorkflowInfo {
                 id: String::new(),

@@ -59,6 +59,10 @@ pub struct RunRequest {
     /// caller's latest job.
     #[serde(default)]
     pub session: Option<u32>,
+    /// Seeds to run steps with instead of their own (by step name): `dwctl run --from`
+    /// repeats a run whose seed was drawn at random.
+    #[serde(default)]
+    pub seeds: Vec<(String, u64)>,
 }
 
 /// How often a running job's connection hears from the daemon at least.

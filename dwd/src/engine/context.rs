@@ -68,12 +68,15 @@ impl StepContext<'_> {
             .map_err(|e| JobError::Internal(format!("{}: {e}", self.workflow.path.display())))
     }
 
-    /// diffusers-workflow's metadata JSON (`step_name`, plus `extra`), with ours.
+    /// diffusers-workflow's metadata JSON (`step_name`, plus `extra`), with ours: the
+    /// workflow's path, digest and variables, which `dwctl run --from` runs again.
     pub fn metadata(&self, extra: Value) -> Metadata {
         let mut dw = json!({
             "step_name": self.step.name,
             "workflow_id": self.workflow.id,
             "workflow_sha256": self.workflow.sha256,
+            "workflow_path": self.workflow.path.display().to_string(),
+            "variables": self.workflow.variables,
         });
         if let (Value::Object(dw), Value::Object(extra)) = (&mut dw, extra) {
             dw.extend(extra);

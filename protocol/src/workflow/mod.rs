@@ -100,6 +100,20 @@ pub struct Workflow {
 }
 
 impl Workflow {
+    /// Runs step `name`'s pipeline with `seed`; `false` when no step has that name.
+    pub fn pin_seed(&mut self, name: &str, seed: u64) -> bool {
+        let Some(step) = self.steps.iter_mut().find(|s| s.name == name) else {
+            return false;
+        };
+        step.seed = Some(seed);
+        match &mut step.action {
+            Action::Pipeline(p) => p.seed = Some(seed),
+            Action::Reference(r) => r.seed = Some(seed),
+            _ => {}
+        }
+        true
+    }
+
     /// A note as `file:line:column: warning: ...`.
     pub fn note_text(&self, note: &Note) -> String {
         let label = match note.severity {
