@@ -6,8 +6,10 @@
 //!
 //! Inside tmux the graphics escapes are wrapped in tmux's passthrough sequence, which only
 //! works with `set -g allow-passthrough on`; without a recognisable outer terminal, tmux gets
-//! half blocks. `DWCTL_PREVIEW=kitty|iterm2|sixel|blocks` overrides detection, and a
-//! non-empty `NO_COLOR` turns previews off.
+//! half blocks. `DWCTL_PREVIEW=kitty|iterm2|sixel|blocks` overrides detection. A preview
+//! is asked for explicitly (`--preview`), so a non-empty `NO_COLOR` does not turn it off:
+//! graphics protocols draw the image as they would, and half blocks become grey shades
+//! (`░▒▓█`) with no colour escapes at all.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -109,8 +111,8 @@ pub fn detect_from(env: impl Fn(&str) -> Option<String>) -> Protocol {
 ///
 /// Small images are enlarged (by a whole factor, nearest neighbour) to at least 32 cells
 /// wide when that fits; large ones are shrunk. With half blocks one cell shows one pixel
-/// across and two down. A non-empty `NO_COLOR` writes nothing. Inside tmux the graphics
-/// escapes go through tmux's passthrough.
+/// across and two down; with a non-empty `NO_COLOR` they are shades without colour
+/// escapes. Inside tmux the graphics escapes go through tmux's passthrough.
 pub fn show(
     out: &mut impl Write,
     protocol: Protocol,
@@ -218,16 +220,18 @@ fn show_with(
     no_color: Option<&str>,
     term: Term,
 ) -> io::Result<()> {
-    if no_color.is_some_and(|value| !value.is_empty()) {
-        return Ok(());
-    }
+    let colourless = no_color.is_some_and(|value| !value.is_empty());
     let (max_cols, max_rows) = (max_cols.max(1), max_rows.max(1));
     let (w, h) = (f64::from(image.width), f64::from(image.height));
     if protocol == Protocol::HalfBlocks {
         let s = scale(w, h / 2.0, max_cols, max_rows);
         let cols = clamp_round(w * s, u32::from(max_cols));
         let px_rows = clamp_round(h * s, 2 * u32::from(max_rows));
-        let bytes = half_blocks(&resize(image, cols, px_rows));
+        let pixels = resize(image, cols, px_rows);
+        let bytes = match colourless {
+            true => shades(&pixels),
+            false => half_blocks(&pixels),
+        };
         return out.write_all(&bytes);
     }
 
@@ -365,6 +369,27 @@ fn half_blocks(pixels: &Pixels) -> Vec<u8> {
             }
         }
         text.push_str("\x1b[0m\n");
+    }
+    text.into_bytes()
+}
+
+/// One character per two pixel rows, by their mean luminance (BT.601): ` ░▒▓█` from dark
+/// to light, with no escapes, for `NO_COLOR`.
+fn shades(pixels: &Pixels) -> Vec<u8> {
+    const SHADES: [char; 5] = [' ', '░', '▒', '▓', '█'];
+    let image = pixels.view();
+    let luma =
+        |[r, g, b]: [u8; 3]| 0.299 * f64::from(r) + 0.587 * f64::from(g) + 0.114 * f64::from(b);
+    let mut text = String::with_capacity(image.width as usize * image.height as usize * 2);
+    for y in (0..image.height).step_by(2) {
+        for x in 0..image.width {
+            let below = (y + 1 < image.height).then(|| luma(image.pixel(x, y + 1)));
+            let top = luma(image.pixel(x, y));
+            let mean = below.map_or(top, |b| (top + b) / 2.0);
+            let index = ((mean / 256.0) * SHADES.len() as f64) as usize;
+            text.push(SHADES[index.min(SHADES.len() - 1)]);
+        }
+        text.push('\n');
     }
     text.into_bytes()
 }
@@ -623,22 +648,50 @@ mod tests {
     }
 
     #[test]
-    fn no_color_writes_nothing() {
+    fn no_color_keeps_an_asked_for_preview_but_drops_colour_escapes() {
         let rgb = noise(4, 4);
         let image = Image::new(4, 4, &rgb).unwrap();
-        for protocol in [
-            Protocol::Kitty,
-            Protocol::Iterm2,
-            Protocol::Sixel,
-            Protocol::HalfBlocks,
-        ] {
-            let mut out = Vec::new();
-            show_with(&mut out, protocol, &image, (80, 24), Some("1"), TERM).unwrap();
-            assert!(out.is_empty(), "{protocol:?}");
-            // An empty NO_COLOR does not count.
-            show_with(&mut out, protocol, &image, (80, 24), Some(""), TERM).unwrap();
-            assert!(!out.is_empty(), "{protocol:?}");
+        for protocol in [Protocol::Kitty, Protocol::Iterm2, Protocol::Sixel] {
+            let (mut plain, mut colourless) = (Vec::new(), Vec::new());
+            show_with(&mut plain, protocol, &image, (80, 24), None, TERM).unwrap();
+            show_with(&mut colourless, protocol, &image, (80, 24), Some("1"), TERM).unwrap();
+            assert_eq!(plain, colourless, "{protocol:?} draws the image as it is");
         }
+        let mut out = Vec::new();
+        show_with(
+            &mut out,
+            Protocol::HalfBlocks,
+            &image,
+            (80, 24),
+            Some("1"),
+            TERM,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains('\x1b'), "{text:?}");
+        assert!(text.chars().all(|c| " ░▒▓█\n".contains(c)), "{text:?}");
+        // An empty NO_COLOR does not count.
+        let mut out = Vec::new();
+        show_with(
+            &mut out,
+            Protocol::HalfBlocks,
+            &image,
+            (80, 24),
+            Some(""),
+            TERM,
+        )
+        .unwrap();
+        assert!(out.contains(&0x1b));
+    }
+
+    #[test]
+    fn shades_go_from_dark_to_light() {
+        let pixels = Pixels {
+            width: 2,
+            height: 2,
+            rgb: vec![0, 0, 0, 255, 255, 255, 0, 0, 0, 255, 255, 255],
+        };
+        assert_eq!(String::from_utf8(shades(&pixels)).unwrap(), " █\n");
     }
 
     #[test]
