@@ -250,6 +250,22 @@ pub(crate) fn load_weights(
     Ok((VarBuilder::from_tensors(tensors, dtype, device), bytes))
 }
 
+/// Reads a model component from its folder: its config with `read_config`, its weights
+/// (the `variant`'s, when one is asked for) in `dtype` on `device`, then builds it with
+/// `build`. Returns the component and the size of its weights.
+pub(crate) fn load_component<C, T>(
+    dir: &Path,
+    (variant, dtype, device): (Option<&str>, DType, &Device),
+    component: &'static str,
+    read_config: fn(&Path) -> Result<C, PipelineError>,
+    build: fn(VarBuilder<'static>, C) -> candle_core::Result<T>,
+) -> Result<(T, u64), PipelineError> {
+    let config = read_config(dir)?;
+    let (vb, bytes) = load_weights(dir, variant, dtype, device, component)?;
+    let built = build(vb, config).in_component(component)?;
+    Ok((built, bytes))
+}
+
 /// Reads a JSON file that must hold an object.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>, PipelineError> {
     let text = read_text(path)?;

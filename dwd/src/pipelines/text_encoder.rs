@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::{load_weights, ops, ConfigJson, InComponent, PipelineError};
+use super::{load_component, ops, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "text encoder";
 
@@ -222,9 +222,13 @@ impl TextEncoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let config = TextEncoderConfig::load(dir)?;
-        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
-        let mut encoder = Self::new(vb, config).in_component(COMPONENT)?;
+        let (mut encoder, bytes) = load_component(
+            dir,
+            (variant, dtype, device),
+            COMPONENT,
+            TextEncoderConfig::load,
+            Self::new,
+        )?;
         encoder.bytes = bytes;
         Ok(encoder)
     }

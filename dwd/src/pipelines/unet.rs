@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 pub use model::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
 
-use super::{load_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_component, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "unet";
 const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
@@ -271,9 +271,13 @@ impl Unet {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let config = UnetConfig::load(dir)?;
-        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
-        let mut unet = Self::new(vb, config).in_component(COMPONENT)?;
+        let (mut unet, bytes) = load_component(
+            dir,
+            (variant, dtype, device),
+            COMPONENT,
+            UnetConfig::load,
+            Self::new,
+        )?;
         unet.bytes = bytes;
         Ok(unet)
     }

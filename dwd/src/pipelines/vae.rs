@@ -17,7 +17,7 @@ use serde_json::json;
 
 use self::blocks::{DownEncoderBlock2D, UpDecoderBlock2D, VaeBlockShared, VaeMidBlock};
 use super::ops::{Conv2d, GroupNorm};
-use super::{load_weights, ConfigJson, InComponent, PipelineError};
+use super::{load_component, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "vae";
 /// diffusers' VAE blocks use this epsilon in every norm.
@@ -295,9 +295,13 @@ impl Vae {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let config = VaeConfig::load(dir)?;
-        let (vb, bytes) = load_weights(dir, variant, dtype, device, COMPONENT)?;
-        let mut vae = Self::new(vb, config).in_component(COMPONENT)?;
+        let (mut vae, bytes) = load_component(
+            dir,
+            (variant, dtype, device),
+            COMPONENT,
+            VaeConfig::load,
+            Self::new,
+        )?;
         vae.bytes = bytes;
         Ok(vae)
     }
