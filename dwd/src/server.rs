@@ -95,13 +95,44 @@ async fn refuse_busy(stream: UnixStream) {
     let _ = send(&mut writer, &ServerMessage::Refused { message }).await;
 }
 
-/// Reads one frame, ending it as the blocking reader does ([`header_read`], [`body_read`]).
+/// Bytes of large frame bodies all connections together may hold while they arrive: each
+/// frame is at most the frame limit (1 MiB), and senders beyond this wait for room before
+/// anything is allocated for them, so 256 half-sent frames cannot hold 256 MiB.
+pub const FRAME_MEMORY_BYTES: usize = 32 << 20;
+
+/// Frames this small (every request but a large workflow) never wait for room: a hello or a
+/// `ping` is answered however many large frames are arriving. At most [`MAX_CONNECTIONS`]
+/// of them exist at once (16 MiB).
+const SMALL_FRAME_BYTES: usize = 64 << 10;
+
+/// The room left for frame bodies, in KiB.
+static FRAME_MEMORY: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(FRAME_MEMORY_BYTES >> 10);
+
+/// Room for a body of `len` bytes, held until it is dropped (none for a small frame).
+async fn frame_memory(
+    len: usize,
+) -> Result<Option<tokio::sync::SemaphorePermit<'static>>, FrameError> {
+    if len <= SMALL_FRAME_BYTES {
+        return Ok(None);
+    }
+    let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+    FRAME_MEMORY
+        .acquire_many(kib)
+        .await
+        .map(Some)
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))
+}
+
+/// Reads one frame, ending it as the blocking reader does ([`header_read`], [`body_read`]);
+/// its body waits for room within [`FRAME_MEMORY_BYTES`] before it is allocated.
 async fn read_message<T: serde::de::DeserializeOwned>(
     reader: &mut (impl AsyncRead + Unpin),
 ) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(reader, &mut header).await?;
     let len = header_read(got, header)?;
+    let _room = frame_memory(len).await?;
     let mut body = vec![0u8; len];
     let got = read_full(reader, &mut body).await?;
     body_read(got, &body)

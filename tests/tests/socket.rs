@@ -208,3 +208,50 @@ fn a_client_silent_after_the_handshake_is_closed() {
     assert!(answer(&mut stream).is_none());
     assert!(started.elapsed() < Duration::from_secs(14));
 }
+
+/// The daemon's resident memory in bytes.
+fn resident_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+// Half-sent frames cannot add up: a hundred clients each holding all but the last byte of
+// a 1 MiB frame make the daemon hold at most dwd::server::FRAME_MEMORY_BYTES (32 MiB) of
+// them; the rest wait, unallocated, and small requests (a ping) are answered at once.
+#[test]
+fn half_sent_frames_from_many_clients_hold_a_bounded_amount_of_memory() {
+    let daemon = running_daemon();
+    let pid = daemon.pid().unwrap();
+    let before = resident_bytes(pid);
+    let frame_len: u32 = 1 << 20;
+    let (streams, senders): (Vec<_>, Vec<_>) = (0..100)
+        .map(|_| {
+            let stream = greeted(&daemon);
+            let mut writer = stream.try_clone().unwrap();
+            let sender = std::thread::spawn(move || {
+                let _ = writer.write_all(&frame_len.to_be_bytes());
+                // All but the last byte; writes past what the daemon reads just wait.
+                let _ = writer.write_all(&vec![0x90u8; frame_len as usize - 1]);
+            });
+            (stream, sender)
+        })
+        .unzip();
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = resident_bytes(pid).saturating_sub(before);
+    assert!(grown < 64 << 20, "the daemon grew by {grown} bytes");
+    let started = std::time::Instant::now();
+    daemon.dwctl(&["ping"]).assert_code(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "ping waited {:?}",
+        started.elapsed()
+    );
+    for stream in &streams {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    for sender in senders {
+        sender.join().unwrap();
+    }
+}
