@@ -106,6 +106,16 @@ fn check_resolved_class(
         Ok(class) => class,
         Err(message) => return problems.errors.push(located(workflow, at, message)),
     };
+    if let Some(family) = families::family(class.family) {
+        let supplied = pipeline.supplied_components();
+        if let Err(
+            families::FolderComponentError::Missing(m)
+            | families::FolderComponentError::WrongClass(m),
+        ) = families::check_folder_components(family, dir, &supplied)
+        {
+            problems.errors.push(located(workflow, at, m));
+        }
+    }
     if let Err(e) = class.check(&pipeline.arguments_json) {
         let message = format!(
             "`{}` resolves to {} here: {}",

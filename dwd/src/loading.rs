@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use protocol::families::{self, ComponentSpec};
+use protocol::families::{self, ComponentSpec, FolderComponentError};
 use protocol::message::PlannedComponent;
 use protocol::workflow::{PipelineClass, PipelineStep, Position, Step, Workflow, WorkflowError};
 
@@ -87,6 +87,14 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         .map_err(|message| refused_at(context.workflow, spec.model_name_at, message))?;
     let family = families::family(class.family)
         .ok_or_else(|| JobError::Internal(format!("`{}` has no family", class.name)))?;
+    let supplied = spec.supplied_components();
+    families::check_folder_components(family, &model_dir, &supplied).map_err(|e| {
+        let step = &context.step.name;
+        match e {
+            FolderComponentError::Missing(m) => JobError::NotFound(format!("step `{step}`: {m}")),
+            FolderComponentError::WrongClass(m) => JobError::refused(format!("step `{step}`: {m}")),
+        }
+    })?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
     let components = family
         .components

@@ -223,3 +223,41 @@ fn several_prompts_and_images_per_prompt_make_one_file_each() {
         ["a fox", "a fox", "a cat", "a cat"]
     );
 }
+
+/// A component is found by its name in the folder's `model_index.json`, as diffusers finds
+/// it: a folder that lists its `vae` as another class is refused naming both classes, by
+/// `validate` before the run and by the daemon before it loads anything.
+#[test]
+fn a_folder_listing_a_component_as_another_class_is_refused_by_name() {
+    let daemon = TestDaemon::new();
+    let model = daemon.dir.path().join("odd-vae");
+    std::fs::create_dir_all(&model).unwrap();
+    copy_model(&fixture_model("tiny-sd15"), &model, &|n| n.to_string());
+    let index = model.join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(
+        &index,
+        text.replace("\"AutoencoderKL\"", "\"AutoencoderTiny\""),
+    )
+    .unwrap();
+    let args = r#""prompt": "a fox", "num_inference_steps": 2"#;
+    let flow = workflow(&daemon, "odd", "", model.to_str().unwrap(), args);
+    let expected = "lists `vae` as `AutoencoderTiny`; a Stable Diffusion `vae` is `AutoencoderKL`";
+
+    let validate = daemon.dwctl(&["validate", flow.to_str().unwrap()]);
+    validate.assert_code(2);
+    assert!(validate.stderr.contains(expected), "{}", validate.stderr);
+
+    let result = run(&daemon, &flow, &[]);
+    result.assert_code(2);
+    let summary = result.json();
+    assert_eq!(summary["error"]["kind"], "invalid_workflow");
+    assert!(
+        summary["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(expected),
+        "{summary}"
+    );
+    assert_eq!(summary["cache"]["misses"], 0, "nothing was loaded");
+}

@@ -250,6 +250,74 @@ pub fn class_for_folder(
     resolve_auto_class(component_type, &folder)
 }
 
+/// Why a model folder cannot give a family's component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FolderComponentError {
+    /// `model_index.json` lists no such component (or lists it as `null`).
+    Missing(String),
+    /// It lists the component as another class than the family's.
+    WrongClass(String),
+}
+
+/// Checks the components a model folder's `model_index.json` names against `family`'s:
+/// each one the step does not take from elsewhere (`supplied`: component blocks and
+/// reused components) must be listed there, as the class the family loads. A folder
+/// without a `model_index.json` is not checked (the component folders speak for it).
+pub fn check_folder_components(
+    family: &Family,
+    model_dir: &Path,
+    supplied: &[&str],
+) -> Result<(), FolderComponentError> {
+    let index = model_dir.join("model_index.json");
+    let Ok(text) = crate::input::read_text_bounded(&index, crate::input::CONFIG_BYTES) else {
+        return Ok(());
+    };
+    let Ok(Value::Object(listed)) = serde_json::from_str::<Value>(&text) else {
+        return Err(FolderComponentError::WrongClass(format!(
+            "{} is not a JSON object",
+            index.display()
+        )));
+    };
+    for spec in family
+        .components
+        .iter()
+        .filter(|c| !supplied.contains(&c.name))
+    {
+        let class = listed
+            .get(spec.name)
+            .and_then(|v| v.get(1))
+            .and_then(Value::as_str);
+        match class {
+            None => {
+                return Err(FolderComponentError::Missing(format!(
+                    "{} lists no `{}`, which a {} pipeline needs; give it with a `{}` block",
+                    index.display(),
+                    spec.name,
+                    family.title,
+                    spec.name
+                )))
+            }
+            Some(class) if bare_class(class) != bare_class(spec.class) => {
+                return Err(FolderComponentError::WrongClass(format!(
+                    "{} lists `{}` as `{class}`; a {} `{}` is `{}`",
+                    index.display(),
+                    spec.name,
+                    family.title,
+                    spec.name,
+                    spec.class
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A class name without its library (`transformers.CLIPTextModel` is `CLIPTextModel`).
+fn bare_class(class: &str) -> &str {
+    class.rsplit('.').next().unwrap_or(class)
+}
+
 /// Checks a component block (`"vae": {"configuration": {"component_type": ...}}`) against
 /// the components of `class`'s family.
 pub fn check_component(
@@ -341,6 +409,39 @@ mod tests {
         let noise = pipeline_class("DwTestNoisePipeline").unwrap();
         let e = check_component(noise, "vae", "AutoencoderKL").unwrap_err();
         assert!(e.contains("its components are "), "{e}");
+    }
+
+    #[test]
+    fn a_folder_must_list_each_component_as_the_class_its_family_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = &stable_diffusion::FAMILY;
+        assert!(
+            check_folder_components(sd, dir.path(), &[]).is_ok(),
+            "no index: not checked"
+        );
+        let index = |text: &str| std::fs::write(dir.path().join("model_index.json"), text).unwrap();
+        index(
+            r#"{"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderTiny"]}"#,
+        );
+        match check_folder_components(sd, dir.path(), &[]) {
+            Err(FolderComponentError::WrongClass(m)) => {
+                assert!(m.contains("lists `vae` as `AutoencoderTiny`; a Stable Diffusion `vae` is `AutoencoderKL`"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            check_folder_components(sd, dir.path(), &["vae"]).is_ok(),
+            "a vae block replaces it"
+        );
+        index(
+            r#"{"text_encoder": [null, null], "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
+        );
+        match check_folder_components(sd, dir.path(), &[]) {
+            Err(FolderComponentError::Missing(m)) => {
+                assert!(m.contains("lists no `text_encoder`"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -203,6 +203,17 @@ pub struct PipelineStep {
     pub options: PipelineOptions,
 }
 
+impl PipelineStep {
+    /// Components this step takes from elsewhere than its model's folder: component blocks
+    /// and components reused from an earlier step.
+    pub fn supplied_components(&self) -> Vec<&str> {
+        let blocks = self.components.iter().map(|c| c.slot.as_str());
+        blocks
+            .chain(self.reused_components.iter().map(|(name, _)| name.as_str()))
+            .collect()
+    }
+}
+
 /// What `configuration` asks of a pipeline beyond its class.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PipelineOptions {
