@@ -45,21 +45,14 @@ pub static LOADERS: &[ComponentLoader] = &[
         class: "transformers.CLIPTextModel",
         weighted: true,
         files: model_files,
-        load: |dir, variant, dtype, device| {
-            Ok(Arc::new(TextEncoder::load_variant(
-                dir, variant, dtype, device,
-            )?))
-        },
+        load: text_encoder,
     },
+    // The same encoder, with the `text_projection` its weights hold.
     ComponentLoader {
         class: "transformers.CLIPTextModelWithProjection",
         weighted: true,
         files: model_files,
-        load: |dir, variant, dtype, device| {
-            Ok(Arc::new(TextEncoder::load_variant(
-                dir, variant, dtype, device,
-            )?))
-        },
+        load: text_encoder,
     },
     ComponentLoader {
         class: "UNet2DConditionModel",
@@ -78,6 +71,18 @@ pub static LOADERS: &[ComponentLoader] = &[
         },
     },
 ];
+
+/// A CLIP text encoder, with or without a projection.
+fn text_encoder(
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded, PipelineError> {
+    Ok(Arc::new(TextEncoder::load_variant(
+        dir, variant, dtype, device,
+    )?))
+}
 
 /// The loader of `class`.
 pub fn loader(class: &str) -> Option<&'static ComponentLoader> {

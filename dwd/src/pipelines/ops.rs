@@ -288,6 +288,17 @@ pub fn attention_reference(
     value: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_with(query, key, value, scale, None)
+}
+
+/// The whole-matrix attention, with an additive mask on the scores when one is given.
+fn attention_with(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let in_dtype = query.dtype();
     let compute = if query.device().is_cpu() {
         DType::F32
@@ -295,11 +306,15 @@ pub fn attention_reference(
         in_dtype
     };
     let query = (query.to_dtype(compute)? * scale)?;
-    let key = key.to_dtype(compute)?;
-    let value = value.to_dtype(compute)?;
-    let scores = query.matmul(&key.t()?)?;
+    let scores = query.matmul(&key.to_dtype(compute)?.t()?)?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(&mask.to_dtype(compute)?)?,
+        None => scores,
+    };
     let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-    weights.matmul(&value)?.to_dtype(in_dtype)
+    weights
+        .matmul(&value.to_dtype(compute)?)?
+        .to_dtype(in_dtype)
 }
 
 /// [`attention`] with an additive `mask` on the scores (broadcast over (n, query_len,
@@ -312,20 +327,7 @@ pub fn masked_attention(
     scale: f64,
     mask: &Tensor,
 ) -> Result<Tensor> {
-    let in_dtype = query.dtype();
-    let compute = if query.device().is_cpu() {
-        DType::F32
-    } else {
-        in_dtype
-    };
-    let query = (query.to_dtype(compute)? * scale)?;
-    let scores = query
-        .matmul(&key.to_dtype(compute)?.t()?)?
-        .broadcast_add(&mask.to_dtype(compute)?)?;
-    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-    weights
-        .matmul(&value.to_dtype(compute)?)?
-        .to_dtype(in_dtype)
+    attention_with(query, key, value, scale, Some(mask))
 }
 
 /// Joint attention, as MMDiT blocks (SD 3, FLUX) attend: the context's and the image's
