@@ -305,6 +305,19 @@ fn wait_while_stopping(paths: &DaemonPaths) -> bool {
     waited
 }
 
+/// Waits until the daemon on `paths` has exited (its lock released), for as long as a
+/// stopping daemon may take; whether it did.
+pub fn wait_for_exit(paths: &DaemonPaths) -> bool {
+    let deadline = Instant::now() + STOPPING_LIMIT;
+    while lock_is_held(paths) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 /// Whether a process holds the daemon's lock file.
 fn lock_is_held(paths: &DaemonPaths) -> bool {
     let Ok(file) = std::fs::File::open(&paths.lock) else {

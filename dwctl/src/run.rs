@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::frame::encode;
 use protocol::message::{
-    ClientMessage, ElementType, LogLevel, Outcome, OutputDescriptor, RunPlan, RunRequest,
-    RunSummary, ServerMessage,
+    ClientMessage, ElementType, ErrorKind, LogLevel, Outcome, OutputDescriptor, RunError, RunPlan,
+    RunRequest, RunSummary, ServerMessage,
 };
 use protocol::paths::DaemonPaths;
 use protocol::shm::MappedOutput;
@@ -144,8 +144,24 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
     if options.quiet || options.json {
         crate::connection::set_quiet();
     }
-    let Some(outcome) = execute(paths, &options, &mut |stream| watch_for_interrupt(stream))? else {
-        return Ok(EXIT_OK);
+    let mut attempts = 0;
+    let outcome = loop {
+        attempts += 1;
+        let Some(outcome) = execute(paths, &options, &mut |stream| watch_for_interrupt(stream))?
+        else {
+            return Ok(EXIT_OK);
+        };
+        // A daemon that was stopping (another shell's `dwctl stop`) took the job but never
+        // ran it: wait for it to exit, and run on a fresh one.
+        if options.start_daemon && attempts < 3 && never_ran_on_a_stopping_daemon(&outcome) {
+            if !options.quiet && !options.json {
+                eprintln!("dwctl: dwd is stopping; starting a fresh one when it has exited");
+            }
+            if crate::connection::wait_for_exit(paths) {
+                continue;
+            }
+        }
+        break outcome;
     };
     if let Some(code) = outcome.plan_code {
         return Ok(code);
@@ -164,6 +180,16 @@ pub fn run(paths: &DaemonPaths, options: RunOptions) -> Result<u8, Failure> {
     }
     trace("reported");
     Ok(code)
+}
+
+/// Whether the daemon was shutting down and the job never started (nothing ran, nothing was
+/// written), so running it on a fresh daemon loses nothing.
+fn never_ran_on_a_stopping_daemon(outcome: &RunOutcome) -> bool {
+    let summary = &outcome.summary;
+    let kind = summary.error.as_ref().map(|e| e.kind);
+    kind == Some(ErrorKind::ShuttingDown)
+        && summary.timings.run_ms == 0
+        && outcome.outputs.is_empty()
 }
 
 /// What one run produced.
@@ -326,6 +352,13 @@ impl Follow {
                 return Ok(Some(summary));
             }
             ServerMessage::Heartbeat { .. } => {}
+            ServerMessage::Error { kind, message }
+                if kind == ErrorKind::ShuttingDown && self.job_id == 0 =>
+            {
+                // Refused before it was queued: a summary, so that the caller may retry.
+                let error = RunError::new(kind, format!("dwd: {message}"));
+                return Ok(Some(RunSummary::failed(0, Default::default(), error, 0)));
+            }
             ServerMessage::Error { kind, message } => {
                 let failure = Failure::new(exit_code_for(kind), format!("dwd: {message}"));
                 return Err(self.abandon(failure));

@@ -384,8 +384,12 @@ async fn serve_run(
         keep_alive_ms: request.keep_alive_ms,
         session: request.session,
     };
-    let Ok((job_id, queue_position, cancel)) = state.queue.submit(workflow, options, events_tx)
-    else {
+    let stopping = *state.shutdown.borrow();
+    let submitted = match stopping {
+        true => Err(crate::queue::QueueClosed),
+        false => state.queue.submit(workflow, options, events_tx),
+    };
+    let Ok((job_id, queue_position, cancel)) = submitted else {
         let message = "dwd is shutting down and accepts no new jobs".to_string();
         let kind = ErrorKind::ShuttingDown;
         return send(&mut writer, &ServerMessage::Error { kind, message }).await;
