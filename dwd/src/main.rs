@@ -536,7 +536,7 @@ fn handle_signals(state: &Arc<DaemonState>) -> anyhow::Result<JoinHandle<()>> {
                     continue;
                 }
             }
-            state.shutdown.send_replace(true);
+            state.stop();
             break;
         }
     }))
@@ -575,7 +575,7 @@ fn stop_when(
             tick.tick().await;
             if let Some(why) = why_stop() {
                 tracing::info!("{why}");
-                state.shutdown.send_replace(true);
+                state.stop();
                 break;
             }
         }

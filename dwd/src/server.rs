@@ -42,9 +42,20 @@ pub struct DaemonState {
     pub device_name: String,
     pub started: Instant,
     pub uid: u32,
-    /// Set to true to start shutting down (with `send_replace`, which keeps the value even
-    /// before anything subscribes: a signal can come before the accept loop starts).
+    /// True once shutting down ([`DaemonState::stop`] sets it with `send_replace`, which
+    /// keeps the value even before anything subscribes: a signal can come before the
+    /// accept loop starts).
     pub shutdown: watch::Sender<bool>,
+}
+
+impl DaemonState {
+    /// Starts shutting down: the queue takes no new job (a run that still reaches the
+    /// daemon is told it is shutting down, never queued) and cancels its jobs, and the
+    /// accept loop stops.
+    pub fn stop(&self) {
+        self.queue.close();
+        self.shutdown.send_replace(true);
+    }
 }
 
 /// The daemon's flags in effect and where each came from, for `status`.
@@ -278,7 +289,7 @@ async fn answer(
             tracing::info!("shutdown requested by a client");
             let message = "dwd is shutting down".to_string();
             send(writer, &ServerMessage::ShuttingDown { message }).await?;
-            state.shutdown.send_replace(true);
+            state.stop();
             return Ok(());
         }
         ClientMessage::Hello { .. } | ClientMessage::Run(_) => {
@@ -384,12 +395,8 @@ async fn serve_run(
         keep_alive_ms: request.keep_alive_ms,
         session: request.session,
     };
-    let stopping = *state.shutdown.borrow();
-    let submitted = match stopping {
-        true => Err(crate::queue::QueueClosed),
-        false => state.queue.submit(workflow, options, events_tx),
-    };
-    let Ok((job_id, queue_position, cancel)) = submitted else {
+    let Ok((job_id, queue_position, cancel)) = state.queue.submit(workflow, options, events_tx)
+    else {
         let message = "dwd is shutting down and accepts no new jobs".to_string();
         let kind = ErrorKind::ShuttingDown;
         return send(&mut writer, &ServerMessage::Error { kind, message }).await;
