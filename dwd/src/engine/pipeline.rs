@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use protocol::message::{LogLevel, Phase};
-use protocol::workflow::{ArgDefault, ArgType, PipelineClass, PipelineStep};
+use protocol::workflow::{ArgDefault, ArgType, PipelineClass, PipelineStep, SchedulerSpec};
 
 use super::context::StepContext;
 use super::metadata::pipeline_metadata;
@@ -36,7 +36,11 @@ pub(super) struct PreparedPipeline {
     pub pipeline: Arc<dyn Pipeline>,
     pub class: &'static PipelineClass,
     pub model_name: String,
-    pub spec: Arc<PipelineStep>,
+    /// The step's `scheduler` block.
+    pub scheduler: Option<SchedulerSpec>,
+    /// `configuration.vae.enable_slicing` and `enable_tiling`.
+    pub vae_slicing: bool,
+    pub vae_tiling: bool,
     /// Its components in the cache.
     pub keys: Vec<ComponentKey>,
 }
@@ -80,7 +84,9 @@ impl Engine {
             pipeline,
             class: plan.class,
             model_name: spec.model_name.clone(),
-            spec: Arc::new(spec.clone()),
+            scheduler: spec.scheduler.clone(),
+            vae_slicing: spec.options.vae_slicing,
+            vae_tiling: spec.options.vae_tiling,
             keys,
         })
     }
@@ -243,9 +249,9 @@ impl Engine {
             arguments,
             images: HashMap::new(),
             latents: None,
-            scheduler: prepared.spec.scheduler.clone(),
-            vae_slicing: prepared.spec.options.vae_slicing,
-            vae_tiling: prepared.spec.options.vae_tiling,
+            scheduler: prepared.scheduler.clone(),
+            vae_slicing: prepared.vae_slicing,
+            vae_tiling: prepared.vae_tiling,
         };
         self.bind_inputs(context, run, &mut request)?;
         Ok(request)
@@ -260,16 +266,17 @@ impl Engine {
         request: &mut Request,
     ) -> Result<(), JobError> {
         for (key, artifact) in &run.bound {
-            let ty = request.class.argument(key).map(|a| a.ty);
-            match (ty, artifact) {
-                (Some(ArgType::Image), artifact) => {
+            let spec = request.class.argument(key);
+            match (spec.map(|a| (a.name, a.ty)), artifact) {
+                (Some((name, ArgType::Image)), artifact) => {
                     let images = bound_images(artifact).map_err(|e| context.refused(e))?;
                     let tensor = images_to_tensor(&images).map_err(|e| context.refused(e))?;
-                    let name = request.class.argument(key).map_or("image", |a| a.name);
                     request.images.insert(name, tensor);
                 }
-                (Some(ArgType::Latents), Artifact::Latents(t)) => request.latents = Some(t.clone()),
-                (Some(ArgType::Latents), other) => {
+                (Some((_, ArgType::Latents)), Artifact::Latents(t)) => {
+                    request.latents = Some(t.clone())
+                }
+                (Some((_, ArgType::Latents)), other) => {
                     return Err(
                         context.refused(format!("`{key}` takes latents, not {}", other.describe()))
                     )
