@@ -236,25 +236,17 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             preview,
         } => {
             let timeout = timeout.map(checked_timeout).transpose()?;
-            let recall::Recalled {
-                workflow,
-                assignments,
-                seeds,
-            } = what_to_run(workflow, assignments, from)?;
+            let target = what_to_run(workflow, assignments, from)?;
+            let start = !no_start;
+            let options = run::RunOptions::new(target, output_dir, keep_alive, start, preview);
             run::run(
                 paths,
                 run::RunOptions {
-                    workflow,
-                    assignments,
-                    seeds,
-                    output_dir,
                     json,
                     timeout,
-                    start_daemon: !no_start,
-                    keep_alive,
                     dry_run,
                     quiet,
-                    preview,
+                    ..options
                 },
             )
         }
@@ -265,22 +257,12 @@ fn dispatch(command: Command, paths: &DaemonPaths) -> Result<u8, Failure> {
             preview,
             keep_alive,
             no_start,
-        } => watch::watch(
-            paths,
-            run::RunOptions {
-                workflow,
-                assignments,
-                seeds: Vec::new(),
-                output_dir,
-                json: false,
-                timeout: None,
-                start_daemon: !no_start,
-                keep_alive,
-                dry_run: false,
-                quiet: true,
-                preview,
-            },
-        ),
+        } => {
+            let target = recall::Recalled::given(workflow, assignments);
+            let start = !no_start;
+            let options = run::RunOptions::new(target, output_dir, keep_alive, start, preview);
+            watch::watch(paths, options)
+        }
         Command::Status { json } => status(paths, json),
         Command::Clear { model, json } => clear(paths, model, json),
         Command::Stop => stop(paths),
@@ -310,11 +292,7 @@ fn what_to_run(
     let Some(image) = from else {
         let workflow =
             workflow.ok_or_else(|| Failure::new(EXIT_INVALID, "give a workflow file"))?;
-        return Ok(recall::Recalled {
-            workflow,
-            assignments,
-            seeds: Vec::new(),
-        });
+        return Ok(recall::Recalled::given(workflow, assignments));
     };
     let given: Vec<String> = workflow
         .map(|w| w.to_string_lossy().into_owned())

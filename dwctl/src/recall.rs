@@ -19,9 +19,51 @@ pub struct Recalled {
     pub assignments: Vec<String>,
     /// (step, seed) to run with.
     pub seeds: Vec<(String, u64)>,
+    /// What the workflow file must still be, when it comes from an image.
+    pub recorded: Option<Recorded>,
 }
 
-/// Reads `image`'s metadata and checks that its workflow is still the one it recorded.
+impl Recalled {
+    /// A workflow and variables as given on the command line: nothing pinned or recorded.
+    pub fn given(workflow: PathBuf, assignments: Vec<String>) -> Self {
+        Recalled {
+            workflow,
+            assignments,
+            seeds: Vec::new(),
+            recorded: None,
+        }
+    }
+}
+
+/// The workflow file as an image recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub image: PathBuf,
+    pub sha256: String,
+}
+
+impl Recorded {
+    /// Checks the workflow's text, as the run reads it, against the recorded digest: an
+    /// edited workflow would not make the same image.
+    pub fn check(&self, workflow: &Path, source: &str) -> Result<(), Failure> {
+        let now = protocol::workflow::sha256_hex(source.as_bytes());
+        if now == self.sha256 {
+            return Ok(());
+        }
+        Err(Failure::new(
+            EXIT_INVALID,
+            format!(
+                "{} changed since {} was made (SHA-256 {} then, {now} now): --from runs a workflow only as it was",
+                workflow.display(),
+                self.image.display(),
+                self.sha256
+            ),
+        ))
+    }
+}
+
+/// Reads what made `image` from its metadata; the run checks that the workflow file is
+/// still the one it records ([`Recorded::check`]) when it reads it.
 pub fn recall(image: &Path) -> Result<Recalled, Failure> {
     let invalid = |message: String| Failure::new(EXIT_INVALID, message);
     let metadata = dw_metadata(image).map_err(|e| invalid(format!("{}: {e}", image.display())))?;
@@ -32,16 +74,6 @@ pub fn recall(image: &Path) -> Result<Recalled, Failure> {
             image.display()
         )));
     };
-    let workflow = PathBuf::from(path);
-    let source = protocol::workflow::read_source(&workflow).map_err(|e| invalid(e.to_string()))?;
-    let now = protocol::workflow::sha256_hex(source.as_bytes());
-    if now != sha256 {
-        return Err(invalid(format!(
-            "{} changed since {} was made (SHA-256 {sha256} then, {now} now): --from runs a workflow only as it was",
-            workflow.display(),
-            image.display()
-        )));
-    }
     let variables = metadata.get("variables").and_then(Value::as_object);
     let assignments = assignments(variables.unwrap_or(&Map::new()))
         .map_err(|e| invalid(format!("{}: {e}", image.display())))?;
@@ -53,9 +85,13 @@ pub fn recall(image: &Path) -> Result<Recalled, Failure> {
         _ => Vec::new(),
     };
     Ok(Recalled {
-        workflow,
+        workflow: PathBuf::from(path),
         assignments,
         seeds,
+        recorded: Some(Recorded {
+            image: image.to_path_buf(),
+            sha256: sha256.to_string(),
+        }),
     })
 }
 

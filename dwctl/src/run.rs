@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub assignments: Vec<String>,
     /// Seeds to pin, by step name (`--from`).
     pub seeds: Vec<(String, u64)>,
+    /// What the workflow file must still be (`--from`).
+    pub recorded: Option<crate::recall::Recorded>,
     pub output_dir: PathBuf,
     pub json: bool,
     pub timeout: Option<Duration>,
@@ -46,6 +48,33 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Show each output image in the terminal.
     pub preview: bool,
+}
+
+impl RunOptions {
+    /// Options to run `target`, writing into `output_dir`, with progress shown and nothing
+    /// else asked for.
+    pub fn new(
+        target: crate::recall::Recalled,
+        output_dir: PathBuf,
+        keep_alive: Option<KeepAlive>,
+        start_daemon: bool,
+        preview: bool,
+    ) -> Self {
+        RunOptions {
+            workflow: target.workflow,
+            assignments: target.assignments,
+            seeds: target.seeds,
+            recorded: target.recorded,
+            output_dir,
+            json: false,
+            timeout: None,
+            start_daemon,
+            keep_alive,
+            dry_run: false,
+            quiet: false,
+            preview,
+        }
+    }
 }
 
 /// With `DWCTL_TRACE` set, prints `dwctl trace <unix µs> <what>` to stderr at each phase of
@@ -264,6 +293,9 @@ fn prepare(options: &RunOptions) -> Result<(Workflow, RunRequest), Failure> {
         .map_err(|e| Failure::new(EXIT_INVALID, format!("{}: {e}", options.workflow.display())))?;
     let source = protocol::workflow::read_source(&workflow_path)
         .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
+    if let Some(recorded) = &options.recorded {
+        recorded.check(&options.workflow, &source)?;
+    }
     let workflow = Workflow::parse(&options.workflow, &source, &options.assignments)
         .map_err(|e| Failure::new(EXIT_INVALID, e.to_string()))?;
     std::fs::create_dir_all(&options.output_dir).map_err(|e| {
