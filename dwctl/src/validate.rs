@@ -102,7 +102,8 @@ fn check_resolved_class(
     problems: &mut Problems,
 ) {
     let at = pipeline.model_name_at;
-    let class = match families::class_for_folder(&pipeline.component_type, pipeline.class, dir) {
+    let index = families::ModelIndex::read(dir);
+    let class = match families::class_for_folder(&pipeline.component_type, pipeline.class, &index) {
         Ok(class) => class,
         Err(message) => return problems.errors.push(located(workflow, at, message)),
     };
@@ -111,7 +112,7 @@ fn check_resolved_class(
         if let Err(
             families::FolderComponentError::Missing(m)
             | families::FolderComponentError::WrongClass(m),
-        ) = families::check_folder_components(family, dir, &supplied)
+        ) = families::check_folder_components(family, &index, &supplied)
         {
             problems.errors.push(located(workflow, at, m));
         }

@@ -83,12 +83,13 @@ pub fn dtype_for(torch_dtype: &str, device: &Device) -> (DType, Option<String>) 
 pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
     let spec = context.spec;
     let model_dir = resolve_at(context.workflow, &spec.model_name, spec.model_name_at)?;
-    let class = families::class_for_folder(&spec.component_type, spec.class, &model_dir)
+    let index = families::ModelIndex::read(&model_dir);
+    let class = families::class_for_folder(&spec.component_type, spec.class, &index)
         .map_err(|message| refused_at(context.workflow, spec.model_name_at, message))?;
     let family = families::family(class.family)
         .ok_or_else(|| JobError::Internal(format!("`{}` has no family", class.name)))?;
     let supplied = spec.supplied_components();
-    families::check_folder_components(family, &model_dir, &supplied).map_err(|e| {
+    families::check_folder_components(family, &index, &supplied).map_err(|e| {
         let step = &context.step.name;
         match e {
             FolderComponentError::Missing(m) => JobError::NotFound(format!("step `{step}`: {m}")),

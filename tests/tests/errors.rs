@@ -123,6 +123,8 @@ fn a_missing_model_folder_exits_2_naming_where_it_is_written_and_where_it_was_se
 
 /// The family's scheduler list is checked when the file is read, so dwctl refuses the
 /// workflow itself, naming where, before the daemon loads anything.
+/// (dw/pipeline_processors/pipeline.py: `scheduler.configuration.scheduler_type` names the
+/// class whose `from_config` builds the step's scheduler from the checkpoint's config.)
 #[test]
 fn an_unsupported_scheduler_exits_2_and_lists_the_supported_ones() {
     let daemon = TestDaemon::new();

@@ -12,9 +12,9 @@ pub mod stable_diffusion;
 #[cfg(debug_assertions)]
 pub mod test_noise;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::workflow::{ArgSpec, Arguments};
 
@@ -199,15 +199,39 @@ pub fn auto_candidates(component_type: &str) -> Vec<&'static PipelineClass> {
         .collect()
 }
 
-/// The `_class_name` of a model folder's `model_index.json`.
-pub fn folder_class(model_dir: &Path) -> Result<String, String> {
-    let index = model_dir.join("model_index.json");
-    let text = crate::input::read_text_bounded(&index, crate::input::CONFIG_BYTES)
-        .map_err(|e| format!("{} cannot be read: {e}", index.display()))?;
-    serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
-        .ok_or_else(|| format!("{} has no `_class_name`", index.display()))
+/// A model folder's `model_index.json`, read once for everything asked of it: its
+/// `_class_name` (what an auto class resolves from) and the components it lists.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    path: PathBuf,
+    /// Its entries (`None`: not a JSON object), or why it cannot be read.
+    read: Result<Option<Map<String, Value>>, String>,
+}
+
+impl ModelIndex {
+    /// Reads `model_dir/model_index.json` (bounded, a regular file only).
+    pub fn read(model_dir: &Path) -> Self {
+        let path = model_dir.join("model_index.json");
+        let read = crate::input::read_text_bounded(&path, crate::input::CONFIG_BYTES)
+            .map(|text| match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(entries)) => Some(entries),
+                _ => None,
+            })
+            .map_err(|e| e.to_string());
+        ModelIndex { path, read }
+    }
+
+    /// Its `_class_name`.
+    pub fn class_name(&self) -> Result<String, String> {
+        let entries = self
+            .read
+            .as_ref()
+            .map_err(|e| format!("{} cannot be read: {e}", self.path.display()))?;
+        entries
+            .as_ref()
+            .and_then(|e| e.get("_class_name")?.as_str().map(str::to_string))
+            .ok_or_else(|| format!("{} has no `_class_name`", self.path.display()))
+    }
 }
 
 /// The class an auto `component_type` resolves to for a folder whose `model_index.json`
@@ -236,16 +260,18 @@ pub fn resolve_auto_class(
     resolved.ok_or_else(unsupported)
 }
 
-/// Resolves an auto `component_type` from `model_dir`; any other class is itself.
+/// Resolves an auto `component_type` from the model folder's index; any other class is
+/// itself.
 pub fn class_for_folder(
     component_type: &str,
     written: &'static PipelineClass,
-    model_dir: &Path,
+    index: &ModelIndex,
 ) -> Result<&'static PipelineClass, String> {
     if !is_auto_class(component_type) {
         return Ok(written);
     }
-    let folder = folder_class(model_dir)
+    let folder = index
+        .class_name()
         .map_err(|e| format!("`{component_type}` is resolved from the model folder: {e}"))?;
     resolve_auto_class(component_type, &folder)
 }
@@ -265,19 +291,19 @@ pub enum FolderComponentError {
 /// without a `model_index.json` is not checked (the component folders speak for it).
 pub fn check_folder_components(
     family: &Family,
-    model_dir: &Path,
+    index: &ModelIndex,
     supplied: &[&str],
 ) -> Result<(), FolderComponentError> {
-    let index = model_dir.join("model_index.json");
-    let Ok(text) = crate::input::read_text_bounded(&index, crate::input::CONFIG_BYTES) else {
+    let Ok(read) = &index.read else {
         return Ok(());
     };
-    let Ok(Value::Object(listed)) = serde_json::from_str::<Value>(&text) else {
+    let Some(listed) = read else {
         return Err(FolderComponentError::WrongClass(format!(
             "{} is not a JSON object",
-            index.display()
+            index.path.display()
         )));
     };
+    let index = &index.path;
     for spec in family
         .components
         .iter()
@@ -416,27 +442,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sd = &stable_diffusion::FAMILY;
         assert!(
-            check_folder_components(sd, dir.path(), &[]).is_ok(),
+            check_folder_components(sd, &ModelIndex::read(dir.path()), &[]).is_ok(),
             "no index: not checked"
         );
         let index = |text: &str| std::fs::write(dir.path().join("model_index.json"), text).unwrap();
         index(
             r#"{"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderTiny"]}"#,
         );
-        match check_folder_components(sd, dir.path(), &[]) {
+        match check_folder_components(sd, &ModelIndex::read(dir.path()), &[]) {
             Err(FolderComponentError::WrongClass(m)) => {
                 assert!(m.contains("lists `vae` as `AutoencoderTiny`; a Stable Diffusion `vae` is `AutoencoderKL`"), "{m}")
             }
             other => panic!("{other:?}"),
         }
         assert!(
-            check_folder_components(sd, dir.path(), &["vae"]).is_ok(),
+            check_folder_components(sd, &ModelIndex::read(dir.path()), &["vae"]).is_ok(),
             "a vae block replaces it"
         );
         index(
             r#"{"text_encoder": [null, null], "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
         );
-        match check_folder_components(sd, dir.path(), &[]) {
+        match check_folder_components(sd, &ModelIndex::read(dir.path()), &[]) {
             Err(FolderComponentError::Missing(m)) => {
                 assert!(m.contains("lists no `text_encoder`"), "{m}")
             }
