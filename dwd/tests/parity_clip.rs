@@ -1,6 +1,6 @@
 //! Parity of the CLIP text encoders' other outputs with transformers, on the SDXL-shaped
-//! fixture in `tests/fixtures/tiny-sdxl` (text encoders copied from the shared reference,
-//! tensors extracted by its `extract_text_encoder_reference.py`): `hidden_states[-2]` of a
+//! fixture in `tests/fixtures/tiny-sdxl` (a copy of the shared SDXL reference, see
+//! `tests/fixtures/REFERENCE.md`): `hidden_states[-2]` of a
 //! `CLIPTextModel` (quick_gelu) and of a `CLIPTextModelWithProjection` (erf gelu), and the
 //! latter's projected pooled `text_embeds`, which SDXL and SD 3 take.
 
@@ -23,7 +23,7 @@ fn encoder(name: &str) -> TextEncoder {
 
 #[test]
 fn the_penultimate_hidden_state_matches_transformers() {
-    let reference = fixture().tensors("text_encoders.safetensors");
+    let reference = fixture().tensors("expected.safetensors");
     let ids = token_rows(&reference["clip_ids"]);
     let output = encoder("text_encoder").encode_all(&ids).unwrap();
     assert_close(
@@ -40,7 +40,7 @@ fn the_penultimate_hidden_state_matches_transformers() {
 
 #[test]
 fn the_projected_pooled_output_and_penultimate_state_of_a_projection_model_match() {
-    let reference = fixture().tensors("text_encoders.safetensors");
+    let reference = fixture().tensors("expected.safetensors");
     let ids = token_rows(&reference["clip2_ids"]);
     let output = encoder("text_encoder_2").encode_all(&ids).unwrap();
     assert_close(
@@ -60,7 +60,7 @@ fn the_projected_pooled_output_and_penultimate_state_of_a_projection_model_match
 
 #[test]
 fn encode_is_the_last_hidden_state_of_encode_all() {
-    let reference = fixture().tensors("text_encoders.safetensors");
+    let reference = fixture().tensors("expected.safetensors");
     let ids = token_rows(&reference["clip_ids"]);
     let encoder = encoder("text_encoder");
     let all = encoder.encode_all(&ids).unwrap();

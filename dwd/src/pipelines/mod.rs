@@ -53,7 +53,7 @@ pub use scheduler::{
 pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline};
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
-pub use unet::{Unet, UnetConfig};
+pub use unet::{TextTime, TextTimeConfig, Unet, UnetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};
 
 /// Every family this daemon runs, one line each.

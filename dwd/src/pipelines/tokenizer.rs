@@ -35,6 +35,11 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     unk_id: u32,
+    /// Special tokens split off the text before anything else, as transformers does with
+    /// every special token it is given: the start and end tokens, and the pad and unknown
+    /// tokens a config names (SDXL's `tokenizer_2` pads with `!`, so a `!` in a prompt is
+    /// the pad token's id, not the word piece).
+    specials: Vec<(String, u32)>,
 }
 
 impl ClipTokenizer {
@@ -51,9 +56,11 @@ impl ClipTokenizer {
             let config = read_json_object(&file)?;
             if let Some(pad) = special_token_content(config.get("pad_token")) {
                 tokenizer.pad_id = tokenizer.special_id(&file, "pad_token", pad)?;
+                tokenizer.add_special(pad, tokenizer.pad_id);
             }
             if let Some(unk) = special_token_content(config.get("unk_token")) {
                 tokenizer.unk_id = tokenizer.special_id(&file, "unk_token", unk)?;
+                tokenizer.add_special(unk, tokenizer.unk_id);
             }
             break;
         }
@@ -116,12 +123,21 @@ impl ClipTokenizer {
             eos_id: 0,
             pad_id: 0,
             unk_id: 0,
+            specials: Vec::new(),
         };
         tokenizer.bos_id = tokenizer.special_id(vocab_json, "bos_token", START_OF_TEXT)?;
         tokenizer.eos_id = tokenizer.special_id(vocab_json, "eos_token", END_OF_TEXT)?;
         tokenizer.pad_id = tokenizer.eos_id;
         tokenizer.unk_id = tokenizer.eos_id;
+        tokenizer.add_special(START_OF_TEXT, tokenizer.bos_id);
+        tokenizer.add_special(END_OF_TEXT, tokenizer.eos_id);
         Ok(tokenizer)
+    }
+
+    fn add_special(&mut self, token: &str, id: u32) {
+        if !token.is_empty() && !self.specials.iter().any(|(t, _)| t == token) {
+            self.specials.push((token.to_string(), id));
+        }
     }
 
     fn special_id(&self, file: &Path, role: &str, token: &str) -> Result<u32, PipelineError> {
@@ -181,13 +197,14 @@ impl ClipTokenizer {
         ids
     }
 
-    /// Finds the first special token written literally in the text.
+    /// Finds the first special token written literally in the text (the longest one, where
+    /// two start at the same place).
     fn split_at_special<'a>(&self, text: &'a str) -> Option<(&'a str, u32, &'a str)> {
-        [(START_OF_TEXT, self.bos_id), (END_OF_TEXT, self.eos_id)]
-            .into_iter()
-            .filter_map(|(token, id)| text.find(token).map(|position| (position, token, id)))
-            .min_by_key(|(position, _, _)| *position)
-            .map(|(position, token, id)| (&text[..position], id, &text[position + token.len()..]))
+        self.specials
+            .iter()
+            .filter_map(|(token, id)| text.find(token.as_str()).map(|at| (at, token, *id)))
+            .min_by_key(|(at, token, _)| (*at, std::cmp::Reverse(token.len())))
+            .map(|(at, token, id)| (&text[..at], id, &text[at + token.len()..]))
     }
 
     fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {

@@ -1,8 +1,9 @@
 //! The denoising UNet: diffusers' `unet/config.json` checked and mapped onto our own
 //! `UNet2DConditionModel` ([`model`]), behind a small wrapper that knows its input size.
 //!
-//! Only the SD 1.x and 2.x layouts are accepted; anything else (SDXL's added embeddings,
-//! other block types, class conditioning...) is rejected with
+//! The SD 1.x, 2.x and SDXL layouts are accepted (SDXL's `addition_embed_type: "text_time"`
+//! with per-level `transformer_layers_per_block`); anything else (other block types, class
+//! conditioning, other added embeddings...) is rejected with
 //! [`PipelineError::Unsupported`] naming the key, rather than producing wrong images.
 //!
 //! The model is built from [`embeddings`] (the timestep), [`resnet`], [`attention`] (the
@@ -21,7 +22,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{json, Value};
 
-pub use model::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig};
+pub use model::{
+    BlockConfig, TextTime, TextTimeConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+};
 
 use super::{load_component, ConfigJson, InComponent, PipelineError};
 
@@ -93,6 +96,7 @@ impl UnetConfig {
             norm_eps: config.f64_or("norm_eps", 1e-5)?,
             cross_attention_dim,
             use_linear_projection: config.bool_or("use_linear_projection", false)?,
+            text_time: text_time(&config)?,
             in_channels: config.usize_or("in_channels", 4)?,
             out_channels: config.usize_or("out_channels", 4)?,
         };
@@ -143,6 +147,29 @@ fn block_types(config: &ConfigJson, blocks: usize) -> Result<Vec<bool>, Pipeline
         }
     }
     Ok(uses_cross_attention)
+}
+
+/// SDXL's added embedding, when `addition_embed_type` is `"text_time"`.
+fn text_time(config: &ConfigJson) -> Result<Option<TextTimeConfig>, PipelineError> {
+    config.require_one_of(
+        "addition_embed_type",
+        &[json!("text_time")],
+        "\"text_time\" or null",
+    )?;
+    if config.value("addition_embed_type").is_none() {
+        return Ok(None);
+    }
+    let text_time = TextTimeConfig {
+        time_embed_dim: config.required_usize("addition_time_embed_dim")?,
+        input_dim: config.required_usize("projection_class_embeddings_input_dim")?,
+    };
+    if text_time.time_embed_dim == 0 || text_time.input_dim == 0 {
+        return Err(config.bad(
+            "addition_time_embed_dim",
+            "and projection_class_embeddings_input_dim must be positive",
+        ));
+    }
+    Ok(Some(text_time))
 }
 
 /// `cross_attention_dim`: one integer for every block.
@@ -201,7 +228,6 @@ fn reject_unsupported(config: &ConfigJson) -> Result<(), PipelineError> {
     for key in [
         "class_embed_type",
         "num_class_embeds",
-        "addition_embed_type",
         "encoder_hid_dim",
         "encoder_hid_dim_type",
         "time_cond_proj_dim",
@@ -300,9 +326,25 @@ impl Unet {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor, PipelineError> {
+        self.forward_with(latents, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`Unet::forward`] with SDXL's added conditions, which an SDXL UNet requires.
+    pub fn forward_with(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<TextTime<'_>>,
+    ) -> Result<Tensor, PipelineError> {
         self.model
-            .forward(latents, timestep, encoder_hidden_states)
+            .forward(latents, timestep, encoder_hidden_states, added)
             .in_component(COMPONENT)
+    }
+
+    /// Whether it takes SDXL's added text and time embedding.
+    pub fn text_time(&self) -> Option<TextTimeConfig> {
+        self.config.model.text_time
     }
 
     pub fn config(&self) -> &UnetConfig {

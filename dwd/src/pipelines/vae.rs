@@ -38,6 +38,9 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     /// The image size the VAE was trained on: the tile size of a tiled decode.
     pub sample_size: usize,
+    /// `force_upcast`: the VAE overflows in float16 (SDXL's), so it runs in float32 when
+    /// the pipeline runs in float16, as diffusers does.
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -72,6 +75,11 @@ impl VaeConfig {
         }
         config.require_one_of("act_fn", &[json!("silu")], "silu")?;
         config.require_one_of("mid_block_add_attention", &[json!(true)], "true")?;
+        // Latent normalisation other than `scaling_factor` is not applied yet: refused
+        // rather than ignored, since it would shift every latent.
+        for key in ["shift_factor", "latents_mean", "latents_std"] {
+            config.require_one_of(key, &[], "null (not set)")?;
+        }
         let norm_num_groups = config.usize_or("norm_num_groups", 32)?;
         if let Some(channels) = block_out_channels
             .iter()
@@ -91,6 +99,7 @@ impl VaeConfig {
             use_quant_conv: config.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: config.bool_or("use_post_quant_conv", true)?,
             scaling_factor: config.f64_or("scaling_factor", 0.18215)?,
+            force_upcast: config.bool_or("force_upcast", true)?,
             sample_size: match config.value("sample_size") {
                 Some(serde_json::Value::Array(sizes)) => sizes
                     .first()

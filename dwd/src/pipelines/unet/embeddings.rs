@@ -24,30 +24,36 @@ impl Timesteps {
     }
 
     /// (batch, channels) in f32, the same row for every element of the batch.
+    pub fn forward(&self, timestep: f64, batch: usize, device: &Device) -> Result<Tensor> {
+        let row = self.forward_values(&[timestep as f32], device)?;
+        row.broadcast_as((batch, self.channels))?.contiguous()
+    }
+
+    /// (values, channels) in f32: one row of sinusoids per value.
     ///
     /// Computed in f32 in diffusers' order: exponent `-ln(10000) · i / (half - shift)`,
-    /// then `exp`, then the product with the timestep, then `sin` and `cos`.
-    pub fn forward(&self, timestep: f64, batch: usize, device: &Device) -> Result<Tensor> {
+    /// then `exp`, then the product with the value, then `sin` and `cos`.
+    pub fn forward_values(&self, values: &[f32], device: &Device) -> Result<Tensor> {
         let half = self.channels / 2;
         let denominator = (half as f64 - self.freq_shift) as f32;
-        let timestep = timestep as f32;
-        let angles: Vec<f32> = (0..half)
-            .map(|i| {
-                let exponent = i as f32 * -(10000f64.ln() as f32) / denominator;
-                timestep * exponent.exp()
-            })
+        let frequencies: Vec<f32> = (0..half)
+            .map(|i| (i as f32 * -(10000f64.ln() as f32) / denominator).exp())
             .collect();
-        let sines = angles.iter().map(|angle| angle.sin());
-        let cosines = angles.iter().map(|angle| angle.cos());
-        let mut row: Vec<f32> = if self.flip_sin_to_cos {
-            cosines.chain(sines).collect()
-        } else {
-            sines.chain(cosines).collect()
-        };
-        // An odd channel count gets one zero at the end.
-        row.resize(self.channels, 0.0);
-        let row = Tensor::from_vec(row, (1, self.channels), device)?;
-        row.broadcast_as((batch, self.channels))?.contiguous()
+        let mut rows = Vec::with_capacity(values.len() * self.channels);
+        for &value in values {
+            let angles: Vec<f32> = frequencies.iter().map(|f| value * f).collect();
+            let sines = angles.iter().map(|angle| angle.sin());
+            let cosines = angles.iter().map(|angle| angle.cos());
+            let start = rows.len();
+            if self.flip_sin_to_cos {
+                rows.extend(cosines.chain(sines));
+            } else {
+                rows.extend(sines.chain(cosines));
+            }
+            // An odd channel count gets one zero at the end.
+            rows.resize(start + self.channels, 0.0);
+        }
+        Tensor::from_vec(rows, (values.len(), self.channels), device)
     }
 }
 

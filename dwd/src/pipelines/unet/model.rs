@@ -1,9 +1,11 @@
-//! diffusers' `UNet2DConditionModel` for SD 1.x and 2.x: the noise (or v) prediction for
-//! a latent at a timestep, conditioned on the text encoder's hidden states.
+//! diffusers' `UNet2DConditionModel` for SD 1.x, 2.x and SDXL: the noise (or v)
+//! prediction for a latent at a timestep, conditioned on the text encoders' hidden states.
 //!
 //! `conv_in` → down blocks (each handing its outputs on as skip connections) → mid block →
 //! up blocks (each consuming skip connections, mirrored) → group norm, SiLU, `conv_out`.
-//! The timestep becomes an embedding every ResNet adds to its features.
+//! The timestep becomes an embedding every ResNet adds to its features. SDXL's
+//! `addition_embed_type: "text_time"` adds to it a second embedding of the pooled text
+//! embedding and the micro-conditioning time ids ([`TextTime`]).
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -55,12 +57,65 @@ pub struct UNet2DConditionModelConfig {
     pub norm_eps: f64,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    /// SDXL's `addition_embed_type: "text_time"`; `None` for SD 1.x and 2.x.
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// The sizes of SDXL's added text-and-time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeConfig {
+    /// `addition_time_embed_dim`: sinusoid channels of each time id.
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: pooled text width + time ids × the above.
+    pub input_dim: usize,
+}
+
+/// SDXL's added conditions for one UNet call, one row per batch element.
+#[derive(Debug, Clone, Copy)]
+pub struct TextTime<'a> {
+    /// The pooled, projected text embedding (batch, width).
+    pub text_embeds: &'a Tensor,
+    /// `original_size`, `crops_coords_top_left` and `target_size` (or the aesthetic score)
+    /// as f32 (batch, ids).
+    pub time_ids: &'a Tensor,
+}
+
+/// `add_time_proj` and `add_embedding`: the time ids' sinusoids after the pooled text
+/// embedding, through a `TimestepEmbedding` to the width of the time embedding.
+#[derive(Debug, Clone)]
+struct AddedEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+    config: TextTimeConfig,
+}
+
+impl AddedEmbedding {
+    fn forward(&self, added: TextTime<'_>, dtype: candle_core::DType) -> Result<Tensor> {
+        let (batch, ids) = added.time_ids.dims2()?;
+        let values = added.time_ids.flatten_all()?.to_vec1::<f32>()?;
+        let device = added.text_embeds.device();
+        let time_embeds = self
+            .time_proj
+            .forward_values(&values, device)?
+            .reshape((batch, ids * self.config.time_embed_dim))?;
+        let text_embeds = added.text_embeds.to_dtype(candle_core::DType::F32)?;
+        let inputs = Tensor::cat(&[&text_embeds, &time_embeds], 1)?;
+        if inputs.dim(1)? != self.config.input_dim {
+            candle_core::bail!(
+                "the added embedding takes {} values per row (projection_class_embeddings_input_dim), got {}",
+                self.config.input_dim,
+                inputs.dim(1)?
+            )
+        }
+        self.embedding.forward(&inputs.to_dtype(dtype)?)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    add_embedding: Option<AddedEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock2D>,
     mid_block: UNetMidBlock2DCrossAttn,
@@ -90,6 +145,22 @@ impl UNet2DConditionModel {
         let time_proj = Timesteps::new(base_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =
             TimestepEmbedding::load(vb.pp("time_embedding"), base_channels, temb_channels)?;
+        let add_embedding = match config.text_time {
+            Some(text_time) => Some(AddedEmbedding {
+                time_proj: Timesteps::new(
+                    text_time.time_embed_dim,
+                    config.flip_sin_to_cos,
+                    config.freq_shift,
+                ),
+                embedding: TimestepEmbedding::load(
+                    vb.pp("add_embedding"),
+                    text_time.input_dim,
+                    temb_channels,
+                )?,
+                config: text_time,
+            }),
+            None => None,
+        };
         let conv_in = Conv2d::load(vb.pp("conv_in"), config.in_channels, base_channels, 3, 1, 1)?;
 
         let down_blocks = load_down_blocks(vb.pp("down_blocks"), &config, &shared)?;
@@ -104,6 +175,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             time_proj,
             time_embedding,
+            add_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -132,12 +204,14 @@ impl UNet2DConditionModel {
 
     /// `sample` (batch, in_channels, h, w) at `timestep`, conditioned on
     /// `encoder_hidden_states` (batch, tokens, cross_attention_dim), to (batch,
-    /// out_channels, h, w).
+    /// out_channels, h, w). `added` is required by, and only taken by, a model with
+    /// `addition_embed_type: "text_time"`.
     pub fn forward(
         &self,
         sample: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
+        added: Option<TextTime<'_>>,
     ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
 
@@ -157,6 +231,16 @@ impl UNet2DConditionModel {
         let temb = self
             .time_embedding
             .forward(&sinusoids.to_dtype(sample.dtype())?)?;
+        let temb = match (&self.add_embedding, added) {
+            (Some(embedding), Some(added)) => (temb + embedding.forward(added, sample.dtype())?)?,
+            (None, None) => temb,
+            (Some(_), None) => candle_core::bail!(
+                "this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("this UNet takes no text_embeds or time_ids")
+            }
+        };
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
@@ -276,6 +360,7 @@ mod tests {
             norm_eps: 1e-5,
             cross_attention_dim: 16,
             use_linear_projection: false,
+            text_time: None,
         }
     }
 
@@ -289,7 +374,7 @@ mod tests {
         let context = Tensor::zeros((1, 5, 16), DType::F32, &device).unwrap();
         for (height, width) in [(9, 7), (8, 6), (5, 12)] {
             let sample = Tensor::zeros((1, 4, height, width), DType::F32, &device).unwrap();
-            let out = unet.forward(&sample, 10.0, &context).unwrap();
+            let out = unet.forward(&sample, 10.0, &context, None).unwrap();
             assert_eq!(out.dims4().unwrap(), (1, 4, height, width));
         }
     }
