@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut step_ms = Vec::with_capacity(steps);
     for step in 0..steps {
         let started = Instant::now();
-        let noise = unet.forward(&latents, 999.0 - step as f64, &context, None)?;
+        let noise = unet.forward(&latents, 999.0 - step as f64, &context)?;
         device.synchronize()?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         std::hint::black_box(noise);

@@ -32,6 +32,8 @@ pub struct PlannedLoad {
     pub loader: &'static ComponentLoader,
     /// The component's folder.
     pub dir: PathBuf,
+    /// The dtype it is loaded in (its family may keep it above the pipeline's).
+    pub dtype: DType,
     pub key: ComponentKey,
     /// Bytes once loaded (from the safetensors headers).
     pub bytes: u64,
@@ -88,6 +90,8 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         .map_err(|message| refused_at(context.workflow, spec.model_name_at, message))?;
     let family = families::family(class.family)
         .ok_or_else(|| JobError::Internal(format!("`{}` has no family", class.name)))?;
+    let implementation = pipelines::family(class.family)
+        .ok_or_else(|| JobError::Internal(format!("`{}` has no implementation", class.name)))?;
     let supplied = spec.supplied_components();
     families::check_folder_components(family, &index, &supplied).map_err(|e| {
         let step = &context.step.name;
@@ -97,10 +101,15 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         }
     })?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
+    let omitted = families::omitted_components(family, &index, &supplied);
     let components = family
         .components
         .iter()
-        .map(|component| plan_component(context, component, &model_dir, dtype))
+        .filter(|component| !omitted.contains(&component.name))
+        .map(|component| {
+            let dir_dtype = |dir: &Path| implementation.component_dtype(component.name, dir, dtype);
+            plan_component(context, component, &model_dir, &dir_dtype)
+        })
         .collect::<Result<_, _>>()?;
     Ok(StepPlan {
         model_dir,
@@ -116,7 +125,7 @@ fn plan_component(
     context: &PlanContext<'_>,
     component: &'static ComponentSpec,
     model_dir: &Path,
-    dtype: DType,
+    dtype_in: &dyn Fn(&Path) -> DType,
 ) -> Result<PlannedLoad, JobError> {
     let loader = components::loader(component.class).ok_or_else(|| {
         JobError::Internal(format!(
@@ -126,6 +135,7 @@ fn plan_component(
     })?;
     let variant = context.spec.variant.as_deref();
     let (source, dir) = component_folder(context, component.name, model_dir)?;
+    let dtype = dtype_in(&dir);
     let failed = |e: String| {
         JobError::Internal(format!(
             "loading {} of {}: {e}",
@@ -165,6 +175,7 @@ fn plan_component(
         spec: component,
         loader,
         dir,
+        dtype,
         key,
         bytes,
     })
@@ -306,7 +317,7 @@ pub fn load_pipeline(
     let count = plan.components.len();
     for (i, load) in plan.components.iter().enumerate() {
         before_each(i, count)?;
-        let component = take(cache, load, plan, device, user, counts).map_err(failed)?;
+        let component = take(cache, load, device, user, counts).map_err(failed)?;
         parts.insert(load.spec.name, component);
     }
     family.assemble(parts).map_err(failed)
@@ -316,7 +327,6 @@ pub fn load_pipeline(
 fn take(
     cache: &ComponentCache,
     load: &PlannedLoad,
-    plan: &StepPlan,
     device: &Device,
     user: &str,
     counts: &mut LoadCounts,
@@ -324,7 +334,7 @@ fn take(
     let started = Instant::now();
     let variant = load.key.variant.as_deref();
     let (value, lookup) = cache.get_or_load_any(load.key.clone(), user, || {
-        (load.loader.load)(&load.dir, variant, plan.dtype, device).map(|v| (v, load.bytes))
+        (load.loader.load)(&load.dir, variant, load.dtype, device).map(|v| (v, load.bytes))
     })?;
     match lookup {
         Lookup::Hit => counts.hits += 1,

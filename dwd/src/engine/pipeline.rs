@@ -248,6 +248,7 @@ impl Engine {
             class,
             arguments,
             images: HashMap::new(),
+            latent_images: HashMap::new(),
             latents: None,
             scheduler: prepared.scheduler.clone(),
             vae_slicing: prepared.vae_slicing,
@@ -268,7 +269,10 @@ impl Engine {
         for (key, artifact) in &run.bound {
             let spec = request.class.argument(key);
             match (spec.map(|a| (a.name, a.ty)), artifact) {
-                (Some((name, ArgType::Image)), artifact) => {
+                (Some((name, ArgType::ImageOrLatents)), Artifact::Latents(t)) => {
+                    request.latent_images.insert(name, t.clone());
+                }
+                (Some((name, ty)), artifact) if ty.is_image() => {
                     let images = bound_images(artifact).map_err(|e| context.refused(e))?;
                     let tensor = images_to_tensor(&images).map_err(|e| context.refused(e))?;
                     request.images.insert(name, tensor);
@@ -297,7 +301,9 @@ impl Engine {
         let named: Vec<_> = request
             .arguments
             .images()
-            .filter(|(name, _)| !request.images.contains_key(name))
+            .filter(|(name, _)| {
+                !request.images.contains_key(name) && !request.latent_images.contains_key(name)
+            })
             .map(|(name, source)| (name, source.clone()))
             .collect();
         for (name, source) in named {

@@ -24,6 +24,13 @@ pub trait Family: Send + Sync {
 
     /// A pipeline from its loaded components.
     fn assemble(&self, parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError>;
+
+    /// The dtype component `name` (in folder `dir`) is loaded in, for a pipeline running in
+    /// `dtype`: the same, unless the family keeps a component in higher precision.
+    fn component_dtype(&self, name: &str, dir: &std::path::Path, dtype: DType) -> DType {
+        let _ = (name, dir);
+        dtype
+    }
 }
 
 /// A loaded pipeline of any family.
@@ -47,6 +54,9 @@ pub struct Request {
     pub arguments: Arguments,
     /// Input images by argument name: f32 (images, 3, H, W) in [0, 1].
     pub images: HashMap<&'static str, Tensor>,
+    /// An earlier step's latents given for an image argument that takes them
+    /// (`ArgType::ImageOrLatents`), by argument name.
+    pub latent_images: HashMap<&'static str, Tensor>,
     /// Initial latents, from a file or an earlier step.
     pub latents: Option<Tensor>,
     /// The step's `scheduler` block, if any.
@@ -125,10 +135,19 @@ impl Parts {
 
     /// The component named `name`, as the type its family expects.
     pub fn take<T: Any + Send + Sync>(&mut self, name: &str) -> Result<Arc<T>, PipelineError> {
-        let component = self.components.remove(name).ok_or_else(|| {
-            PipelineError::invalid(name, "this pipeline's component was not loaded")
-        })?;
-        component.downcast::<T>().map_err(|_| {
+        self.take_optional(name)?
+            .ok_or_else(|| PipelineError::invalid(name, "this pipeline's component was not loaded"))
+    }
+
+    /// An optional component: `None` when the folder goes without it.
+    pub fn take_optional<T: Any + Send + Sync>(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<Arc<T>>, PipelineError> {
+        let Some(component) = self.components.remove(name) else {
+            return Ok(None);
+        };
+        component.downcast::<T>().map(Some).map_err(|_| {
             PipelineError::invalid(name, "loaded as another class than this family expects")
         })
     }

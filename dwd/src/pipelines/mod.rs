@@ -11,11 +11,13 @@
 //! registry ([`FAMILIES`] here, `protocol::families::FAMILIES` there).
 
 pub mod components;
+pub mod diffusion;
 pub mod family;
 pub mod noise;
 pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
+pub mod stable_diffusion_xl;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
@@ -51,13 +53,17 @@ pub use scheduler::{
     SchedulerConfig, TimestepSpacing, UniPcMultistepScheduler, SUPPORTED_SCHEDULERS,
 };
 pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline};
+pub use stable_diffusion_xl::{StableDiffusionXlPipeline, StartImage, XlArgs};
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{TextTime, TextTimeConfig, Unet, UnetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};
 
 /// Every family this daemon runs, one line each.
-static FAMILIES: &[&dyn Family] = &[&stable_diffusion::StableDiffusion];
+static FAMILIES: &[&dyn Family] = &[
+    &stable_diffusion::StableDiffusion,
+    &stable_diffusion_xl::StableDiffusionXl,
+];
 
 /// Families only test builds have.
 #[cfg(debug_assertions)]

@@ -284,6 +284,12 @@ impl TextEncoder {
         self.config.hidden_size
     }
 
+    /// The width of `text_embeds`, for an encoder with a `text_projection`.
+    pub fn projection_dim(&self) -> Option<usize> {
+        let projection = self.text_projection.as_ref()?;
+        projection.weight().dim(0).ok()
+    }
+
     /// Hidden states (batch, seq, hidden) for rows of token ids of equal length.
     pub fn encode(&self, token_ids: &[Vec<u32>]) -> Result<Tensor, PipelineError> {
         let ids = self.ids_tensor(token_ids)?;

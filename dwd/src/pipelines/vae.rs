@@ -288,6 +288,7 @@ pub struct Vae {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
+    dtype: DType,
     bytes: u64,
 }
 
@@ -348,6 +349,7 @@ impl Vae {
             quant_conv,
             post_quant_conv,
             config,
+            dtype: vb.dtype(),
             bytes: 0,
         })
     }
@@ -498,6 +500,11 @@ impl Vae {
 
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The dtype its weights are in; inputs are converted to it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Latents are multiplied by this after encoding and divided by it before decoding.

@@ -9,6 +9,7 @@
 //! here, that folder, and one line in each registry.
 
 pub mod stable_diffusion;
+pub mod stable_diffusion_xl;
 #[cfg(debug_assertions)]
 pub mod test_noise;
 
@@ -67,6 +68,28 @@ impl PipelineClass {
 pub struct ComponentSpec {
     pub name: &'static str,
     pub class: &'static str,
+    /// Whether a folder may go without it (diffusers' `_optional_components`, listed as
+    /// `[null, null]` in `model_index.json`, as the SDXL refiner lists its first text
+    /// encoder); the pipeline then runs without it.
+    pub optional: bool,
+}
+
+impl ComponentSpec {
+    pub const fn required(name: &'static str, class: &'static str) -> Self {
+        ComponentSpec {
+            name,
+            class,
+            optional: false,
+        }
+    }
+
+    pub const fn optional(name: &'static str, class: &'static str) -> Self {
+        ComponentSpec {
+            name,
+            class,
+            optional: true,
+        }
+    }
 }
 
 /// Everything a workflow can ask of one family.
@@ -106,7 +129,7 @@ pub const SCHEDULERS: &[&str] = &[
 ];
 
 /// The families users can name, in the order messages list them.
-pub static FAMILIES: &[&Family] = &[&stable_diffusion::FAMILY];
+pub static FAMILIES: &[&Family] = &[&stable_diffusion::FAMILY, &stable_diffusion_xl::FAMILY];
 
 /// Families only the test builds have (a tiny one that proves the seam).
 #[cfg(debug_assertions)]
@@ -234,6 +257,44 @@ impl ModelIndex {
     }
 }
 
+impl ModelIndex {
+    /// A boolean pipeline option it records (`force_zeros_for_empty_prompt`); `None` when
+    /// absent or unreadable.
+    pub fn flag(&self, key: &str) -> Option<bool> {
+        let entries = self.read.as_ref().ok()?.as_ref()?;
+        entries.get(key)?.as_bool()
+    }
+
+    /// How it lists component `name`: `Some(Some(class))`, `Some(None)` when absent or
+    /// `[null, null]`, `None` when the index cannot be read.
+    fn listed(&self, name: &str) -> Option<Option<&str>> {
+        let entries = self.read.as_ref().ok()?.as_ref()?;
+        Some(
+            entries
+                .get(name)
+                .and_then(|v| v.get(1))
+                .and_then(Value::as_str),
+        )
+    }
+}
+
+/// The optional components of `family` that a folder goes without: listed as null (or not
+/// at all) in its `model_index.json` and not `supplied` from elsewhere. The pipeline runs
+/// without them, as diffusers does.
+pub fn omitted_components(
+    family: &Family,
+    index: &ModelIndex,
+    supplied: &[&str],
+) -> Vec<&'static str> {
+    family
+        .components
+        .iter()
+        .filter(|c| c.optional && !supplied.contains(&c.name))
+        .filter(|c| index.listed(c.name) == Some(None))
+        .map(|c| c.name)
+        .collect()
+}
+
 /// The class an auto `component_type` resolves to for a folder whose `model_index.json`
 /// names `folder_class`, as diffusers resolves it; an error names the class it would need.
 pub fn resolve_auto_class(
@@ -314,6 +375,7 @@ pub fn check_folder_components(
             .and_then(|v| v.get(1))
             .and_then(Value::as_str);
         match class {
+            None if spec.optional => {}
             None => {
                 return Err(FolderComponentError::Missing(format!(
                     "{} lists no `{}`, which a {} pipeline needs; give it with a `{}` block",
@@ -412,7 +474,10 @@ mod tests {
         let names = |c: &str| -> Vec<&str> { auto_candidates(c).iter().map(|c| c.name).collect() };
         assert_eq!(
             names("AutoPipelineForImage2Image"),
-            ["StableDiffusionImg2ImgPipeline"]
+            [
+                "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionXLImg2ImgPipeline"
+            ]
         );
         assert!(names("DiffusionPipeline").contains(&"StableDiffusionImg2ImgPipeline"));
         assert!(names("StableDiffusionPipeline").is_empty());

@@ -78,22 +78,10 @@ pub static FAMILY: Family = Family {
         "StableDiffusionInpaintPipeline",
     ],
     components: &[
-        ComponentSpec {
-            name: "tokenizer",
-            class: "transformers.CLIPTokenizer",
-        },
-        ComponentSpec {
-            name: "text_encoder",
-            class: "transformers.CLIPTextModel",
-        },
-        ComponentSpec {
-            name: "unet",
-            class: "UNet2DConditionModel",
-        },
-        ComponentSpec {
-            name: "vae",
-            class: "AutoencoderKL",
-        },
+        ComponentSpec::required("tokenizer", "transformers.CLIPTokenizer"),
+        ComponentSpec::required("text_encoder", "transformers.CLIPTextModel"),
+        ComponentSpec::required("unet", "UNet2DConditionModel"),
+        ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::SCHEDULERS,
 };

@@ -30,6 +30,19 @@ pub enum ArgType {
     /// An input image: a path, `{"location": ..., "size": ...}`, a URL or
     /// `"previous_result:step"`.
     Image,
+    /// An input image as for `Image`, or an earlier step's latents through
+    /// `"previous_result:step"` (SDXL's img2img takes a base step's latents as `image`).
+    ImageOrLatents,
+    /// Two whole numbers from `min` to `max`, written `[a, b]` (diffusers' `(height, width)`
+    /// and `(top, left)` tuples).
+    Pair { min: u64, max: u64 },
+}
+
+impl ArgType {
+    /// Whether it takes an input image (and so may fan out over an earlier step's images).
+    pub fn is_image(&self) -> bool {
+        matches!(self, ArgType::Image | ArgType::ImageOrLatents)
+    }
 }
 
 /// What an argument is when a step does not give it.
@@ -68,6 +81,7 @@ pub enum ArgValue {
     Output(OutputType),
     Latents(String),
     Image(ImageSource),
+    Pair(usize, usize),
 }
 
 /// A step's arguments, checked against its class, defaults filled in.
@@ -187,8 +201,8 @@ impl Arguments {
         let mut values = BTreeMap::new();
         for spec in class.argument_specs() {
             let given = arguments.get(spec.name).filter(|v| !v.is_null());
-            let deferred = given
-                .is_some_and(|v| spec.ty != ArgType::Image && PreviousResult::parse(v).is_some());
+            let deferred =
+                given.is_some_and(|v| !spec.ty.is_image() && PreviousResult::parse(v).is_some());
             let value = match given {
                 _ if deferred => continue,
                 Some(value) => typed(spec, value)?,
@@ -255,6 +269,14 @@ impl Arguments {
         })
     }
 
+    /// A `[a, b]` pair, such as `original_size`.
+    pub fn pair(&self, name: &str) -> Option<(usize, usize)> {
+        match self.values.get(name)? {
+            ArgValue::Pair(a, b) => Some((*a, *b)),
+            _ => None,
+        }
+    }
+
     pub fn image(&self, name: &str) -> Option<&ImageSource> {
         match self.values.get(name)? {
             ArgValue::Image(source) => Some(source),
@@ -289,14 +311,18 @@ fn typed(spec: &ArgSpec, value: &Value) -> Result<ArgValue, ArgumentError> {
                 ))
             }
         },
-        ArgType::Image => ArgValue::Image(image_source(name, value)?),
+        ArgType::Image | ArgType::ImageOrLatents => ArgValue::Image(image_source(name, value)?),
+        ArgType::Pair { min, max } => {
+            let (first, second) = pair(name, value, min, max)?;
+            ArgValue::Pair(first, second)
+        }
     })
 }
 
 /// An absent argument's default, or the error for a required one.
 fn default_value(spec: &ArgSpec, class: &PipelineClass) -> Result<Option<ArgValue>, ArgumentError> {
     Ok(match spec.default {
-        ArgDefault::Required if spec.ty == ArgType::Image => {
+        ArgDefault::Required if spec.ty.is_image() => {
             return Err(err("", format!("{} needs an `{}`: a file path, {{\"location\": path}}, or \"previous_result:step\"", class.name, spec.name)))
         }
         ArgDefault::Required => return Err(err("", format!("missing `{}` in `arguments`", spec.name))),
@@ -404,6 +430,20 @@ fn integer(key: &str, v: &Value, min: u64, max: u64) -> Result<usize, ArgumentEr
                 format!("`{key}` must be a whole number from {min} to {max}, found {v}"),
             )
         })
+}
+
+fn pair(key: &str, v: &Value, min: u64, max: u64) -> Result<(usize, usize), ArgumentError> {
+    let in_range = |item: &Value| item.as_u64().filter(|n| (min..=max).contains(n));
+    let both = match v.as_array().map(Vec::as_slice) {
+        Some([a, b]) => in_range(a).zip(in_range(b)),
+        _ => None,
+    };
+    both.map(|(a, b)| (a as usize, b as usize)).ok_or_else(|| {
+        err(
+            key,
+            format!("`{key}` must be two whole numbers from {min} to {max}, as [a, b], found {v}"),
+        )
+    })
 }
 
 fn number(key: &str, v: &Value, min: f64, max: f64) -> Result<f64, ArgumentError> {

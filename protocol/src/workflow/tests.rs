@@ -525,7 +525,9 @@ fn a_workflow_using_every_key_gets_each_keys_documented_fate() {
                 schema::Fate::Implemented => {
                     let other_slot = level.path == "steps[].pipeline"
                         && schema::COMPONENT_SLOTS.contains(&key.name)
-                        && !crate::families::component_names().contains(&key.name);
+                        && crate::families::stable_diffusion::FAMILY
+                            .component(key.name)
+                            .is_none();
                     if other_slot {
                         let e = error(
                             &with_key(
@@ -618,9 +620,24 @@ fn auto_classes_resolve_from_the_folders_class_as_diffusers_resolves_them() {
         "StableDiffusionImg2ImgPipeline",
         "the folder's own class"
     );
-    let e = resolve_auto_class("DiffusionPipeline", "StableDiffusionXLPipeline").unwrap_err();
+    assert_eq!(
+        resolve_auto_class("AutoPipelineForImage2Image", "StableDiffusionXLPipeline")
+            .unwrap()
+            .name,
+        "StableDiffusionXLImg2ImgPipeline",
+        "an SDXL base folder runs img2img with SDXL's img2img class"
+    );
+    assert_eq!(
+        resolve_auto_class("DiffusionPipeline", "StableDiffusionXLImg2ImgPipeline")
+            .unwrap()
+            .name,
+        "StableDiffusionXLImg2ImgPipeline",
+        "a refiner folder is its own class"
+    );
+    let e =
+        resolve_auto_class("DiffusionPipeline", "StableDiffusionXLInpaintPipeline").unwrap_err();
     assert!(
-        e.starts_with("`DiffusionPipeline` resolves to `StableDiffusionXLPipeline`"),
+        e.starts_with("`DiffusionPipeline` resolves to `StableDiffusionXLInpaintPipeline`"),
         "{e}"
     );
     let e = pipeline_class("AutoPipelineForInpainting").unwrap_err();

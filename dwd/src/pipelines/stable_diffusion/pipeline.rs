@@ -17,9 +17,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
+use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::noise::{NoiseSource, SeededNoise};
-use crate::pipelines::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
+use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
 use crate::pipelines::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
 
 const COMPONENT: &str = "pipeline";
@@ -233,13 +234,16 @@ impl StableDiffusionPipeline {
         let mut scheduler = self.scheduler_for(args)?;
         scheduler.set_timesteps(args.num_inference_steps)?;
         let first_step = match &args.init_image {
-            Some(_) => self.first_img2img_step(args, scheduler.as_ref())?,
+            Some(_) => {
+                let steps = args.num_inference_steps;
+                diffusion::img2img_first_step(steps, args.strength, scheduler.as_ref())?
+            }
             None => 0,
         };
         // Text-to-image starts from the given latents or from the first draw.
         let initial_latents = match (&args.init_image, &args.latents) {
             (Some(_), _) => None,
-            (None, Some(latents)) => Some(checked_latents(latents, latent_shape)?),
+            (None, Some(latents)) => Some(diffusion::checked_latents(latents, latent_shape)?),
             (None, None) => Some(noise.next(&latent_shape)?),
         };
         on_progress(Progress {
@@ -279,7 +283,11 @@ impl StableDiffusionPipeline {
             step: 0,
             total: 1,
         })?;
-        self.decode(&latents, args)
+        let options = DecodeOptions {
+            slicing: args.vae_slicing,
+            tiling: args.vae_tiling,
+        };
+        diffusion::decode_latents(&self.vae, &latents, options)
     }
 
     /// Runs the scheduler's steps from `first_step` on, with classifier-free guidance when
@@ -316,7 +324,11 @@ impl StableDiffusionPipeline {
                 .to_dtype(DType::F32)
                 .in_component(COMPONENT)?;
             let prediction = match guided {
-                true => apply_guidance(&prediction, run.guidance_scale).in_component(COMPONENT)?,
+                true => {
+                    diffusion::apply_guidance(&prediction, run.guidance_scale)
+                        .in_component(COMPONENT)?
+                        .0
+                }
                 false => prediction,
             };
             latents = run
@@ -326,63 +338,10 @@ impl StableDiffusionPipeline {
         Ok(latents)
     }
 
-    /// Decodes final latents into f32 images in [0, 1] on the CPU: one image at a time with
-    /// `vae_slicing`, in tiles with `vae_tiling`.
-    fn decode(&self, latents: &Tensor, args: &GenerateArgs) -> Result<Tensor, PipelineError> {
-        let scaled = (latents / self.vae.scaling_factor())
-            .and_then(|scaled| scaled.to_dtype(self.dtype))
-            .in_component(COMPONENT)?;
-        let decode = |latents: &Tensor| match args.vae_tiling {
-            true => self.vae.decode_tiled(latents),
-            false => self.vae.decode(latents),
-        };
-        let decoded = if args.vae_slicing {
-            let count = scaled.dim(0).in_component(COMPONENT)?;
-            let images = (0..count)
-                .map(|i| decode(&scaled.narrow(0, i, 1).in_component(COMPONENT)?))
-                .collect::<Result<Vec<_>, _>>()?;
-            Tensor::cat(&images, 0).in_component(COMPONENT)?
-        } else {
-            decode(&scaled)?
-        };
-        to_unit_range(&decoded).in_component("vae")
-    }
-
     /// The requested scheduler built from the checkpoint's config and the overrides.
     fn scheduler_for(&self, args: &GenerateArgs) -> Result<Box<dyn Scheduler>, PipelineError> {
-        let class_name = match (&args.scheduler_type, &self.scheduler.class_name) {
-            (Some(requested), _) => requested.as_str(),
-            (None, Some(shipped)) => shipped.as_str(),
-            (None, None) => {
-                return Err(PipelineError::invalid(
-                    "scheduler_type",
-                    "not given and the checkpoint's scheduler config names no class",
-                ))
-            }
-        };
-        let scheduler_config = self.scheduler.with_overrides(&args.scheduler_overrides)?;
-        build_scheduler(class_name, &scheduler_config)
-    }
-
-    /// The index of the first timestep image-to-image runs (diffusers' `get_timesteps`).
-    fn first_img2img_step(
-        &self,
-        args: &GenerateArgs,
-        scheduler: &dyn Scheduler,
-    ) -> Result<usize, PipelineError> {
-        let steps = args.num_inference_steps;
-        let kept = ((steps as f64 * args.strength) as usize).min(steps);
-        let first = (steps - kept) * scheduler.order();
-        if first >= scheduler.timesteps().len() {
-            return Err(PipelineError::invalid(
-                "strength",
-                format!(
-                    "{} keeps none of the {steps} steps; raise strength or num_inference_steps",
-                    args.strength
-                ),
-            ));
-        }
-        Ok(first)
+        let requested = args.scheduler_type.as_deref();
+        diffusion::scheduler_for(&self.scheduler, requested, &args.scheduler_overrides)
     }
 
     fn validate(&self, args: &GenerateArgs) -> Result<(), PipelineError> {
@@ -452,31 +411,10 @@ impl StableDiffusionPipeline {
         first_step: usize,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, PipelineError> {
-        // VaeImageProcessor: [0, 1] to [-1, 1].
-        let pixels = image
-            .to_dtype(DType::F32)
-            .and_then(|image| image.affine(2.0, -1.0))
-            .and_then(|image| image.to_device(&self.device))
-            .and_then(|image| image.to_dtype(self.dtype))
-            .in_component(COMPONENT)?;
-        let distribution = self.vae.encode(&pixels)?;
-        let sample_noise = noise.next(distribution.mean.dims())?;
-        let encoded = (distribution.sample(&sample_noise)? * self.vae.scaling_factor())
-            .in_component(COMPONENT)?;
+        let encoded = diffusion::encode_images(&self.vae, image, &self.device, noise)?;
         let images = encoded.dim(0).in_component(COMPONENT)?;
-        let repeat = shape[0] / images;
-        let encoded = if repeat > 1 {
-            let repeat_rows = || -> candle_core::Result<Tensor> {
-                let (_, channels, height, width) = encoded.dims4()?;
-                encoded
-                    .unsqueeze(1)?
-                    .repeat((1, repeat, 1, 1, 1))?
-                    .reshape((images * repeat, channels, height, width))
-            };
-            repeat_rows().in_component(COMPONENT)?
-        } else {
-            encoded
-        };
+        let encoded =
+            diffusion::repeat_rows(&encoded, shape[0] / images).in_component(COMPONENT)?;
         let added_noise = noise
             .next(encoded.dims())?
             .to_device(&self.device)
@@ -499,17 +437,7 @@ impl StableDiffusionPipeline {
             .map(|text| self.tokenizer.encode_padded(text, MAX_TOKENS))
             .collect();
         let embeddings = self.text_encoder.encode(&token_ids)?;
-        if repeat == 1 {
-            return Ok(embeddings);
-        }
-        let repeat_rows = || -> candle_core::Result<Tensor> {
-            let (rows, tokens, hidden) = embeddings.dims3()?;
-            embeddings
-                .unsqueeze(1)?
-                .repeat((1, repeat, 1, 1))?
-                .reshape((rows * repeat, tokens, hidden))
-        };
-        repeat_rows().in_component("text encoder")
+        diffusion::repeat_rows(&embeddings, repeat).in_component("text encoder")
     }
 }
 
@@ -521,33 +449,6 @@ struct Denoising<'a> {
     /// In UNet batch order: negative rows first when guided.
     text_embeddings: &'a Tensor,
     guidance_scale: f64,
-}
-
-/// The caller's initial latents as f32, checked against the expected shape.
-fn checked_latents(latents: &Tensor, shape: [usize; 4]) -> Result<Tensor, PipelineError> {
-    if latents.dims() != shape {
-        return Err(PipelineError::invalid(
-            "latents",
-            format!("expected shape {shape:?}, got {:?}", latents.dims()),
-        ));
-    }
-    latents.to_dtype(DType::F32).in_component(COMPONENT)
-}
-
-/// `uncond + scale * (text - uncond)` on a prediction batch holding the unconditional half
-/// first.
-fn apply_guidance(prediction: &Tensor, guidance_scale: f64) -> candle_core::Result<Tensor> {
-    let halves = prediction.chunk(2, 0)?;
-    let (unconditional, conditional) = (&halves[0], &halves[1]);
-    unconditional + ((conditional - unconditional)? * guidance_scale)?
-}
-
-/// VAE output in [-1, 1] to f32 images in [0, 1] on the CPU.
-fn to_unit_range(decoded: &Tensor) -> candle_core::Result<Tensor> {
-    let decoded = decoded.to_dtype(DType::F32)?;
-    ((decoded / 2.0)? + 0.5)?
-        .clamp(0f32, 1f32)?
-        .to_device(&Device::Cpu)
 }
 
 /// f32 images (N, 3, H, W) in [0, 1] to 8-bit RGB, rounding as diffusers does

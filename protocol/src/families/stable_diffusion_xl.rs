@@ -1,0 +1,108 @@
+//! Stable Diffusion XL: diffusers' `StableDiffusionXLPipeline` (base 1.0, its fine-tunes,
+//! Turbo and Lightning-style few-step runs) and `StableDiffusionXLImg2ImgPipeline`
+//! (img2img and the refiner), with the arguments and defaults of their `__call__`.
+//!
+//! A refiner folder lists no `tokenizer`/`text_encoder` (`[null, null]` in
+//! `model_index.json`) and runs on `text_encoder_2` alone.
+
+use super::{ComponentSpec, Family, PipelineClass, Task};
+use crate::workflow::{ArgDefault, ArgSpec, ArgType, OutputType};
+
+const ID: &str = "stable_diffusion_xl";
+
+const SIDE: ArgType = ArgType::Integer { min: 8, max: 16384 };
+/// `original_size`, `target_size`: (height, width).
+const SIZE: ArgType = ArgType::Pair { min: 1, max: 16384 };
+/// `crops_coords_top_left`: (top, left).
+const CROP: ArgType = ArgType::Pair { min: 0, max: 16384 };
+const FRACTION: ArgType = ArgType::Number { min: 0.0, max: 1.0 };
+const NON_NEGATIVE: ArgType = ArgType::Number {
+    min: 0.0,
+    max: f64::MAX,
+};
+
+/// Arguments both pipelines take, in diffusers' order.
+const COMMON: &[ArgSpec] = &[
+    ArgSpec::new("prompt", ArgType::Prompts, ArgDefault::Required),
+    ArgSpec::new("prompt_2", ArgType::Text, ArgDefault::Unset),
+    ArgSpec::new(
+        "num_inference_steps",
+        ArgType::Integer { min: 1, max: 1000 },
+        ArgDefault::Integer(50),
+    ),
+    ArgSpec::new("denoising_end", FRACTION, ArgDefault::Unset),
+    ArgSpec::new("guidance_scale", NON_NEGATIVE, ArgDefault::Number(5.0)),
+    ArgSpec::new("negative_prompt", ArgType::Text, ArgDefault::Unset),
+    ArgSpec::new("negative_prompt_2", ArgType::Text, ArgDefault::Unset),
+    ArgSpec::new(
+        "num_images_per_prompt",
+        ArgType::Integer { min: 1, max: 64 },
+        ArgDefault::Integer(1),
+    ),
+    ArgSpec::new(
+        "output_type",
+        ArgType::OutputType,
+        ArgDefault::Output(OutputType::Image),
+    ),
+    ArgSpec::new("guidance_rescale", NON_NEGATIVE, ArgDefault::Number(0.0)),
+    ArgSpec::new("original_size", SIZE, ArgDefault::Unset),
+    ArgSpec::new("crops_coords_top_left", CROP, ArgDefault::Unset),
+    ArgSpec::new("target_size", SIZE, ArgDefault::Unset),
+    ArgSpec::new("negative_original_size", SIZE, ArgDefault::Unset),
+    ArgSpec::new("negative_crops_coords_top_left", CROP, ArgDefault::Unset),
+    ArgSpec::new("negative_target_size", SIZE, ArgDefault::Unset),
+];
+
+/// Only text to image.
+const TEXT_TO_IMAGE: &[ArgSpec] = &[
+    ArgSpec::new("height", SIDE, ArgDefault::Unset),
+    ArgSpec::new("width", SIDE, ArgDefault::Unset),
+    ArgSpec::new("latents", ArgType::Latents, ArgDefault::Unset),
+];
+
+/// Only image to image (and the refiner).
+const IMAGE_TO_IMAGE: &[ArgSpec] = &[
+    ArgSpec::new("image", ArgType::ImageOrLatents, ArgDefault::Required),
+    ArgSpec::new("strength", FRACTION, ArgDefault::Number(0.3)),
+    ArgSpec::new("denoising_start", FRACTION, ArgDefault::Unset),
+    ArgSpec::new("aesthetic_score", NON_NEGATIVE, ArgDefault::Number(6.0)),
+    ArgSpec::new(
+        "negative_aesthetic_score",
+        NON_NEGATIVE,
+        ArgDefault::Number(2.5),
+    ),
+];
+
+pub static FAMILY: Family = Family {
+    id: ID,
+    title: "Stable Diffusion XL",
+    classes: &[
+        PipelineClass {
+            name: "StableDiffusionXLPipeline",
+            family: ID,
+            task: Task::TextToImage,
+            arguments: &[COMMON, TEXT_TO_IMAGE],
+        },
+        PipelineClass {
+            name: "StableDiffusionXLImg2ImgPipeline",
+            family: ID,
+            task: Task::ImageToImage,
+            arguments: &[COMMON, IMAGE_TO_IMAGE],
+        },
+    ],
+    // diffusers' "stable-diffusion-xl" entry of its auto-pipeline mappings.
+    folder_classes: &[
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ],
+    components: &[
+        ComponentSpec::optional("tokenizer", "transformers.CLIPTokenizer"),
+        ComponentSpec::optional("text_encoder", "transformers.CLIPTextModel"),
+        ComponentSpec::required("tokenizer_2", "transformers.CLIPTokenizer"),
+        ComponentSpec::required("text_encoder_2", "transformers.CLIPTextModelWithProjection"),
+        ComponentSpec::required("unet", "UNet2DConditionModel"),
+        ComponentSpec::required("vae", "AutoencoderKL"),
+    ],
+    schedulers: super::SCHEDULERS,
+};
