@@ -429,7 +429,7 @@ fn print_loaded(report: &StatusReport) {
         human_bytes(report.memory.loaded_bytes)
     );
     outln!(
-        "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} MODEL",
+        "  {:<14} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} MODEL",
         "COMPONENT",
         "BYTES",
         "HITS",
@@ -453,7 +453,7 @@ fn print_loaded(report: &StatusReport) {
             (false, Some(until)) => format!("{} more", human_duration(until.saturating_sub(now))),
         };
         outln!(
-            "  {:<13} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} {}",
+            "  {:<14} {:>10} {:>5} {:>6}  {:<10} {:<16} {:<22} {}",
             c.component_type,
             human_bytes(c.bytes),
             c.hits,

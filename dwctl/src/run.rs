@@ -702,7 +702,7 @@ fn report_plan(plan: &RunPlan, json: bool) -> u8 {
             plan.workflow.path
         );
         outln!(
-            "  {:<12} {:<13} {:>6} {:>10}  {:<6} MODEL",
+            "  {:<12} {:<14} {:>6} {:>10}  {:<6} MODEL",
             "STEP",
             "COMPONENT",
             "DTYPE",
@@ -712,7 +712,7 @@ fn report_plan(plan: &RunPlan, json: bool) -> u8 {
         for c in &plan.components {
             let state = if c.loaded { "loaded" } else { "load" };
             outln!(
-                "  {:<12} {:<13} {:>6} {:>10}  {:<6} {}",
+                "  {:<12} {:<14} {:>6} {:>10}  {:<6} {}",
                 c.step,
                 c.component_type,
                 c.dtype,

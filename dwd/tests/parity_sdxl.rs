@@ -286,3 +286,50 @@ fn the_refiner_img2img_run_matches_diffusers() {
     ];
     check_run("refiner", args, noise);
 }
+
+/// The base half of an ensemble of experts: `denoising_end` 0.5 of the Euler run (751,
+/// 501, 251, 1) stops after the timesteps at or above 500, at diffusers' second step.
+#[test]
+fn denoising_end_stops_the_base_where_diffusers_hands_over() {
+    let reference = fixture().tensors("expected.safetensors");
+    let case = &fixture().json("expected.json")["pipelines"]["euler"];
+    let args = XlArgs {
+        denoising_end: Some(0.5),
+        output_latents: true,
+        ..case_args(case)
+    };
+    let mut replay = ReplayNoise::new(replayed("euler"));
+    let latents = pipeline("model")
+        .generate(&args, &mut replay, &mut common::no_progress())
+        .unwrap();
+    let after_two = reference["euler_step_latents"].get(1).unwrap();
+    assert_close(
+        "latents at denoising_end 0.5",
+        &latents,
+        &after_two,
+        LATENTS_TOLERANCE,
+    );
+}
+
+/// The refiner half: given latents and `denoising_start` 0.7, the refiner adds no noise and
+/// runs the timesteps below 300 (201, 101, 1), the same three steps the recorded
+/// strength-0.3 run took from the same start.
+#[test]
+fn denoising_start_continues_from_given_latents_without_adding_noise() {
+    let reference = fixture().tensors("expected.safetensors");
+    let case = &fixture().json("expected.json")["pipelines"]["refiner"];
+    let args = XlArgs {
+        image: Some(StartImage::Latents(
+            reference["refiner_start_latents"].clone(),
+        )),
+        denoising_start: Some(0.7),
+        output_latents: true,
+        ..case_args(case)
+    };
+    let mut no_draws = ReplayNoise::new([]);
+    let latents = pipeline("refiner")
+        .generate(&args, &mut no_draws, &mut common::no_progress())
+        .unwrap();
+    let last = reference["refiner_step_latents"].get(2).unwrap();
+    assert_close("refiner from latents", &latents, &last, LATENTS_TOLERANCE);
+}

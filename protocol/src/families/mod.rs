@@ -483,6 +483,48 @@ mod tests {
         assert!(names("StableDiffusionPipeline").is_empty());
     }
 
+    fn fixture_index(folder: &str) -> ModelIndex {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sdxl");
+        ModelIndex::read(&dir.join(folder))
+    }
+
+    /// The SDXL refiner lists `tokenizer` and `text_encoder` as `[null, null]`: optional in
+    /// SDXL (diffusers' `_optional_components`), so the folder passes and goes without them;
+    /// a Stable Diffusion pipeline needs its `text_encoder` and says so.
+    #[test]
+    fn a_folder_may_go_without_an_optional_component_only() {
+        let sdxl = &stable_diffusion_xl::FAMILY;
+        let refiner = fixture_index("refiner");
+        assert_eq!(check_folder_components(sdxl, &refiner, &[]), Ok(()));
+        assert_eq!(
+            omitted_components(sdxl, &refiner, &[]),
+            ["tokenizer", "text_encoder"]
+        );
+        assert_eq!(
+            omitted_components(sdxl, &refiner, &["text_encoder"]),
+            ["tokenizer"],
+            "a component given from elsewhere is loaded"
+        );
+        assert!(omitted_components(sdxl, &fixture_index("model"), &[]).is_empty());
+        let sd = &stable_diffusion::FAMILY;
+        match check_folder_components(sd, &refiner, &[]) {
+            Err(FolderComponentError::Missing(m)) => assert!(m.contains("`tokenizer`"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn folder_options_are_read_from_model_index() {
+        assert_eq!(
+            fixture_index("model").flag("force_zeros_for_empty_prompt"),
+            Some(true)
+        );
+        let refiner = fixture_index("refiner");
+        assert_eq!(refiner.flag("force_zeros_for_empty_prompt"), Some(false));
+        assert_eq!(refiner.flag("requires_aesthetics_score"), Some(true));
+        assert_eq!(refiner.flag("no_such_option"), None);
+    }
+
     #[test]
     fn a_component_block_is_checked_against_its_familys_table() {
         let sd = pipeline_class("StableDiffusionPipeline").unwrap();

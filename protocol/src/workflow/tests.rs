@@ -646,3 +646,38 @@ fn auto_classes_resolve_from_the_folders_class_as_diffusers_resolves_them() {
         "{e}"
     );
 }
+
+/// SDXL's micro-conditioning sizes are diffusers' `(height, width)` tuples, written as
+/// two-number lists; its img2img `image` takes an earlier step's latents as well as images
+/// (`examples/archive/sdxl.json` upstream hands the base's `{latent}` output to the
+/// refiner), and keeps diffusers' defaults (strength 0.3, aesthetic scores 6 and 2.5).
+#[test]
+fn sdxl_arguments_take_size_pairs_and_an_image_or_latents() {
+    let img2img = crate::families::pipeline_class("StableDiffusionXLImg2ImgPipeline").unwrap();
+    let arguments = serde_json::json!({
+        "prompt": "a fox",
+        "image": "previous_result:base",
+        "original_size": [1024, 768],
+        "crops_coords_top_left": [0, 16],
+    });
+    let checked = img2img.check(arguments.as_object().unwrap()).unwrap();
+    assert_eq!(checked.pair("original_size"), Some((1024, 768)));
+    assert_eq!(checked.pair("crops_coords_top_left"), Some((0, 16)));
+    assert_eq!(checked.number("strength"), Some(0.3));
+    assert_eq!(checked.number("aesthetic_score"), Some(6.0));
+    assert_eq!(checked.number("negative_aesthetic_score"), Some(2.5));
+    assert!(matches!(
+        checked.image("image"),
+        Some(ImageSource::PreviousResult { .. })
+    ));
+    for bad in [
+        serde_json::json!([1024]),
+        serde_json::json!([0, 1024]),
+        serde_json::json!("1024x1024"),
+    ] {
+        let arguments = serde_json::json!({"prompt": "a", "image": "x.png", "target_size": bad});
+        let e = img2img.check(arguments.as_object().unwrap()).unwrap_err();
+        assert_eq!(e.key, "target_size");
+        assert!(e.message.contains(&format!("found {bad}")), "{}", e.message);
+    }
+}
