@@ -77,6 +77,15 @@ for dtype in torch.float32 torch.float16; do
   done
   echo "== device memory after $dtype runs:"; memory
 done
+echo "== SDXL: the recorded Euler run (f32, then f16 with the VAE upcast), and base then refiner"
+for dtype in torch.float32 torch.float16; do
+  sed "s/\"torch.float16\"/\"$dtype\"/; s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sdxl-reference.json > "$dir/sdxl.json"
+  "$bin/dwctl" run "$dir/sdxl.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
+  echo "SDXL $dtype: $(compare "$dir/out/tiny_sdxl_reference-main.0-0.0.png" tests/fixtures/tiny-sdxl/expected_euler.png)"
+done
+sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sdxl-refiner.json > "$dir/refiner.json"
+"$bin/dwctl" run "$dir/refiner.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
+python3 -c "import json; s=json.load(open('$dir/run.json')); print('SDXL base then refiner, f16: misses', s['cache']['misses'], 'hits', s['cache']['hits'])"
 "$bin/dwctl" status
 "$bin/dwctl" clear
 echo "== device memory after clear:"; memory

@@ -333,3 +333,34 @@ fn denoising_start_continues_from_given_latents_without_adding_noise() {
     let last = reference["refiner_step_latents"].get(2).unwrap();
     assert_close("refiner from latents", &latents, &last, LATENTS_TOLERANCE);
 }
+
+/// Every scheduler dw has builds from SDXL's shipped config (which carries DDIM and PNDM
+/// leftovers) with the overrides the SDXL community uses, and gives a schedule.
+#[test]
+fn every_scheduler_runs_from_the_shipped_sdxl_config_with_community_overrides() {
+    let shipped =
+        dwd::pipelines::SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
+    let overrides: [serde_json::Value; 4] = [
+        serde_json::json!({}),
+        serde_json::json!({"timestep_spacing": "trailing"}),
+        serde_json::json!({"timestep_spacing": "linspace", "steps_offset": 0}),
+        serde_json::json!({"timestep_spacing": "trailing", "rescale_betas_zero_snr": true}),
+    ];
+    for name in dwd::pipelines::SUPPORTED_SCHEDULERS {
+        for overrides in &overrides {
+            let config = shipped
+                .with_overrides(overrides.as_object().unwrap())
+                .unwrap();
+            let mut scheduler = dwd::pipelines::build_scheduler(name, &config)
+                .unwrap_or_else(|e| panic!("{name} with {overrides}: {e}"));
+            scheduler.set_timesteps(8).unwrap();
+            assert!(!scheduler.timesteps().is_empty(), "{name} with {overrides}");
+        }
+    }
+    let karras = serde_json::json!({"use_karras_sigmas": true});
+    let config = shipped.with_overrides(karras.as_object().unwrap()).unwrap();
+    for name in ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"] {
+        let mut scheduler = dwd::pipelines::build_scheduler(name, &config).unwrap();
+        scheduler.set_timesteps(25).unwrap();
+    }
+}

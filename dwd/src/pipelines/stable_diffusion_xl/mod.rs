@@ -202,3 +202,53 @@ fn micro_conditioning(request: &Request, defaults: &MicroConditioning) -> MicroC
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn fixture(folder: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny-sdxl")
+            .join(folder)
+    }
+
+    /// diffusers' SDXL pipelines decode in float32 when the VAE is float16 and its config
+    /// sets `force_upcast`; dw loads that VAE in float32 from the start. Nothing else moves.
+    #[test]
+    fn a_force_upcast_vae_loads_in_float32_under_float16_only() {
+        let vae = fixture("model/vae");
+        let family = StableDiffusionXl;
+        assert_eq!(family.component_dtype("vae", &vae, DType::F16), DType::F32);
+        assert_eq!(
+            family.component_dtype("vae", &vae, DType::BF16),
+            DType::BF16
+        );
+        assert_eq!(family.component_dtype("vae", &vae, DType::F32), DType::F32);
+        let unet = fixture("model/unet");
+        assert_eq!(
+            family.component_dtype("unet", &unet, DType::F16),
+            DType::F16
+        );
+        let sd = super::super::stable_diffusion::StableDiffusion;
+        assert_eq!(sd.component_dtype("vae", &vae, DType::F16), DType::F16);
+    }
+
+    #[test]
+    fn folder_options_follow_model_index_with_diffusers_defaults() {
+        assert_eq!(folder_options(&fixture("model")), FolderOptions::default());
+        assert_eq!(
+            folder_options(&fixture("refiner")),
+            FolderOptions {
+                force_zeros_for_empty_prompt: false,
+                requires_aesthetics_score: true,
+            }
+        );
+        assert_eq!(
+            folder_options(&fixture("no-such-folder")),
+            FolderOptions::default()
+        );
+    }
+}
