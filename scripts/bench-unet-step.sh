@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Per-UNet-step time, load time and peak memory: candle (dwd's UNet) against diffusers on
-# the same full-size SD 1.5-shaped random weights, side by side in one invocation.
+# the same full-size random weights, side by side in one invocation.
 #
-# Usage: scripts/bench-unet-step.sh [LATENT_SIZES] [STEPS]   (default "32 64" 4)
-#   32x32 latents are a 256x256 image, 64x64 a 512x512 one; batch 2 (classifier-free
-#   guidance). Warm steps are every step after the first; medians reported.
-# Env: DW_TORCH_PYTHON  a python with torch and diffusers (default python3); without them
+# Usage: scripts/bench-unet-step.sh [LATENT_SIZES] [STEPS]   (default "32 64" 4; SDXL "64 128" 2)
+#   32x32 latents are a 256x256 image, 64x64 a 512x512 one, 128x128 a 1024x1024 one;
+#   batch 2 (classifier-free guidance). Warm steps are every step after the first; medians
+#   reported.
+# Env: DW_BENCH_MODEL   sd15 (default: SD 1.5's UNet, made by examples/make_sd15_random.rs)
+#                       or sdxl (SDXL base's UNet, 2.6B parameters, stored in f16, made by
+#                       examples/make_sdxl_unet_random.rs), into target/bench-models once.
+#      DW_TORCH_PYTHON  a python with torch and diffusers (default python3); without them
 #                       the PyTorch column is skipped with a message. Nothing is installed.
-# Makes the model once with examples/make_sd15_random.rs into target/bench-models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sizes=${1:-32 64}
-steps=${2:-4}
+kind=${DW_BENCH_MODEL:-sd15}
+case "$kind" in
+    sd15) sizes=${1:-32 64}; steps=${2:-4}; maker=make_sd15_random; model=$PWD/target/bench-models/sd15-random ;;
+    sdxl) sizes=${1:-64 128}; steps=${2:-2}; maker=make_sdxl_unet_random; model=$PWD/target/bench-models/sdxl-unet ;;
+    *) echo "DW_BENCH_MODEL must be sd15 or sdxl, not $kind" >&2; exit 2 ;;
+esac
 python=${DW_TORCH_PYTHON:-python3}
 cargo build --release --quiet -p dwd --examples
-model=$PWD/target/bench-models/sd15-random
 unet=$model/unet/diffusion_pytorch_model.safetensors
-[ -f "$unet" ] || target/release/examples/make_sd15_random "$model"
+[ -f "$unet" ] || "target/release/examples/$maker" "$model"
 
 have_torch=yes
 if ! "$python" -c "import torch, diffusers" 2>/dev/null; then

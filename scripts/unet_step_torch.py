@@ -45,11 +45,21 @@ def main():
 
     latents = ramp([2, unet.config.in_channels, latent_size, latent_size], dtype, device)
     context = ramp([2, 77, unet.config.cross_attention_dim], dtype, device)
+    # An SDXL UNet also takes the pooled text embedding and six time ids per row, as
+    # dwd's unet_step passes them.
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        time_dim = unet.config.addition_time_embed_dim
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * time_dim
+        side = float(latent_size * 8)
+        time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]] * 2, device=device)
+        added = {"text_embeds": ramp([2, pooled], dtype, device), "time_ids": time_ids}
     step_ms = []
     with torch.inference_mode():
         for step in range(steps):
             started = time.perf_counter()
-            noise = unet(latents, 999 - step, encoder_hidden_states=context).sample
+            noise = unet(latents, 999 - step, encoder_hidden_states=context,
+                         added_cond_kwargs=added).sample
             sync()
             ms = (time.perf_counter() - started) * 1e3
             del noise

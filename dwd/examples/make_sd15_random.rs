@@ -5,64 +5,16 @@
 //!
 //! Usage: cargo run --release -p dwd --example make_sd15_random -- OUT_DIR
 
+mod random;
+
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use anyhow::bail;
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use dwd::pipelines::{TextEncoder, TextEncoderConfig, Unet, UnetConfig, Vae, VaeConfig};
+use random::{copy_folder, randomize_unet, write_json};
 use serde_json::json;
-
-fn write_json(path: &Path, value: serde_json::Value) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path.parent().context("a parent folder")?)?;
-    std::fs::write(path, serde_json::to_string_pretty(&value)?)
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-fn copy_folder(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-    }
-    Ok(())
-}
-
-/// Gives the UNet's variables values like a freshly initialised PyTorch model's: our layers
-/// ask the variable map for plain zeros. Weights (two or more dimensions) and biases are
-/// uniform in ±1/√fan_in (a bias takes the fan-in of the weight beside it), norm scales 1,
-/// norm shifts 0.
-fn randomize_unet(varmap: &VarMap) -> anyhow::Result<()> {
-    let vars = varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
-    for (name, var) in vars.iter() {
-        let dims = var.dims().to_vec();
-        let value = if name.contains("norm") {
-            if name.ends_with(".weight") {
-                Tensor::ones(dims.as_slice(), DType::F32, var.device())?
-            } else {
-                Tensor::zeros(dims.as_slice(), DType::F32, var.device())?
-            }
-        } else {
-            let fan_in = if dims.len() >= 2 {
-                dims[1..].iter().product::<usize>()
-            } else {
-                let weight = name
-                    .strip_suffix(".bias")
-                    .map(|layer| format!("{layer}.weight"))
-                    .and_then(|weight| vars.get(&weight))
-                    .with_context(|| format!("no weight beside {name}"))?;
-                weight.dims()[1..].iter().product::<usize>()
-            };
-            let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-            Tensor::rand(-bound as f32, bound as f32, dims.as_slice(), var.device())?
-        };
-        var.set(&value)?;
-    }
-    Ok(())
-}
 
 fn main() -> anyhow::Result<()> {
     let Some(out) = std::env::args().nth(1).map(PathBuf::from) else {

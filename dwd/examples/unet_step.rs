@@ -1,6 +1,7 @@
 //! One UNet step, timed: the per-step figure compared with diffusers in
 //! `scripts/bench-unet-step.sh`. Loads only the UNet of a pipeline folder, then runs its
-//! forward pass on batch 2 (the classifier-free guidance batch) with fixed inputs.
+//! forward pass on batch 2 (the classifier-free guidance batch) with fixed inputs (for an
+//! SDXL UNet, with a pooled embedding and the time ids of a square image as well).
 //!
 //! Usage: unet_step MODEL_DIR LATENT_SIZE STEPS [f32|f16|bf16] [cpu|cuda]
 //! Prints one JSON line per step, then a summary with the load time and peak RSS.
@@ -9,9 +10,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::{median, ramp, TimingArgs};
+use common::{median, ramp, sdxl_time_ids, TimingArgs};
 use dwd::memory::peak_resident_set_bytes;
-use dwd::pipelines::Unet;
+use dwd::pipelines::{TextTime, Unet};
 
 fn main() -> anyhow::Result<()> {
     dwd::memory::tune_allocator();
@@ -36,11 +37,24 @@ fn main() -> anyhow::Result<()> {
     let cross_attention_dim = unet.config().model.cross_attention_dim;
     let latents = ramp(&[2, channels, latent_size, latent_size], &device)?.to_dtype(dtype)?;
     let context = ramp(&[2, 77, cross_attention_dim], &device)?.to_dtype(dtype)?;
+    // An SDXL UNet also takes the pooled text embedding and six time ids per row.
+    let added = match unet.text_time() {
+        Some(text_time) => {
+            let pooled_width = text_time.input_dim - 6 * text_time.time_embed_dim;
+            let text_embeds = ramp(&[2, pooled_width], &device)?.to_dtype(dtype)?;
+            Some((text_embeds, sdxl_time_ids(latent_size * 8, 2, &device)?))
+        }
+        None => None,
+    };
 
     let mut step_ms = Vec::with_capacity(steps);
     for step in 0..steps {
         let started = Instant::now();
-        let noise = unet.forward(&latents, 999.0 - step as f64, &context)?;
+        let added = added.as_ref().map(|(text_embeds, time_ids)| TextTime {
+            text_embeds,
+            time_ids,
+        });
+        let noise = unet.forward_with(&latents, 999.0 - step as f64, &context, added)?;
         device.synchronize()?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         std::hint::black_box(noise);

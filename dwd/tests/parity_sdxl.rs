@@ -364,3 +364,35 @@ fn every_scheduler_runs_from_the_shipped_sdxl_config_with_community_overrides() 
         scheduler.set_timesteps(25).unwrap();
     }
 }
+
+/// The noise the recorded runs drew is torch's CPU generator's from the run's seed (Turbo:
+/// 1000, one draw per ancestral step; the refiner: 2000, the posterior sample then the
+/// added noise), so a seeded `dwctl run` draws it too.
+#[test]
+fn the_recorded_noise_is_torchs_from_each_runs_seed() {
+    let reference = fixture().tensors("expected.safetensors");
+    let expected = fixture().json("expected.json");
+    let seed = |case: &str| {
+        expected["pipelines"][case]["generator_seed"]
+            .as_u64()
+            .unwrap()
+    };
+    let draws = |seed: u64, count: usize| -> Vec<Tensor> {
+        let mut generator = dwd::pipelines::TorchCpuGenerator::new(seed);
+        (0..count)
+            .map(|_| dwd::pipelines::NoiseSource::next(&mut generator, &[1, 4, 16, 16]).unwrap())
+            .collect()
+    };
+    let turbo = draws(seed("turbo"), 2);
+    for (i, drawn) in turbo.iter().enumerate() {
+        let recorded = reference["turbo_noise"].get(i).unwrap();
+        assert_close(&format!("turbo draw {i}"), drawn, &recorded, 0.0);
+    }
+    let refiner = draws(seed("refiner"), 2);
+    for (drawn, name) in refiner
+        .iter()
+        .zip(["refiner_posterior_noise", "refiner_noise"])
+    {
+        assert_close(name, drawn, &reference[name], 0.0);
+    }
+}

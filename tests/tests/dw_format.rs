@@ -586,7 +586,7 @@ fn auto_pipeline_classes_resolve_from_the_model_folder() {
     }
     std::fs::write(
         xl.join("model_index.json"),
-        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+        r#"{"_class_name": "StableDiffusionXLInpaintPipeline"}"#,
     )
     .unwrap();
     let refused = run(
@@ -600,7 +600,7 @@ fn auto_pipeline_classes_resolve_from_the_model_folder() {
         .unwrap()
         .to_string();
     assert!(
-        message.contains("`DiffusionPipeline` resolves to `StableDiffusionXLPipeline`"),
+        message.contains("`DiffusionPipeline` resolves to `StableDiffusionXLInpaintPipeline`"),
         "{message}"
     );
 }

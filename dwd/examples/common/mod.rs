@@ -1,6 +1,9 @@
 //! What the timing examples (`unet_step`, `vae_decode`) share: their command line, the
 //! fixed inputs they feed a model, and the median they report.
 
+// Each example uses a different subset of these helpers.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -59,4 +62,12 @@ pub fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// SDXL's time ids for a square image of `side` pixels (original size, crop, target size),
+/// `batch` rows: what `scripts/unet_step_torch.py` passes too.
+pub fn sdxl_time_ids(side: usize, batch: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let side = side as f32;
+    let row = [side, side, 0.0, 0.0, side, side];
+    Tensor::from_vec(row.repeat(batch), (batch, row.len()), device)
 }

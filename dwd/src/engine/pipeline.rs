@@ -22,7 +22,7 @@ use crate::loading::{
     all_keys, load_pipeline, missing, plan_step, LoadCounts, PlanContext, StepPlan,
 };
 use crate::memory::{available_ram_bytes, device_memory, human_bytes, measured_bytes};
-use crate::pipelines::noise::SeededNoise;
+use crate::pipelines::torch_rng::TorchCpuGenerator;
 use crate::pipelines::{self, images_to_rgb8, Output, Pipeline, PipelineError, Request, RunHost};
 
 /// In debug builds only (the tests'), a job whose prompt is exactly this panics, so tests
@@ -166,7 +166,7 @@ impl Engine {
                 seed
             }
         };
-        let mut noise = SeededNoise::new(seed);
+        let mut noise = TorchCpuGenerator::new(seed);
         let mut items = Vec::with_capacity(runs.len());
         for (index, run) in runs.iter().enumerate() {
             context.check_cancelled()?;
@@ -322,7 +322,7 @@ impl Engine {
         context: &StepContext<'_>,
         prepared: &PreparedPipeline,
         request: &Request,
-        noise: &mut SeededNoise,
+        noise: &mut TorchCpuGenerator,
     ) -> Result<Artifact, JobError> {
         let step = &context.step.name;
         let mut progress = |progress: pipelines::Progress| {

@@ -2,16 +2,14 @@
 //! latent sample in image-to-image, the noise img2img adds, and the noise stochastic
 //! schedulers (Euler ancestral, LCM) add between steps.
 //!
-//! Everything is drawn through [`NoiseSource`] in the order diffusers draws it, so a seeded
-//! source gives the same images on every device and a recorded sequence of draws can be
+//! Everything is drawn through [`NoiseSource`] in the order diffusers draws it: a seed
+//! draws through torch's own generator ([`super::torch_rng::TorchCpuGenerator`]), so it
+//! gives the noise diffusers draws from that seed, and a recorded sequence of draws can be
 //! replayed to reproduce a reference run exactly.
 
 use std::collections::VecDeque;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 use super::{InComponent, PipelineError};
 
@@ -21,30 +19,6 @@ const COMPONENT: &str = "noise";
 pub trait NoiseSource {
     /// The next draw: standard normal noise of `shape`, f32 on the CPU.
     fn next(&mut self, shape: &[usize]) -> Result<Tensor, PipelineError>;
-}
-
-/// Noise drawn from ChaCha8 seeded with a `u64`, element by element in row-major order.
-#[derive(Debug, Clone)]
-pub struct SeededNoise {
-    rng: ChaCha8Rng,
-}
-
-impl SeededNoise {
-    pub fn new(seed: u64) -> Self {
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
-    }
-}
-
-impl NoiseSource for SeededNoise {
-    fn next(&mut self, shape: &[usize]) -> Result<Tensor, PipelineError> {
-        let count = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| StandardNormal.sample(&mut self.rng))
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).in_component(COMPONENT)
-    }
 }
 
 /// Hands out recorded tensors in order; each must have the shape asked for.
@@ -108,16 +82,6 @@ pub(crate) fn draw_like(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seeded_noise_repeats_per_seed() {
-        let first = SeededNoise::new(3).next(&[2, 3]).unwrap();
-        let again = SeededNoise::new(3).next(&[2, 3]).unwrap();
-        let other = SeededNoise::new(4).next(&[2, 3]).unwrap();
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(values(&first), values(&again));
-        assert_ne!(values(&first), values(&other));
-    }
 
     #[test]
     fn replay_checks_shape_and_count() {

@@ -19,8 +19,9 @@ use serde_json::{Map, Value};
 
 use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
-use crate::pipelines::noise::{NoiseSource, SeededNoise};
+use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
+use crate::pipelines::torch_rng::TorchCpuGenerator;
 use crate::pipelines::{ClipTokenizer, InComponent, PipelineError, TextEncoder, Unet, Vae};
 
 const COMPONENT: &str = "pipeline";
@@ -217,7 +218,7 @@ impl StableDiffusionPipeline {
         args: &GenerateArgs,
         on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
     ) -> Result<Tensor, PipelineError> {
-        let mut noise = SeededNoise::new(args.seed);
+        let mut noise = TorchCpuGenerator::new(args.seed);
         self.generate_with_noise(args, &mut noise, on_progress)
     }
 
