@@ -180,3 +180,44 @@ fn latents_of_the_wrong_shape_exit_2_naming_both_shapes() {
         run.stderr
     );
 }
+
+/// diffusers-workflow on a machine without CUDA: the step's seed (42) seeds one torch CPU
+/// generator, which draws the four initial latents of two prompts times two images
+/// (prompt-major) and, with Euler ancestral, a noise per step. From the seed alone — no
+/// latents file — every image is diffusers' (`tests/fixtures/tiny-sd15-seeded`, a copy of
+/// the shared torch-rng reference's PNGs) within one level.
+#[test]
+fn a_seed_alone_gives_diffusers_images_for_a_batch_of_prompts() {
+    let daemon = TestDaemon::new();
+    let model = fixture("tiny-sd15/model");
+    for (case, scheduler) in [
+        ("shipped", String::new()),
+        (
+            "EulerAncestralDiscreteScheduler",
+            r#""scheduler": {"configuration": {"scheduler_type": "EulerAncestralDiscreteScheduler"}},"#
+                .to_string(),
+        ),
+    ] {
+        let workflow = daemon.dir.path().join(format!("{case}.json"));
+        let text = r#"{"id": "seeded", "seed": 42, "steps": [{"name": "main", "pipeline": {
+            "configuration": {"component_type": "StableDiffusionPipeline"},
+            "from_pretrained_arguments": {"model_name": "MODEL"}, SCHEDULER
+            "arguments": {"prompt": ["A photo of a cat sitting on the mat, rusty robot!",
+                "a watercolor painting of a lighthouse on a rocky cliff at sunset"],
+                "num_images_per_prompt": 2, "num_inference_steps": 4, "guidance_scale": 7.5}},
+            "result": {"content_type": "image/png"}}]}"#
+            .replace("MODEL", model.to_str().unwrap())
+            .replace("SCHEDULER", &scheduler);
+        std::fs::write(&workflow, text).unwrap();
+        let out = daemon.output_dir().join(case);
+        let run = daemon.dwctl(&["run", workflow.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        run.assert_code(0);
+        for k in 0..4 {
+            let (_, _, ours) = png_pixels(&out.join(format!("seeded-main.0-0.{k}.png")));
+            let (_, _, theirs) =
+                png_pixels(&fixture(&format!("tiny-sd15-seeded/{case}_call0_{k}.png")));
+            let diff = max_level_difference(&ours, &theirs);
+            assert!(diff <= 1, "{case} image {k}: {diff} levels from diffusers");
+        }
+    }
+}
