@@ -6,7 +6,9 @@
 //! first call of each recorded run; the SDXL VAE (scaling 0.13025) both ways; both
 //! tokenizers; `encode_prompt`'s embeddings; and the four recorded pipeline runs (Euler
 //! with zeroed and with encoded negatives, Turbo's two ancestral steps, the refiner's
-//! img2img), replaying the noise diffusers drew, to the final latents and the image.
+//! img2img), replaying the noise diffusers drew: the latents after every step (each run
+//! stopped there with `denoising_end`, as a base hands over to a refiner), the image, and
+//! the PNG.
 
 mod common;
 use common::{assert_close, token_rows, Fixture};
@@ -198,25 +200,55 @@ fn check_run(name: &str, mut args: XlArgs, noise: Vec<Tensor>) {
     let reference = fixture().tensors("expected.safetensors");
     let case = &fixture().json("expected.json")["pipelines"][name];
     let pipeline = pipeline(case["folder"].as_str().unwrap());
+    check_step_latents(name, &pipeline, &args, &noise);
     let draws = noise.len();
+    args.output_latents = false;
+    let mut replay = ReplayNoise::new(noise);
+    let image = pipeline
+        .generate(&args, &mut replay, &mut common::no_progress())
+        .unwrap();
+    assert_eq!(replay.remaining(), 0, "{name}: {draws} draws recorded");
+    check_image(
+        name,
+        &image,
+        &reference[&format!("pipe_image_{name}")],
+        case,
+    );
+}
+
+/// The latents after every step: step `k` by stopping the run there with `denoising_end`
+/// (a fraction whose cutoff falls between timesteps `k` and `k + 1`), the last by running
+/// it whole.
+fn check_step_latents(
+    name: &str,
+    pipeline: &StableDiffusionXlPipeline,
+    args: &XlArgs,
+    noise: &[Tensor],
+) {
+    let reference = fixture().tensors("expected.safetensors");
+    let case = &fixture().json("expected.json")["pipelines"][name];
+    let run = case.get("timesteps_run").unwrap_or(&case["timesteps"]);
+    let timesteps: Vec<f64> = run
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
     let steps = &reference[&format!("{name}_step_latents")];
-    let last = steps.get(steps.dim(0).unwrap() - 1).unwrap();
-    for output_latents in [true, false] {
-        args.output_latents = output_latents;
-        let mut replay = ReplayNoise::new(noise.clone());
-        let out = pipeline
+    for (k, pair) in timesteps.windows(2).map(Some).chain([None]).enumerate() {
+        let denoising_end = pair.map(|pair| 1.0 - (pair[0] + pair[1]) / 2.0 / 1000.0);
+        let args = XlArgs {
+            denoising_end,
+            output_latents: true,
+            ..args.clone()
+        };
+        let mut replay = ReplayNoise::new(noise.to_vec());
+        let latents = pipeline
             .generate(&args, &mut replay, &mut common::no_progress())
             .unwrap();
-        assert_eq!(replay.remaining(), 0, "{name}: {draws} draws recorded");
-        match output_latents {
-            true => assert_close(
-                &format!("{name} final latents"),
-                &out,
-                &last,
-                LATENTS_TOLERANCE,
-            ),
-            false => check_image(name, &out, &reference[&format!("pipe_image_{name}")], case),
-        }
+        let want = steps.get(k).unwrap();
+        let what = format!("{name} latents after step {k}");
+        assert_close(&what, &latents, &want, LATENTS_TOLERANCE);
     }
 }
 
@@ -285,30 +317,6 @@ fn the_refiner_img2img_run_matches_diffusers() {
         reference["refiner_noise"].clone(),
     ];
     check_run("refiner", args, noise);
-}
-
-/// The base half of an ensemble of experts: `denoising_end` 0.5 of the Euler run (751,
-/// 501, 251, 1) stops after the timesteps at or above 500, at diffusers' second step.
-#[test]
-fn denoising_end_stops_the_base_where_diffusers_hands_over() {
-    let reference = fixture().tensors("expected.safetensors");
-    let case = &fixture().json("expected.json")["pipelines"]["euler"];
-    let args = XlArgs {
-        denoising_end: Some(0.5),
-        output_latents: true,
-        ..case_args(case)
-    };
-    let mut replay = ReplayNoise::new(replayed("euler"));
-    let latents = pipeline("model")
-        .generate(&args, &mut replay, &mut common::no_progress())
-        .unwrap();
-    let after_two = reference["euler_step_latents"].get(1).unwrap();
-    assert_close(
-        "latents at denoising_end 0.5",
-        &latents,
-        &after_two,
-        LATENTS_TOLERANCE,
-    );
 }
 
 /// The refiner half: given latents and `denoising_start` 0.7, the refiner adds no noise and
