@@ -34,7 +34,7 @@ fn tokenizer_pads_with_exclamation_mark() {
         meta["prompt"].as_str().unwrap(),
     ];
     for (text, want) in texts.iter().zip(&want) {
-        let got = tokenizer.encode_padded(text, 77);
+        let got = tokenizer.encode_padded(text, 77).unwrap();
         assert_eq!(&got, want, "text {text:?}");
         // Padding follows the end token and is not the end token.
         assert_ne!(got[76], tokenizer.eos_id());

@@ -89,9 +89,14 @@ pub fn loader(class: &str) -> Option<&'static ComponentLoader> {
     LOADERS.iter().find(|l| l.class == class)
 }
 
-/// A CLIP tokenizer's vocabulary and merges, and the optional files that change it.
+/// A CLIP tokenizer's `tokenizer.json` (or vocabulary and merges), and the optional files
+/// that change it.
 fn tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, PipelineError> {
-    let mut all = vec![dir.join("vocab.json"), dir.join("merges.txt")];
+    let json = dir.join("tokenizer.json");
+    let mut all = match json.is_file() {
+        true => vec![json],
+        false => vec![dir.join("vocab.json"), dir.join("merges.txt")],
+    };
     all.extend(
         ["special_tokens_map.json", "tokenizer_config.json"]
             .map(|f| dir.join(f))

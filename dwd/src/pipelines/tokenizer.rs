@@ -1,153 +1,78 @@
-//! The CLIP byte-level BPE tokenizer, built from the `vocab.json` and `merges.txt` that
-//! Stable Diffusion checkpoints ship, producing the same ids as Hugging Face's
-//! `CLIPTokenizer(text, padding="max_length", truncation=True)`.
+//! The CLIP tokenizer, on Hugging Face's `tokenizers` library, giving the ids transformers'
+//! `CLIPTokenizer(text, padding="max_length", truncation=True)` gives.
 //!
-//! Steps: special tokens are split off the raw text; the rest is normalised (whitespace
-//! runs become one space, lowercase), split by CLIP's pre-tokenizer pattern, mapped
-//! byte by byte onto printable characters, and merged by BPE with `</w>` marking word ends.
-//! Pieces missing from the vocabulary become the unknown token.
+//! A folder with a `tokenizer.json` is loaded from it. A folder with `vocab.json` and
+//! `merges.txt` (what Stable Diffusion repositories ship) is assembled as transformers
+//! converts it: special tokens split off the raw text first (the start and end tokens, and
+//! the pad and unknown tokens the folder names: SDXL's `tokenizer_2` pads with `!`, so a
+//! `!` in a prompt is that token); then NFC, whitespace runs to one space, lowercase; CLIP's
+//! word pattern, byte-level mapping, and BPE with `</w>` ending each word. The ids are then
+//! framed as `<|startoftext|> ... <|endoftext|>`, truncated and padded to a fixed length.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use regex::Regex;
 use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as Normalizers, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use super::{read_json_object, read_text, PipelineError};
+use super::{read_json_object, PipelineError};
 
 const START_OF_TEXT: &str = "<|startoftext|>";
 const END_OF_TEXT: &str = "<|endoftext|>";
-const END_OF_WORD: &str = "</w>";
-/// CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits,
-/// and runs of anything else that is not whitespace.
-const WORD_PATTERN: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// CLIP's pre-tokenizer: English contractions, letter runs, single digits, and runs of
+/// anything else that is not whitespace.
+const WORD_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// CLIP's BPE tokenizer.
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
-    token_ids: HashMap<String, u32>,
-    merge_ranks: HashMap<(String, String), usize>,
-    byte_chars: [char; 256],
-    word_pattern: Regex,
-    whitespace_runs: Regex,
+    tokenizer: Tokenizer,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
-    unk_id: u32,
-    /// Special tokens split off the text before anything else, as transformers does with
-    /// every special token it is given: the start and end tokens, and the pad and unknown
-    /// tokens a config names (SDXL's `tokenizer_2` pads with `!`, so a `!` in a prompt is
-    /// the pad token's id, not the word piece).
-    specials: Vec<(String, u32)>,
+}
+
+/// The special tokens a folder names, with CLIP's defaults.
+struct SpecialTokens {
+    pad: String,
+    unk: String,
 }
 
 impl ClipTokenizer {
-    /// Loads a tokenizer folder: `vocab.json`, `merges.txt` and, when present, the pad and
-    /// unknown tokens named in `special_tokens_map.json` or `tokenizer_config.json`
-    /// (SD 2.x pads with `!`, SD 1.x with `<|endoftext|>`).
+    /// Loads a tokenizer folder: `tokenizer.json`, else `vocab.json` and `merges.txt`;
+    /// with the pad and unknown tokens `special_tokens_map.json` or `tokenizer_config.json`
+    /// names (SD 2.x and SDXL's `tokenizer_2` pad with `!`, SD 1.x with `<|endoftext|>`).
     pub fn load(dir: &Path) -> Result<Self, PipelineError> {
-        let mut tokenizer = Self::from_files(&dir.join("vocab.json"), &dir.join("merges.txt"))?;
-        for file_name in ["special_tokens_map.json", "tokenizer_config.json"] {
-            let file = dir.join(file_name);
-            if !file.is_file() {
-                continue;
-            }
-            let config = read_json_object(&file)?;
-            if let Some(pad) = special_token_content(config.get("pad_token")) {
-                tokenizer.pad_id = tokenizer.special_id(&file, "pad_token", pad)?;
-                tokenizer.add_special(pad, tokenizer.pad_id);
-            }
-            if let Some(unk) = special_token_content(config.get("unk_token")) {
-                tokenizer.unk_id = tokenizer.special_id(&file, "unk_token", unk)?;
-                tokenizer.add_special(unk, tokenizer.unk_id);
-            }
-            break;
-        }
-        Ok(tokenizer)
-    }
-
-    /// Builds the tokenizer from `vocab.json` and `merges.txt`; padding and unknown pieces
-    /// use `<|endoftext|>`.
-    pub fn from_files(vocab_json: &Path, merges_txt: &Path) -> Result<Self, PipelineError> {
-        let vocab = read_json_object(vocab_json)?;
-        let mut token_ids = HashMap::with_capacity(vocab.len());
-        for (token, id) in vocab {
-            let id = id
-                .as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| PipelineError::BadConfig {
-                    file: vocab_json.to_path_buf(),
-                    problem: format!("id of token {token:?} is not a small integer: {id}"),
-                })?;
-            token_ids.insert(token, id);
-        }
-
-        let merges = read_text(merges_txt)?;
-        let mut merge_ranks = HashMap::new();
-        for (line_index, line) in merges.lines().enumerate() {
-            let line = line.trim_end_matches('\r');
-            if line.is_empty() || (line_index == 0 && line.starts_with("#version")) {
-                continue;
-            }
-            let mut parts = line.split(' ');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(first), Some(second), None) => {
-                    let rank = merge_ranks.len();
-                    merge_ranks
-                        .entry((first.to_string(), second.to_string()))
-                        .or_insert(rank);
-                }
-                _ => {
-                    return Err(PipelineError::BadConfig {
-                        file: merges_txt.to_path_buf(),
-                        problem: format!("line {} is not a pair: {line:?}", line_index + 1),
-                    })
-                }
-            }
-        }
-
-        let mut tokenizer = Self {
-            token_ids,
-            merge_ranks,
-            byte_chars: byte_to_unicode(),
-            word_pattern: Regex::new(WORD_PATTERN).map_err(|error| PipelineError::BadConfig {
-                file: vocab_json.to_path_buf(),
-                problem: format!("pre-tokenizer pattern: {error}"),
-            })?,
-            whitespace_runs: Regex::new(r"\s+").map_err(|error| PipelineError::BadConfig {
-                file: vocab_json.to_path_buf(),
-                problem: format!("whitespace pattern: {error}"),
-            })?,
-            bos_id: 0,
-            eos_id: 0,
-            pad_id: 0,
-            unk_id: 0,
-            specials: Vec::new(),
+        let specials = special_tokens(dir)?;
+        let file = dir.join("tokenizer.json");
+        let mut tokenizer = match file.is_file() {
+            true => Tokenizer::from_file(&file).map_err(|e| bad_file(&file, e))?,
+            false => assemble(dir, &specials.unk)?,
         };
-        tokenizer.bos_id = tokenizer.special_id(vocab_json, "bos_token", START_OF_TEXT)?;
-        tokenizer.eos_id = tokenizer.special_id(vocab_json, "eos_token", END_OF_TEXT)?;
-        tokenizer.pad_id = tokenizer.eos_id;
-        tokenizer.unk_id = tokenizer.eos_id;
-        tokenizer.add_special(START_OF_TEXT, tokenizer.bos_id);
-        tokenizer.add_special(END_OF_TEXT, tokenizer.eos_id);
-        Ok(tokenizer)
-    }
-
-    fn add_special(&mut self, token: &str, id: u32) {
-        if !token.is_empty() && !self.specials.iter().any(|(t, _)| t == token) {
-            self.specials.push((token.to_string(), id));
-        }
-    }
-
-    fn special_id(&self, file: &Path, role: &str, token: &str) -> Result<u32, PipelineError> {
-        self.token_ids
-            .get(token)
-            .copied()
-            .ok_or_else(|| PipelineError::BadConfig {
-                file: file.to_path_buf(),
-                problem: format!("{role} {token:?} is not in the vocabulary"),
-            })
+        let added = [START_OF_TEXT, END_OF_TEXT, &specials.pad, &specials.unk]
+            .map(|token| AddedToken::from(token.to_string(), true));
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| bad_file(dir, e))?;
+        let id = |role: &str, token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| PipelineError::BadConfig {
+                    file: dir.to_path_buf(),
+                    problem: format!("{role} {token:?} is not in the vocabulary"),
+                })
+        };
+        Ok(ClipTokenizer {
+            bos_id: id("bos_token", START_OF_TEXT)?,
+            eos_id: id("eos_token", END_OF_TEXT)?,
+            pad_id: id("pad_token", &specials.pad)?,
+            tokenizer,
+        })
     }
 
     /// Id of `<|startoftext|>`.
@@ -165,15 +90,15 @@ impl ClipTokenizer {
         self.pad_id
     }
 
-    /// Number of entries in the vocabulary.
+    /// Number of entries in the vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.token_ids.len()
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// Token ids of `text` between `<|startoftext|>` and `<|endoftext|>`, truncated so the
     /// end token stays last and padded to exactly `max_len` ids.
-    pub fn encode_padded(&self, text: &str, max_len: usize) -> Vec<u32> {
-        let body = self.encode_body(text);
+    pub fn encode_padded(&self, text: &str, max_len: usize) -> Result<Vec<u32>, PipelineError> {
+        let body = self.encode_body(text)?;
         let body_len = body.len().min(max_len.saturating_sub(2));
         let mut ids = Vec::with_capacity(max_len);
         ids.push(self.bos_id);
@@ -181,85 +106,79 @@ impl ClipTokenizer {
         ids.push(self.eos_id);
         ids.truncate(max_len);
         ids.resize(max_len, self.pad_id);
-        ids
+        Ok(ids)
     }
 
     /// Token ids of `text` without start, end or padding.
-    pub fn encode_body(&self, text: &str) -> Vec<u32> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        while let Some((before, special_id, after)) = self.split_at_special(rest) {
-            self.encode_plain(before, &mut ids);
-            ids.push(special_id);
-            rest = after;
-        }
-        self.encode_plain(rest, &mut ids);
-        ids
+    pub fn encode_body(&self, text: &str) -> Result<Vec<u32>, PipelineError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PipelineError::invalid("prompt", format!("cannot be tokenized: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
     }
+}
 
-    /// Finds the first special token written literally in the text (the longest one, where
-    /// two start at the same place).
-    fn split_at_special<'a>(&self, text: &'a str) -> Option<(&'a str, u32, &'a str)> {
-        self.specials
-            .iter()
-            .filter_map(|(token, id)| text.find(token.as_str()).map(|at| (at, token, *id)))
-            .min_by_key(|(at, token, _)| (*at, std::cmp::Reverse(token.len())))
-            .map(|(at, token, id)| (&text[..at], id, &text[at + token.len()..]))
+/// The pipeline transformers builds for a CLIP `vocab.json` + `merges.txt`.
+fn assemble(dir: &Path, unk: &str) -> Result<Tokenizer, PipelineError> {
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if let Some(missing) = [&vocab, &merges].into_iter().find(|file| !file.is_file()) {
+        return Err(PipelineError::MissingFile {
+            file: format!("tokenizer.json or {}", missing.display()),
+            dir: dir.to_path_buf(),
+        });
     }
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let model = BPE::from_file(&path(&vocab), &path(&merges))
+        .end_of_word_suffix("</w>".to_string())
+        .unk_token(unk.to_string())
+        .build()
+        .map_err(|e| bad_file(&vocab, e))?;
+    let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".to_string()), " ")
+        .map_err(|e| bad_file(&vocab, e))?;
+    let words = Split::new(
+        SplitPattern::Regex(WORD_PATTERN.to_string()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| bad_file(&vocab, e))?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(Normalizers::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(|e| bad_file(&vocab, e))?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
+        words.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    Ok(tokenizer)
+}
 
-    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
-        let normalized = self.whitespace_runs.replace_all(text, " ").to_lowercase();
-        for word in self.word_pattern.find_iter(&normalized) {
-            let mapped: String = word
-                .as_str()
-                .bytes()
-                .map(|byte| self.byte_chars[usize::from(byte)])
-                .collect();
-            for piece in self.bpe(&mapped) {
-                ids.push(self.token_ids.get(&piece).copied().unwrap_or(self.unk_id));
-            }
-        }
+/// The pad and unknown tokens `special_tokens_map.json` (else `tokenizer_config.json`)
+/// names; `<|endoftext|>` where neither does.
+fn special_tokens(dir: &Path) -> Result<SpecialTokens, PipelineError> {
+    let mut tokens = SpecialTokens {
+        pad: END_OF_TEXT.to_string(),
+        unk: END_OF_TEXT.to_string(),
+    };
+    let Some(file) = ["special_tokens_map.json", "tokenizer_config.json"]
+        .map(|name| dir.join(name))
+        .into_iter()
+        .find(|file| file.is_file())
+    else {
+        return Ok(tokens);
+    };
+    let config = read_json_object(&file)?;
+    if let Some(pad) = special_token_content(config.get("pad_token")) {
+        tokens.pad = pad.to_string();
     }
-
-    /// Merges the characters of one word, the last one marked with `</w>`, by merge rank.
-    fn bpe(&self, word: &str) -> Vec<String> {
-        let mut pieces: Vec<String> = word.chars().map(String::from).collect();
-        match pieces.last_mut() {
-            Some(last) => last.push_str(END_OF_WORD),
-            None => return pieces,
-        }
-        loop {
-            let best = pieces
-                .windows(2)
-                .filter_map(|pair| {
-                    self.merge_ranks
-                        .get(&(pair[0].clone(), pair[1].clone()))
-                        .map(|rank| (*rank, pair))
-                })
-                .min_by_key(|(rank, _)| *rank)
-                .map(|(_, pair)| (pair[0].clone(), pair[1].clone()));
-            let Some((first, second)) = best else {
-                break;
-            };
-            let mut merged = Vec::with_capacity(pieces.len());
-            let mut index = 0;
-            while index < pieces.len() {
-                if index + 1 < pieces.len() && pieces[index] == first && pieces[index + 1] == second
-                {
-                    merged.push(format!("{first}{second}"));
-                    index += 2;
-                } else {
-                    merged.push(std::mem::take(&mut pieces[index]));
-                    index += 1;
-                }
-            }
-            pieces = merged;
-            if pieces.len() == 1 {
-                break;
-            }
-        }
-        pieces
+    if let Some(unk) = special_token_content(config.get("unk_token")) {
+        tokens.unk = unk.to_string();
     }
+    Ok(tokens)
 }
 
 /// The content of a special token entry, written either as a string or as an object with
@@ -272,22 +191,107 @@ fn special_token_content(entry: Option<&Value>) -> Option<&str> {
     }
 }
 
-/// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map
-/// to themselves, the others to code points from 256 upwards in byte order.
-fn byte_to_unicode() -> [char; 256] {
-    let keeps_itself =
-        |byte: u32| (0x21..=0x7e).contains(&byte) || (0xa1..=0xac).contains(&byte) || byte >= 0xae;
-    let mut chars = ['\0'; 256];
-    let mut next_shifted = 256u32;
-    for (byte, slot) in (0u32..).zip(chars.iter_mut()) {
-        let code_point = if keeps_itself(byte) {
-            byte
-        } else {
-            let shifted = next_shifted;
-            next_shifted += 1;
-            shifted
-        };
-        *slot = char::from_u32(code_point).unwrap_or(char::REPLACEMENT_CHARACTER);
+fn bad_file(file: &Path, error: impl std::fmt::Display) -> PipelineError {
+    PipelineError::BadConfig {
+        file: file.to_path_buf(),
+        problem: error.to_string(),
     }
-    chars
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn fixture(path: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(path)
+    }
+
+    fn sd15() -> ClipTokenizer {
+        ClipTokenizer::load(&fixture("tiny-sd15/model/tokenizer")).unwrap()
+    }
+
+    /// transformers normalises with NFC first: "é" typed as e + a combining accent (NFD)
+    /// is the same text as the precomposed "é".
+    #[test]
+    fn decomposed_accents_tokenize_as_composed_ones() {
+        let tokenizer = sd15();
+        let composed = tokenizer.encode_body("caf\u{e9} cr\u{e8}me").unwrap();
+        let decomposed = tokenizer.encode_body("cafe\u{301} cre\u{300}me").unwrap();
+        assert_eq!(composed, decomposed);
+    }
+
+    /// Whitespace runs (tabs, newlines, non-breaking spaces) are one space, and case is
+    /// folded, before the words are split.
+    #[test]
+    fn whitespace_runs_and_case_do_not_change_the_ids() {
+        let tokenizer = sd15();
+        assert_eq!(
+            tokenizer.encode_body("A  Red\tFOX\n\u{a0}sits").unwrap(),
+            tokenizer.encode_body("a red fox sits").unwrap()
+        );
+    }
+
+    /// A special token written in the prompt is that token, not its spelling: the end
+    /// token everywhere, and `!` where the folder pads with it (SDXL's `tokenizer_2`).
+    #[test]
+    fn special_tokens_in_the_text_are_split_off_first() {
+        let tokenizer = sd15();
+        let ids = tokenizer.encode_body("a<|endoftext|>b").unwrap();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[1], tokenizer.eos_id());
+        let bang = ClipTokenizer::load(&fixture("tiny-sdxl/model/tokenizer_2")).unwrap();
+        assert_eq!(bang.pad_id(), 0);
+        assert_eq!(bang.encode_body("!").unwrap(), [0]);
+        assert_ne!(sd15().encode_body("!").unwrap(), [0]);
+    }
+
+    #[test]
+    fn long_prompts_keep_the_end_token_last_and_short_ones_are_padded() {
+        let tokenizer = sd15();
+        let long = tokenizer.encode_padded(&"word ".repeat(100), 77).unwrap();
+        assert_eq!(long.len(), 77);
+        assert_eq!(
+            (long[0], long[76]),
+            (tokenizer.bos_id(), tokenizer.eos_id())
+        );
+        let short = tokenizer.encode_padded("a fox", 77).unwrap();
+        assert_eq!(short.len(), 77);
+        assert_eq!(short[76], tokenizer.pad_id());
+    }
+
+    /// A folder with a `tokenizer.json` is read from it: saved from the assembled
+    /// tokenizer, it gives the same ids.
+    #[test]
+    fn a_tokenizer_json_gives_the_same_ids_as_vocab_and_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let assembled = sd15();
+        assembled
+            .tokenizer
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
+        let loaded = ClipTokenizer::load(dir.path()).unwrap();
+        for text in [
+            "A photo of a cat, rusty robot!",
+            "emoji 🚀 and café",
+            "3.14",
+        ] {
+            assert_eq!(
+                loaded.encode_padded(text, 77).unwrap(),
+                assembled.encode_padded(text, 77).unwrap(),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_folder_without_its_files_names_what_it_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = ClipTokenizer::load(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("tokenizer.json or"), "{error}");
+        assert!(error.contains("vocab.json"), "{error}");
+    }
 }

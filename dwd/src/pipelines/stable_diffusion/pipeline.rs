@@ -433,10 +433,10 @@ impl StableDiffusionPipeline {
             texts.extend(std::iter::repeat_n(negative, args.prompts.len()));
         }
         texts.extend(args.prompts.iter().map(String::as_str));
-        let token_ids: Vec<Vec<u32>> = texts
+        let token_ids = texts
             .iter()
             .map(|text| self.tokenizer.encode_padded(text, MAX_TOKENS))
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         let embeddings = self.text_encoder.encode(&token_ids)?;
         diffusion::repeat_rows(&embeddings, repeat).in_component("text encoder")
     }

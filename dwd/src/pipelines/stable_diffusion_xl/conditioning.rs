@@ -114,21 +114,21 @@ impl TextEncoders {
         first: &[String],
         second: &[String],
     ) -> Result<TextConditioning, PipelineError> {
-        let ids = |tokenizer: &ClipTokenizer, texts: &[String]| -> Vec<Vec<u32>> {
+        let ids = |tokenizer: &ClipTokenizer, texts: &[String]| {
             texts
                 .iter()
                 .map(|text| tokenizer.encode_padded(text, MAX_TOKENS))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()
         };
         let mut states = Vec::with_capacity(2);
         if let Some(pair) = &self.first {
-            let output = pair.encoder.encode_all(&ids(&pair.tokenizer, first))?;
+            let output = pair.encoder.encode_all(&ids(&pair.tokenizer, first)?)?;
             states.push(output.penultimate);
         }
         let output = self
             .second
             .encoder
-            .encode_all(&ids(&self.second.tokenizer, second))?;
+            .encode_all(&ids(&self.second.tokenizer, second)?)?;
         states.push(output.penultimate);
         let pooled = output.text_embeds.ok_or_else(no_projection)?;
         Ok(TextConditioning {
