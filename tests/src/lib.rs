@@ -307,6 +307,16 @@ pub fn png_text_chunks(path: &Path) -> Vec<(String, String)> {
 }
 
 /// Decoded RGB pixels and size of a PNG file.
+/// The largest difference between two 8-bit images of one size, in levels.
+pub fn max_level_difference(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
 pub fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let decoder = png::Decoder::new(std::io::BufReader::new(file));

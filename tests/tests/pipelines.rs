@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use dw_tests::{png_pixels, repo_root, TestDaemon};
+use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
 
 fn fixture(relative: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(relative)
@@ -17,16 +17,6 @@ fn example(name: &str) -> String {
         .join(name)
         .display()
         .to_string()
-}
-
-/// Largest difference between two 8-bit images, in levels.
-fn max_level_difference(a: &[u8], b: &[u8]) -> u8 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
 }
 
 #[test]

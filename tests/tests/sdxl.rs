@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use dw_tests::{png_pixels, repo_root, TestDaemon};
+use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
 
 fn example(name: &str) -> String {
     repo_root()
@@ -23,14 +23,7 @@ fn example(name: &str) -> String {
 /// The largest difference between our PNG and diffusers', in 8-bit levels.
 fn levels_from_reference(ours: &Path, reference: &str) -> u8 {
     let reference = repo_root().join("tests/fixtures/tiny-sdxl").join(reference);
-    let (_, _, ours) = png_pixels(ours);
-    let (_, _, theirs) = png_pixels(&reference);
-    assert_eq!(ours.len(), theirs.len(), "image sizes differ");
-    ours.iter()
-        .zip(&theirs)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0)
+    max_level_difference(&png_pixels(ours).2, &png_pixels(&reference).2)
 }
 
 /// Writes the text of an example workflow as `name` in the daemon's folder, its relative

@@ -9,9 +9,10 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
+use super::family::{Phase, Progress};
 use super::noise::NoiseSource;
 use super::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
-use super::{InComponent, PipelineError, Vae};
+use super::{InComponent, PipelineError, Unet, Vae};
 
 const COMPONENT: &str = "pipeline";
 
@@ -33,6 +34,30 @@ pub fn scheduler_for(
         }
     };
     build_scheduler(class_name, &shipped.with_overrides(overrides)?)
+}
+
+/// Text to image's starting noise: the caller's latents, checked, or the first draw.
+pub fn initial_noise(
+    given: Option<&Tensor>,
+    shape: [usize; 4],
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor, PipelineError> {
+    match given {
+        Some(latents) => checked_latents(latents, shape),
+        None => noise.next(&shape),
+    }
+}
+
+/// Reports a phase that is one step (encoding, decoding).
+pub fn report_phase(
+    on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    phase: Phase,
+) -> Result<(), PipelineError> {
+    on_progress(Progress {
+        phase,
+        step: 0,
+        total: 1,
+    })
 }
 
 /// The caller's initial latents as f32, checked against the expected shape.
@@ -137,6 +162,43 @@ pub fn encode_images(
     (distribution.sample(&sample_noise)? * vae.scaling_factor())
         .and_then(|latents| latents.to_dtype(DType::F32))
         .in_component(COMPONENT)
+}
+
+/// The shape of one run, for its memory estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    /// (images, channels, latent height, latent width).
+    pub latents: [usize; 4],
+    /// Classifier-free guidance doubles the UNet's batch.
+    pub guided: bool,
+    /// No decode when the latents are the output.
+    pub output_latents: bool,
+    pub decode: DecodeOptions,
+}
+
+/// About the most memory a run takes beyond the weights: the larger of a denoising step
+/// and the decode, each in its model's dtype (f32 on the CPU, where everything runs so).
+pub fn activation_bytes(unet: &Unet, unet_dtype: DType, vae: &Vae, run: RunShape) -> u64 {
+    let [images, _, height, width] = run.latents;
+    let element = |dtype: DType| match vae.device().is_cpu() {
+        true => 4,
+        false => dtype.size_in_bytes(),
+    };
+    let batch = if run.guided { 2 * images } else { images };
+    let step = unet.activation_bytes(batch, height, width, element(unet_dtype));
+    let scale = vae.scale_factor();
+    let decode = match run.output_latents {
+        true => 0,
+        false => vae.decode_activation_bytes(
+            images,
+            height * scale,
+            width * scale,
+            element(vae.dtype()),
+            run.decode.slicing,
+            run.decode.tiling,
+        ),
+    };
+    step.max(decode)
 }
 
 /// How final latents are decoded.

@@ -289,6 +289,7 @@ pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
     dtype: DType,
+    device: Device,
     bytes: u64,
 }
 
@@ -350,6 +351,7 @@ impl Vae {
             post_quant_conv,
             config,
             dtype: vb.dtype(),
+            device: vb.device().clone(),
             bytes: 0,
         })
     }
@@ -505,6 +507,11 @@ impl Vae {
     /// The dtype its weights are in; inputs are converted to it.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The device its weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Latents are multiplied by this after encoding and divided by it before decoding.

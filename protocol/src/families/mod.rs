@@ -8,6 +8,7 @@
 //! implementation of a family lives in `dwd/src/pipelines/<family>/`; adding one is a table
 //! here, that folder, and one line in each registry.
 
+mod common;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 #[cfg(debug_assertions)]

@@ -5,45 +5,31 @@
 //! A refiner folder lists no `tokenizer`/`text_encoder` (`[null, null]` in
 //! `model_index.json`) and runs on `text_encoder_2` alone.
 
+use super::common::{
+    guidance_scale, strength, FRACTION, HEIGHT, LATENTS, NEGATIVE_PROMPT, NON_NEGATIVE,
+    NUM_IMAGES_PER_PROMPT, NUM_INFERENCE_STEPS, OUTPUT_TYPE, PROMPT, WIDTH,
+};
 use super::{ComponentSpec, Family, PipelineClass, Task};
-use crate::workflow::{ArgDefault, ArgSpec, ArgType, OutputType};
+use crate::workflow::{ArgDefault, ArgSpec, ArgType};
 
 const ID: &str = "stable_diffusion_xl";
 
-const SIDE: ArgType = ArgType::Integer { min: 8, max: 16384 };
 /// `original_size`, `target_size`: (height, width).
 const SIZE: ArgType = ArgType::Pair { min: 1, max: 16384 };
 /// `crops_coords_top_left`: (top, left).
 const CROP: ArgType = ArgType::Pair { min: 0, max: 16384 };
-const FRACTION: ArgType = ArgType::Number { min: 0.0, max: 1.0 };
-const NON_NEGATIVE: ArgType = ArgType::Number {
-    min: 0.0,
-    max: f64::MAX,
-};
 
 /// Arguments both pipelines take, in diffusers' order.
 const COMMON: &[ArgSpec] = &[
-    ArgSpec::new("prompt", ArgType::Prompts, ArgDefault::Required),
+    PROMPT,
     ArgSpec::new("prompt_2", ArgType::Text, ArgDefault::Unset),
-    ArgSpec::new(
-        "num_inference_steps",
-        ArgType::Integer { min: 1, max: 1000 },
-        ArgDefault::Integer(50),
-    ),
+    NUM_INFERENCE_STEPS,
     ArgSpec::new("denoising_end", FRACTION, ArgDefault::Unset),
-    ArgSpec::new("guidance_scale", NON_NEGATIVE, ArgDefault::Number(5.0)),
-    ArgSpec::new("negative_prompt", ArgType::Text, ArgDefault::Unset),
+    guidance_scale(5.0),
+    NEGATIVE_PROMPT,
     ArgSpec::new("negative_prompt_2", ArgType::Text, ArgDefault::Unset),
-    ArgSpec::new(
-        "num_images_per_prompt",
-        ArgType::Integer { min: 1, max: 64 },
-        ArgDefault::Integer(1),
-    ),
-    ArgSpec::new(
-        "output_type",
-        ArgType::OutputType,
-        ArgDefault::Output(OutputType::Image),
-    ),
+    NUM_IMAGES_PER_PROMPT,
+    OUTPUT_TYPE,
     ArgSpec::new("guidance_rescale", NON_NEGATIVE, ArgDefault::Number(0.0)),
     ArgSpec::new("original_size", SIZE, ArgDefault::Unset),
     ArgSpec::new("crops_coords_top_left", CROP, ArgDefault::Unset),
@@ -54,16 +40,12 @@ const COMMON: &[ArgSpec] = &[
 ];
 
 /// Only text to image.
-const TEXT_TO_IMAGE: &[ArgSpec] = &[
-    ArgSpec::new("height", SIDE, ArgDefault::Unset),
-    ArgSpec::new("width", SIDE, ArgDefault::Unset),
-    ArgSpec::new("latents", ArgType::Latents, ArgDefault::Unset),
-];
+const TEXT_TO_IMAGE: &[ArgSpec] = &[HEIGHT, WIDTH, LATENTS];
 
 /// Only image to image (and the refiner).
 const IMAGE_TO_IMAGE: &[ArgSpec] = &[
     ArgSpec::new("image", ArgType::ImageOrLatents, ArgDefault::Required),
-    ArgSpec::new("strength", FRACTION, ArgDefault::Number(0.3)),
+    strength(0.3),
     ArgSpec::new("denoising_start", FRACTION, ArgDefault::Unset),
     ArgSpec::new("aesthetic_score", NON_NEGATIVE, ArgDefault::Number(6.0)),
     ArgSpec::new(

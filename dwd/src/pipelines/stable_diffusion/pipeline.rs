@@ -17,7 +17,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
-use crate::pipelines::diffusion::{self, DecodeOptions};
+use crate::pipelines::diffusion::{self, DecodeOptions, RunShape};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
@@ -178,31 +178,18 @@ impl StableDiffusionPipeline {
     /// About the most memory a run of `args` takes beyond the weights: the larger of a
     /// denoising step (classifier-free guidance doubles the batch) and the decode.
     pub fn activation_bytes(&self, args: &GenerateArgs) -> Result<u64, PipelineError> {
-        let [images, _, height, width] = self.latent_shape(args)?;
-        let element = if self.device.is_cpu() {
-            4
-        } else {
-            self.dtype.size_in_bytes()
+        let run = RunShape {
+            latents: self.latent_shape(args)?,
+            guided: args.guidance_scale > 1.0,
+            output_latents: args.output_latents,
+            decode: DecodeOptions {
+                slicing: args.vae_slicing,
+                tiling: args.vae_tiling,
+            },
         };
-        let batch = if args.guidance_scale > 1.0 {
-            2 * images
-        } else {
-            images
-        };
-        let step = self.unet.activation_bytes(batch, height, width, element);
-        let scale = self.vae.scale_factor();
-        let decode = match args.output_latents {
-            true => 0,
-            false => self.vae.decode_activation_bytes(
-                images,
-                height * scale,
-                width * scale,
-                element,
-                args.vae_slicing,
-                args.vae_tiling,
-            ),
-        };
-        Ok(step.max(decode))
+        Ok(diffusion::activation_bytes(
+            &self.unet, self.dtype, &self.vae, run,
+        ))
     }
 
     /// Runs the whole pipeline with noise seeded from `args.seed`. Returns f32 images
@@ -242,16 +229,14 @@ impl StableDiffusionPipeline {
             None => 0,
         };
         // Text-to-image starts from the given latents or from the first draw.
-        let initial_latents = match (&args.init_image, &args.latents) {
-            (Some(_), _) => None,
-            (None, Some(latents)) => Some(diffusion::checked_latents(latents, latent_shape)?),
-            (None, None) => Some(noise.next(&latent_shape)?),
+        let initial_latents = match &args.init_image {
+            Some(_) => None,
+            None => {
+                let given = args.latents.as_ref();
+                Some(diffusion::initial_noise(given, latent_shape, noise)?)
+            }
         };
-        on_progress(Progress {
-            phase: Phase::Encoding,
-            step: 0,
-            total: 1,
-        })?;
+        diffusion::report_phase(on_progress, Phase::Encoding)?;
         let guided = args.guidance_scale > 1.0;
         let text_embeddings = self.encode_prompts(args, guided)?;
         let latents = match (initial_latents, &args.init_image) {
@@ -279,11 +264,7 @@ impl StableDiffusionPipeline {
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
-        on_progress(Progress {
-            phase: Phase::Decoding,
-            step: 0,
-            total: 1,
-        })?;
+        diffusion::report_phase(on_progress, Phase::Decoding)?;
         let options = DecodeOptions {
             slicing: args.vae_slicing,
             tiling: args.vae_tiling,

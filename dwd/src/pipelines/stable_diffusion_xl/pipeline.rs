@@ -19,7 +19,7 @@ use super::conditioning::{
     time_id_rows, time_ids, MicroConditioning, PromptTexts, TextConditioning, TextEncoders,
     TimeIdLayout,
 };
-use crate::pipelines::diffusion::{self, DecodeOptions};
+use crate::pipelines::diffusion::{self, DecodeOptions, RunShape};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
@@ -177,32 +177,15 @@ impl StableDiffusionXlPipeline {
     /// About the most memory a run takes beyond the weights: the larger of a denoising step
     /// (classifier-free guidance doubles the batch) and the decode.
     pub fn activation_bytes(&self, args: &XlArgs) -> Result<u64, PipelineError> {
-        let [images, _, height, width] = self.latent_shape(args)?;
-        let element = |dtype: DType| match self.device.is_cpu() {
-            true => 4,
-            false => dtype.size_in_bytes(),
+        let run = RunShape {
+            latents: self.latent_shape(args)?,
+            guided: args.guidance_scale > 1.0,
+            output_latents: args.output_latents,
+            decode: args.decode,
         };
-        let batch = if args.guidance_scale > 1.0 {
-            2 * images
-        } else {
-            images
-        };
-        let step = self
-            .unet
-            .activation_bytes(batch, height, width, element(self.dtype));
-        let scale = self.vae.scale_factor();
-        let decode = match args.output_latents {
-            true => 0,
-            false => self.vae.decode_activation_bytes(
-                images,
-                height * scale,
-                width * scale,
-                element(self.vae.dtype()),
-                args.decode.slicing,
-                args.decode.tiling,
-            ),
-        };
-        Ok(step.max(decode))
+        Ok(diffusion::activation_bytes(
+            &self.unet, self.dtype, &self.vae, run,
+        ))
     }
 
     /// Runs the whole pipeline. Returns f32 images (N, 3, H, W) in [0, 1] on the CPU, N
@@ -218,16 +201,15 @@ impl StableDiffusionXlPipeline {
         let shape = self.latent_shape(args)?;
         let mut schedule = self.schedule(args)?;
         // Text to image draws its noise first, before anything is encoded.
-        let initial = match (&args.image, &args.latents) {
-            (Some(_), _) => None,
-            (None, Some(latents)) => Some(diffusion::checked_latents(latents, shape)?),
-            (None, None) => Some(noise.next(&shape)?),
+        let initial = match &args.image {
+            Some(_) => None,
+            None => Some(diffusion::initial_noise(
+                args.latents.as_ref(),
+                shape,
+                noise,
+            )?),
         };
-        on_progress(Progress {
-            phase: Phase::Encoding,
-            step: 0,
-            total: 1,
-        })?;
+        diffusion::report_phase(on_progress, Phase::Encoding)?;
         let guided = args.guidance_scale > 1.0;
         let texts = self.text_encoders.encode(
             &args.texts,
@@ -253,11 +235,7 @@ impl StableDiffusionXlPipeline {
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
-        on_progress(Progress {
-            phase: Phase::Decoding,
-            step: 0,
-            total: 1,
-        })?;
+        diffusion::report_phase(on_progress, Phase::Decoding)?;
         diffusion::decode_latents(&self.vae, &latents, args.decode)
     }
 
