@@ -27,6 +27,7 @@ use dwd::cache::ComponentCache;
 use dwd::cache::EXPIRY_CHECK_INTERVAL;
 use dwd::engine::{Engine, MemoryPolicy};
 use dwd::memory::{device_memory, human_bytes};
+use dwd::pipelines::GeneratorSetting;
 use dwd::queue::{run_executor, JobQueue};
 use dwd::server::{serve, DaemonState};
 
@@ -106,6 +107,14 @@ struct Args {
         hide = true
     )]
     cgroup_root: PathBuf,
+
+    /// Which of torch's generators seeds draw from, so a seed gives the noise
+    /// diffusers-workflow draws: `auto` (the device's: CUDA's Philox on a GPU, the CPU's
+    /// Mersenne Twister otherwise, as diffusers-workflow chooses), `cpu`, `cuda` (this
+    /// machine's GPU), or `cuda:SMSxTHREADS` for any GPU's noise on any machine (132x2048 an
+    /// H100 SXM, 108x2048 an A100, 128x1536 an RTX 4090; large draws depend on it).
+    #[arg(long, default_value = "auto", value_name = "GENERATOR", value_parser = GeneratorSetting::parse, env = "DWD_GENERATOR")]
+    generator: GeneratorSetting,
 
     /// Exit once no job has been queued or running for this long (e.g. 10m), so a CI job or
     /// a Makefile leaves no daemon behind [default: never].
@@ -201,7 +210,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("dwd-io")
         .build()
         .context("cannot start the async runtime")?;
-    let engine = engine(&args, device);
+    let engine = engine(&args, device).inspect_err(|e| tracing::error!("{e:#}"))?;
     let identity = Identity {
         socket_inode,
         lock_inode: lock.metadata()?.ino(),
@@ -264,7 +273,7 @@ fn warm_up(device: &Device) {
 }
 
 /// The engine, with the memory budget and policy the flags give.
-fn engine(args: &Args, device: Device) -> Engine {
+fn engine(args: &Args, device: Device) -> anyhow::Result<Engine> {
     let limit = match device_memory(&device) {
         Some((_, total)) => dwd::memory::MemoryLimit {
             bytes: total,
@@ -283,11 +292,17 @@ fn engine(args: &Args, device: Device) -> Engine {
         growth_warn_bytes: args.growth_warn.of(total),
     };
     tracing::info!(budget = %human_bytes(budget), keep_alive = ?policy.keep_alive, "memory policy");
+    let generator = args
+        .generator
+        .resolve(&device)
+        .map_err(|e| anyhow::anyhow!("--generator: {e}"))?;
+    tracing::info!(generator = %generator.describe(), "seeds draw from torch's generator");
     let mut engine = Engine::new(ComponentCache::with_budget(budget), device, policy);
+    engine.generator = generator;
     engine.budget_source = budget_source;
     engine.fetcher.timeout = args.fetch_timeout;
     engine.fetcher.max_bytes = args.fetch_limit.of(u64::MAX);
-    engine
+    Ok(engine)
 }
 
 /// `--log-max`: a size in bytes (a share of something makes no sense for a log), at least

@@ -1,5 +1,5 @@
-//! What a pipeline run records about itself: dw's JSON (model, arguments, seed,
-//! scheduler) and, for each image, the AUTOMATIC1111 `parameters` text image tools read.
+//! What a pipeline run records about itself: dw's JSON (model, arguments, seed and its
+//! generator, scheduler) and, for each image, the AUTOMATIC1111 `parameters` text image tools read.
 
 use serde_json::json;
 
@@ -12,16 +12,23 @@ use crate::saving::Metadata;
 /// The scheduler a step names when it names none and its checkpoint ships none.
 const FALLBACK_SCHEDULER: &str = "DDIMScheduler";
 
+/// The seed a run drew from, and which of torch's generators drew it.
+pub(super) struct Seeding {
+    pub seed: u64,
+    pub generator: String,
+}
+
 /// Metadata of one pipeline run, with a `parameters` text for each of `sizes` (the images'
 /// width and height, in output order).
 pub(super) fn pipeline_metadata(
     context: &StepContext<'_>,
     prepared: &PreparedPipeline,
     request: &Request,
-    seed: u64,
+    seeding: &Seeding,
     run: &Run,
     sizes: &[(usize, usize)],
 ) -> Metadata {
+    let seed = seeding.seed;
     let scheduler_type = request
         .scheduler
         .as_ref()
@@ -33,6 +40,7 @@ pub(super) fn pipeline_metadata(
         "model_name": prepared.model_name,
         "arguments": run.arguments,
         "seed": seed,
+        "generator": seeding.generator,
         "scheduler": scheduler_type,
     }));
     let arguments = &request.arguments;

@@ -35,6 +35,7 @@ use crate::loading::{
     StepPlan,
 };
 use crate::memory::{human_bytes, measured_bytes, release_freed_memory, Baseline};
+use crate::pipelines::GeneratorKind;
 use crate::tasks;
 use context::StepContext;
 use pipeline::PreparedPipeline;
@@ -74,6 +75,8 @@ pub struct Engine {
     pub fetcher: Fetcher,
     /// What the memory budget is a share of, for status.
     pub budget_source: String,
+    /// Which of torch's generators a step's seed draws from.
+    pub generator: GeneratorKind,
 }
 
 /// How a run went.
@@ -118,6 +121,7 @@ impl Engine {
             baseline: Arc::default(),
             fetcher: Fetcher::default(),
             budget_source: String::new(),
+            generator: GeneratorKind::Cpu,
         }
     }
 

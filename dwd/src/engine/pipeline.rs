@@ -12,7 +12,7 @@ use protocol::message::{LogLevel, Phase};
 use protocol::workflow::{ArgDefault, ArgType, PipelineClass, PipelineStep, SchedulerSpec};
 
 use super::context::StepContext;
-use super::metadata::pipeline_metadata;
+use super::metadata::{pipeline_metadata, Seeding};
 use super::{Engine, RunCounters};
 use crate::cache::ComponentKey;
 use crate::failure::JobError;
@@ -22,7 +22,7 @@ use crate::loading::{
     all_keys, load_pipeline, missing, plan_step, LoadCounts, PlanContext, StepPlan,
 };
 use crate::memory::{available_ram_bytes, device_memory, human_bytes, measured_bytes};
-use crate::pipelines::torch_rng::TorchCpuGenerator;
+use crate::pipelines::noise::StepGenerator;
 use crate::pipelines::{self, images_to_rgb8, Output, Pipeline, PipelineError, Request, RunHost};
 
 /// In debug builds only (the tests'), a job whose prompt is exactly this panics, so tests
@@ -166,7 +166,11 @@ impl Engine {
                 seed
             }
         };
-        let mut noise = TorchCpuGenerator::new(seed);
+        let mut noise = self.generator.seeded(seed);
+        let seeding = Seeding {
+            seed,
+            generator: self.generator.describe(),
+        };
         let mut items = Vec::with_capacity(runs.len());
         for (index, run) in runs.iter().enumerate() {
             context.check_cancelled()?;
@@ -177,7 +181,7 @@ impl Engine {
                 Artifact::Images(images) => images.iter().map(|i| (i.width, i.height)).collect(),
                 _ => Vec::new(),
             };
-            let metadata = pipeline_metadata(context, prepared, &request, seed, run, &sizes);
+            let metadata = pipeline_metadata(context, prepared, &request, &seeding, run, &sizes);
             context.save(index, &item, &metadata)?;
             items.push(item);
         }
@@ -322,7 +326,7 @@ impl Engine {
         context: &StepContext<'_>,
         prepared: &PreparedPipeline,
         request: &Request,
-        noise: &mut TorchCpuGenerator,
+        noise: &mut StepGenerator,
     ) -> Result<Artifact, JobError> {
         let step = &context.step.name;
         let mut progress = |progress: pipelines::Progress| {

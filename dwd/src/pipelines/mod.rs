@@ -35,6 +35,7 @@ mod tests {
 pub mod test_noise;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod torch_cuda_rng;
 pub mod torch_rng;
 pub mod unet;
 pub mod vae;
@@ -47,7 +48,7 @@ use candle_nn::VarBuilder;
 use serde_json::{Map, Value};
 
 pub use family::{Family, Output, Parts, Phase, Pipeline, Progress, Request, RunHost};
-pub use noise::{NoiseSource, ReplayNoise};
+pub use noise::{GeneratorKind, GeneratorSetting, NoiseSource, ReplayNoise, StepGenerator};
 pub use scheduler::{
     build_scheduler, DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler, LcmScheduler, PndmScheduler, PredictionType, Scheduler,
@@ -57,6 +58,7 @@ pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusi
 pub use stable_diffusion_xl::{StableDiffusionXlPipeline, StartImage, XlArgs};
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
+pub use torch_cuda_rng::{CudaGeometry, TorchCudaGenerator};
 pub use torch_rng::TorchCpuGenerator;
 pub use unet::{TextTime, TextTimeConfig, Unet, UnetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};
