@@ -2,6 +2,8 @@
 # Checks dwd on a CUDA GPU, in two parts:
 # 1. the tiny reference pipeline on cuda:0 in float32 and float16, compared with diffusers'
 #    images, cold and warm, with device memory before any load, after, and after `clear`;
+#    SDXL's reference run in float32 and float16 and its base-then-refiner workflow; and
+#    dwd's computation of torch's CUDA generator (examples/torch_randn) against torch;
 # 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
 #    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
 #    after load and after `clear`; the UNet step alone, candle against diffusers; and the
@@ -11,7 +13,8 @@
 # Run it on the GPU machine from the repository root, with the binaries built here first:
 #   scripts/build-cuda.sh && cargo build --release -p dwctl -p dwd --examples
 #   mkdir -p gpu-bin && cp target/cuda/release/dwd target/cuda/release/examples/unet_step \
-#       target/release/dwctl target/release/examples/make_sd15_random gpu-bin/
+#       target/release/dwctl target/release/examples/make_sd15_random \
+#       target/release/examples/torch_randn gpu-bin/
 #   (on the GPU machine)  scripts/gpu-check.sh gpu-bin
 # The machine needs the NVIDIA driver and the CUDA 13 runtime libraries, which PyTorch's
 # nvidia wheels carry (found through python3). It writes a report to $OUT (or ./gpu-check).
@@ -86,6 +89,24 @@ done
 sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sdxl-refiner.json > "$dir/refiner.json"
 "$bin/dwctl" run "$dir/refiner.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
 python3 -c "import json; s=json.load(open('$dir/run.json')); print('SDXL base then refiner, f16: misses', s['cache']['misses'], 'hits', s['cache']['hits'])"
+echo "== torch's CUDA generator: dwd's host computation against torch on this GPU"
+geometry=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.multi_processor_count}x{p.max_threads_per_multi_processor}')")
+for case in "42 10 1" "1234567890 65536 2" "7 1000000 2"; do
+  set -- $case
+  "$bin/torch_randn" "$1" "$2" "cuda:$geometry" "$3" > "$dir/ours.jsonl"
+  python3 - "$dir/ours.jsonl" "$1" "$2" "$3" <<'PY'
+import json, sys, torch
+ours = [json.loads(line) for line in open(sys.argv[1])]
+seed, count, draws = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+g = torch.Generator("cuda").manual_seed(seed)
+for i in range(draws):
+    offset = g.get_offset()
+    theirs = torch.randn(count, generator=g, device="cuda").cpu()
+    mine = torch.tensor(ours[i]["values"])
+    print(f"seed {seed}, {count} elements, draw {i}: offset {ours[i]['offset']} vs torch {offset}, "
+          f"max difference {float((mine - theirs).abs().max()):.2e}")
+PY
+done
 "$bin/dwctl" status
 "$bin/dwctl" clear
 echo "== device memory after clear:"; memory
