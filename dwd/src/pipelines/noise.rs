@@ -75,7 +75,7 @@ impl GeneratorKind {
     /// A generator of this kind seeded with `seed`, as `manual_seed(seed)` seeds torch's.
     pub fn seeded(self, seed: u64) -> StepGenerator {
         match self {
-            GeneratorKind::Cpu => StepGenerator::Cpu(TorchCpuGenerator::new(seed)),
+            GeneratorKind::Cpu => StepGenerator::Cpu(Box::new(TorchCpuGenerator::new(seed))),
             GeneratorKind::Cuda(gpu) => StepGenerator::Cuda(TorchCudaGenerator::new(seed, gpu)),
         }
     }
@@ -95,7 +95,8 @@ impl GeneratorKind {
 /// One step's seeded generator, shared by every run of the step.
 #[derive(Debug, Clone)]
 pub enum StepGenerator {
-    Cpu(TorchCpuGenerator),
+    /// Boxed: the twister's state is 2.5 KB.
+    Cpu(Box<TorchCpuGenerator>),
     Cuda(TorchCudaGenerator),
 }
 
