@@ -122,6 +122,21 @@ pub fn repeat_rows(xs: &Tensor, repeat: usize) -> candle_core::Result<Tensor> {
     xs.unsqueeze(1)?.repeat(repeats)?.reshape(shape)
 }
 
+/// Image to image's starting latents repeated to `batch` rows as diffusers repeats them:
+/// the whole set of images again for each further image per prompt (`[a, b, a, b]`); a
+/// count that does not divide the batch is refused.
+pub fn tile_to_batch(latents: &Tensor, batch: usize) -> Result<Tensor, PipelineError> {
+    let given = latents.dim(0).in_component(COMPONENT)?;
+    if given == 0 || !batch.is_multiple_of(given) {
+        return Err(PipelineError::invalid(
+            "image",
+            format!("{given} images cannot be repeated to {batch} (prompts times num_images_per_prompt)"),
+        ));
+    }
+    let copies = vec![latents; batch / given];
+    Tensor::cat(&copies, 0).in_component(COMPONENT)
+}
+
 /// The index of the first timestep image-to-image runs at `strength` (diffusers'
 /// `get_timesteps`); a strength that keeps no step is refused.
 pub fn img2img_first_step(
@@ -262,6 +277,19 @@ mod tests {
         assert_eq!(out[0], [0.75, 2.25]);
         // Image 1: std(text) = 0: the rescaled half vanishes.
         assert_eq!(out[1], [0.0, 2.0]);
+    }
+
+    /// diffusers' img2img `prepare_latents`: `torch.cat([init_latents] * n)`.
+    #[test]
+    fn image_latents_tile_to_the_batch_as_whole_sets() {
+        let xs = Tensor::new(&[[1f32], [2.0]], &Device::Cpu).unwrap();
+        let out = tile_to_batch(&xs, 4).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(out, [[1.0], [2.0], [1.0], [2.0]]);
+        let error = tile_to_batch(&xs, 3).unwrap_err().to_string();
+        assert!(
+            error.contains("2 images cannot be repeated to 3"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -384,7 +384,8 @@ impl StableDiffusionPipeline {
     }
 
     /// Image-to-image's starting latents: the VAE's latent sample of each image, scaled,
-    /// repeated for each image of its prompt, and noised to the first kept timestep.
+    /// repeated to the batch as diffusers repeats it (the whole set again for each further
+    /// image per prompt), and noised to the first kept timestep.
     fn noised_image_latents(
         &self,
         image: &Tensor,
@@ -394,9 +395,7 @@ impl StableDiffusionPipeline {
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor, PipelineError> {
         let encoded = diffusion::encode_images(&self.vae, image, &self.device, noise)?;
-        let images = encoded.dim(0).in_component(COMPONENT)?;
-        let encoded =
-            diffusion::repeat_rows(&encoded, shape[0] / images).in_component(COMPONENT)?;
+        let encoded = diffusion::tile_to_batch(&encoded, shape[0])?;
         let added_noise = noise
             .next(encoded.dims())?
             .to_device(&self.device)

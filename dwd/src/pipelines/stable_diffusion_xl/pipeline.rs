@@ -341,18 +341,7 @@ impl StableDiffusionXlPipeline {
                 diffusion::encode_images(&self.vae, images, &self.device, noise)?
             }
         };
-        let given = encoded.dim(0).in_component(COMPONENT)?;
-        if !shape[0].is_multiple_of(given) {
-            return Err(PipelineError::invalid(
-                "image",
-                format!(
-                    "{given} images cannot be repeated to {} (prompts times num_images_per_prompt)",
-                    shape[0]
-                ),
-            ));
-        }
-        let copies = vec![&encoded; shape[0] / given];
-        let latents = Tensor::cat(&copies, 0).in_component(COMPONENT)?;
+        let latents = diffusion::tile_to_batch(&encoded, shape[0])?;
         if args.denoising_start.is_some() {
             return Ok(latents);
         }
