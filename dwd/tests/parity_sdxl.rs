@@ -408,3 +408,28 @@ fn the_recorded_noise_is_torchs_from_each_runs_seed() {
         assert_close(name, drawn, &reference[name], 0.0);
     }
 }
+
+/// diffusers writes `prompt_2 = prompt_2 or prompt` and `negative_prompt_2 =
+/// negative_prompt_2 or negative_prompt`: absent and empty second prompts both mean the
+/// first ones, so the embeddings are the reference's.
+#[test]
+fn empty_second_prompts_fall_back_to_the_first_as_in_diffusers() {
+    let reference = fixture().tensors("expected.safetensors");
+    let expected = fixture().json("expected.json");
+    let texts = PromptTexts {
+        prompts: vec![expected["prompt"].as_str().unwrap().to_string()],
+        prompt_2: Some(String::new()),
+        negative_prompt: Some(expected["negative_prompt"].as_str().unwrap().to_string()),
+        negative_prompt_2: Some(String::new()),
+    };
+    let encoded = pipeline("model")
+        .text_encoders
+        .encode(&texts, 1, true, true)
+        .unwrap();
+    assert_close(
+        "prompt_embeds with empty second prompts",
+        &encoded.hidden,
+        &reference["prompt_embeds"],
+        TEXT_TOLERANCE,
+    );
+}

@@ -75,8 +75,9 @@ impl TextEncoders {
         force_zeros_for_empty_prompt: bool,
     ) -> Result<TextConditioning, PipelineError> {
         let count = texts.prompts.len();
-        let second: Vec<String> = match &texts.prompt_2 {
-            Some(prompt_2) => vec![prompt_2.clone(); count],
+        // diffusers: `prompt_2 = prompt_2 or prompt`, so an empty one falls back too.
+        let second: Vec<String> = match non_empty(&texts.prompt_2) {
+            Some(prompt_2) => vec![prompt_2.to_string(); count],
             None => texts.prompts.clone(),
         };
         let positive = self.encode_texts(&texts.prompts, &second)?;
@@ -90,7 +91,8 @@ impl TextEncoders {
                 },
                 (negative, _) => {
                     let negative = negative.clone().unwrap_or_default();
-                    let negative_2 = texts.negative_prompt_2.clone().unwrap_or(negative.clone());
+                    let negative_2 = non_empty(&texts.negative_prompt_2)
+                        .map_or_else(|| negative.clone(), str::to_string);
                     self.encode_texts(&vec![negative; count], &vec![negative_2; count])?
                 }
             };
@@ -136,6 +138,11 @@ impl TextEncoders {
             pooled,
         })
     }
+}
+
+/// Python's truthiness of an optional text: `None` and `""` are both absent.
+fn non_empty(text: &Option<String>) -> Option<&str> {
+    text.as_deref().filter(|t| !t.is_empty())
 }
 
 fn no_projection() -> PipelineError {
