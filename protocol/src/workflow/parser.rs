@@ -520,20 +520,50 @@ impl<'a> Parser<'a> {
         if first.is_ok() || !families::is_auto_class(component_type) {
             return first.map(|(arguments, json)| (class, arguments, json));
         }
-        for candidate in families::auto_candidates(component_type) {
+        let candidates = families::auto_candidates(component_type);
+        for candidate in &candidates {
             if let Ok((arguments, json)) = self.arguments(pipeline, pointer, candidate, earlier) {
                 return Ok((candidate, arguments, json));
             }
         }
-        first
-            .map(|(arguments, json)| (class, arguments, json))
-            .map_err(|e| WorkflowError {
-                message: format!(
-                    "{} (`{component_type}` is read as {} until its model's class is known)",
-                    e.message, class.name
+        // No class takes them: the error worth showing is that of a class that knows every
+        // argument written (a value is wrong), else the first class's (a name is unknown).
+        let written: Vec<&str> = pipeline
+            .get("arguments")
+            .and_then(Value::as_object)
+            .map(|arguments| arguments.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let knows_all =
+            |c: &&&'static PipelineClass| written.iter().all(|key| c.argument(key).is_some());
+        let names = candidates
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (error, why) = match candidates.iter().find(knows_all) {
+            Some(candidate) => (
+                self.arguments(pipeline, pointer, candidate, earlier).err(),
+                format!(
+                    "{} is the one that takes every argument written",
+                    candidate.name
                 ),
-                ..e
-            })
+            ),
+            None => (
+                first.err(),
+                format!(
+                    "none of them takes every argument written; shown for {}",
+                    class.name
+                ),
+            ),
+        };
+        let e = error.unwrap_or_else(|| self.at_value(pointer, "no class takes these arguments"));
+        Err(WorkflowError {
+            message: format!(
+                "{} (`{component_type}` may be any of {names} until its model's class is known; {why})",
+                e.message
+            ),
+            ..e
+        })
     }
 
     /// `configuration.component_type`: a class name, bare or as `diffusers.Name`.

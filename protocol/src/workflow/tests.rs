@@ -681,3 +681,38 @@ fn sdxl_arguments_take_size_pairs_and_an_image_or_latents() {
         assert!(e.message.contains(&format!("found {bad}")), "{}", e.message);
     }
 }
+
+/// Before its folder is read, an auto class may be any class of its task; when no class
+/// takes the arguments, the error shown is that of the class that knows every argument
+/// written (a value is wrong), not an unknown-argument error from another class.
+#[test]
+fn an_auto_class_error_comes_from_the_class_that_knows_every_argument() {
+    let flow = |arguments: &str| {
+        format!(
+            r#"{{"id": "a", "steps": [{{"name": "s", "pipeline": {{
+            "configuration": {{"component_type": "DiffusionPipeline"}},
+            "from_pretrained_arguments": {{"model_name": "m"}},
+            "arguments": {arguments}}}}}]}}"#
+        )
+    };
+    let e = error(
+        &flow(r#"{"prompt": "a", "image": "x.png", "original_size": [1024]}"#),
+        &[],
+    );
+    assert!(
+        e.contains("`original_size` must be two whole numbers"),
+        "{e}"
+    );
+    assert!(
+        e.contains("StableDiffusionXLImg2ImgPipeline is the one that takes every argument"),
+        "{e}"
+    );
+    let e = error(
+        &flow(r#"{"prompt": "a", "image": "x.png", "height": 64}"#),
+        &[],
+    );
+    assert!(
+        e.contains("none of them takes every argument written"),
+        "{e}"
+    );
+}
