@@ -433,3 +433,28 @@ fn empty_second_prompts_fall_back_to_the_first_as_in_diffusers() {
         TEXT_TOLERANCE,
     );
 }
+
+/// Latents handed over from a step of another family (FLUX's have 16 channels) are
+/// refused naming the shapes, before anything runs.
+#[test]
+fn latents_of_another_shape_are_refused_as_the_image() {
+    let args = XlArgs {
+        texts: PromptTexts {
+            prompts: vec!["a fox".to_string()],
+            ..PromptTexts::default()
+        },
+        image: Some(StartImage::Latents(
+            Tensor::zeros((1, 16, 16, 16), DType::F32, &Device::Cpu).unwrap(),
+        )),
+        num_inference_steps: 4,
+        ..XlArgs::default()
+    };
+    let error = pipeline("refiner")
+        .generate(&args, &mut ReplayNoise::new([]), &mut common::no_progress())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("takes latents of shape [images, 4, height, width]"),
+        "{error}"
+    );
+}

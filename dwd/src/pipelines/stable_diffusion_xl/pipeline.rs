@@ -152,10 +152,15 @@ impl StableDiffusionXlPipeline {
         let channels = self.unet.in_channels();
         let scale = self.vae.scale_factor();
         let [height, width] = match &args.image {
-            Some(StartImage::Latents(latents)) => {
-                let (_, _, h, w) = latents.dims4().in_component(COMPONENT)?;
-                [h, w]
-            }
+            Some(StartImage::Latents(latents)) => match latents.dims() {
+                [_, c, h, w] if *c == channels => [*h, *w],
+                dims => {
+                    return Err(PipelineError::invalid(
+                        "image",
+                        format!("takes latents of shape [images, {channels}, height, width] from an earlier step, got {dims:?}: that step's model makes other latents"),
+                    ))
+                }
+            },
             Some(StartImage::Pixels(image)) => {
                 let (_, _, h, w) = image.dims4().in_component(COMPONENT)?;
                 [
