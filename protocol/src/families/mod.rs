@@ -359,28 +359,25 @@ pub fn check_folder_components(
     let Ok(read) = &index.read else {
         return Ok(());
     };
-    let Some(listed) = read else {
+    if read.is_none() {
         return Err(FolderComponentError::WrongClass(format!(
             "{} is not a JSON object",
             index.path.display()
         )));
-    };
-    let index = &index.path;
+    }
     for spec in family
         .components
         .iter()
         .filter(|c| !supplied.contains(&c.name))
     {
-        let class = listed
-            .get(spec.name)
-            .and_then(|v| v.get(1))
-            .and_then(Value::as_str);
+        let class = index.listed(spec.name).flatten();
+        let path = &index.path;
         match class {
             None if spec.optional => {}
             None => {
                 return Err(FolderComponentError::Missing(format!(
                     "{} lists no `{}`, which a {} pipeline needs; give it with a `{}` block",
-                    index.display(),
+                    path.display(),
                     spec.name,
                     family.title,
                     spec.name
@@ -389,7 +386,7 @@ pub fn check_folder_components(
             Some(class) if bare_class(class) != bare_class(spec.class) => {
                 return Err(FolderComponentError::WrongClass(format!(
                     "{} lists `{}` as `{class}`; a {} `{}` is `{}`",
-                    index.display(),
+                    path.display(),
                     spec.name,
                     family.title,
                     spec.name,

@@ -516,47 +516,45 @@ impl<'a> Parser<'a> {
         class: &'static PipelineClass,
         earlier: &[Step],
     ) -> Parsed<(&'static PipelineClass, Arguments, Map<String, Value>)> {
-        let first = self.arguments(pipeline, pointer, class, earlier);
-        if first.is_ok() || !families::is_auto_class(component_type) {
-            return first.map(|(arguments, json)| (class, arguments, json));
-        }
+        let first = match self.arguments(pipeline, pointer, class, earlier) {
+            Ok((arguments, json)) => return Ok((class, arguments, json)),
+            Err(e) if !families::is_auto_class(component_type) => return Err(e),
+            Err(e) => e,
+        };
         let candidates = families::auto_candidates(component_type);
+        let mut failures = Vec::with_capacity(candidates.len());
         for candidate in &candidates {
-            if let Ok((arguments, json)) = self.arguments(pipeline, pointer, candidate, earlier) {
-                return Ok((candidate, arguments, json));
+            match self.arguments(pipeline, pointer, candidate, earlier) {
+                Ok((arguments, json)) => return Ok((candidate, arguments, json)),
+                Err(e) => failures.push((*candidate, e)),
             }
         }
         // No class takes them: the error worth showing is that of a class that knows every
-        // argument written (a value is wrong), else the first class's (a name is unknown).
+        // argument written (a value is wrong), else the written class's (a name is unknown).
         let written: Vec<&str> = pipeline
             .get("arguments")
             .and_then(Value::as_object)
             .map(|arguments| arguments.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        let knows_all =
-            |c: &&&'static PipelineClass| written.iter().all(|key| c.argument(key).is_some());
+        let knows_all = |c: &PipelineClass| written.iter().all(|key| c.argument(key).is_some());
         let names = candidates
             .iter()
             .map(|c| c.name)
             .collect::<Vec<_>>()
             .join(", ");
-        let (error, why) = match candidates.iter().find(knows_all) {
-            Some(candidate) => (
-                self.arguments(pipeline, pointer, candidate, earlier).err(),
-                format!(
-                    "{} is the one that takes every argument written",
-                    candidate.name
-                ),
+        let (e, why) = match failures.into_iter().find(|(c, _)| knows_all(c)) {
+            Some((c, e)) => (
+                e,
+                format!("{} is the one that takes every argument written", c.name),
             ),
             None => (
-                first.err(),
+                first,
                 format!(
                     "none of them takes every argument written; shown for {}",
                     class.name
                 ),
             ),
         };
-        let e = error.unwrap_or_else(|| self.at_value(pointer, "no class takes these arguments"));
         Err(WorkflowError {
             message: format!(
                 "{} (`{component_type}` may be any of {names} until its model's class is known; {why})",
