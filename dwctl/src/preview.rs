@@ -651,36 +651,23 @@ mod tests {
     fn no_color_keeps_an_asked_for_preview_but_drops_colour_escapes() {
         let rgb = noise(4, 4);
         let image = Image::new(4, 4, &rgb).unwrap();
+        let draw = |protocol, no_color| {
+            let mut out = Vec::new();
+            show_with(&mut out, protocol, &image, (80, 24), no_color, TERM).unwrap();
+            out
+        };
         for protocol in [Protocol::Kitty, Protocol::Iterm2, Protocol::Sixel] {
-            let (mut plain, mut colourless) = (Vec::new(), Vec::new());
-            show_with(&mut plain, protocol, &image, (80, 24), None, TERM).unwrap();
-            show_with(&mut colourless, protocol, &image, (80, 24), Some("1"), TERM).unwrap();
-            assert_eq!(plain, colourless, "{protocol:?} draws the image as it is");
+            assert_eq!(
+                draw(protocol, None),
+                draw(protocol, Some("1")),
+                "{protocol:?} draws the image as it is"
+            );
         }
-        let mut out = Vec::new();
-        show_with(
-            &mut out,
-            Protocol::HalfBlocks,
-            &image,
-            (80, 24),
-            Some("1"),
-            TERM,
-        )
-        .unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = String::from_utf8(draw(Protocol::HalfBlocks, Some("1"))).unwrap();
         assert!(!text.contains('\x1b'), "{text:?}");
         assert!(text.chars().all(|c| " ░▒▓█\n".contains(c)), "{text:?}");
         // An empty NO_COLOR does not count.
-        let mut out = Vec::new();
-        show_with(
-            &mut out,
-            Protocol::HalfBlocks,
-            &image,
-            (80, 24),
-            Some(""),
-            TERM,
-        )
-        .unwrap();
+        let out = draw(Protocol::HalfBlocks, Some(""));
         assert!(out.contains(&0x1b));
     }
 

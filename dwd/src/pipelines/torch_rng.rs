@@ -55,27 +55,22 @@ impl TorchCpuGenerator {
 
     /// `torch.randn(n)` in float32 (any shape is a row-major view of this).
     pub fn randn_f32(&mut self, n: usize) -> Vec<f32> {
-        if n < BLOCK_PATH_MIN {
-            return (0..n).map(|_| self.normal_f64() as f32).collect();
-        }
-        let uniforms = self.rand_f32(n);
-        let mut out = vec![0f32; n];
-        for (block, chunk) in out.chunks_exact_mut(16).zip(uniforms.chunks_exact(16)) {
-            box_muller_block(chunk, block);
-        }
-        if !n.is_multiple_of(16) {
-            let tail = self.rand_f32(16);
-            box_muller_block(&tail, &mut out[n - 16..]);
-        }
-        out
+        self.randn_blocks(n, false)
     }
 
     /// The float32 values of `torch.randn(n, dtype=float16 or bfloat16)`, before they are
     /// rounded to that dtype: as [`TorchCpuGenerator::randn_f32`], except that a partial
     /// last block takes the leftover uniforms and only as many fresh ones as it lacks.
     pub fn randn_half_f32(&mut self, n: usize) -> Vec<f32> {
+        self.randn_blocks(n, true)
+    }
+
+    /// `n` normals: the small cached path below 16, else blocks of 16 and, for a partial
+    /// last block, 16 uniforms written over the last 16 outputs: fresh ones, or (`half`)
+    /// the leftover ones topped up with fresh ones.
+    fn randn_blocks(&mut self, n: usize, half: bool) -> Vec<f32> {
         if n < BLOCK_PATH_MIN {
-            return self.randn_f32(n);
+            return (0..n).map(|_| self.normal_f64() as f32).collect();
         }
         let mut uniforms = self.rand_f32(n);
         let mut out = vec![0f32; n];
@@ -84,9 +79,14 @@ impl TorchCpuGenerator {
         }
         let leftover = n % 16;
         if leftover != 0 {
-            let fresh = self.rand_f32(16 - leftover);
-            uniforms.extend(fresh);
-            let tail = uniforms.split_off(n - leftover);
+            let tail = match half {
+                true => {
+                    let mut tail = uniforms.split_off(n - leftover);
+                    tail.extend(self.rand_f32(16 - leftover));
+                    tail
+                }
+                false => self.rand_f32(16),
+            };
             box_muller_block(&tail, &mut out[n - 16..]);
         }
         out
