@@ -43,6 +43,8 @@ pub struct PlannedLoad {
 #[derive(Clone)]
 pub struct StepPlan {
     pub model_dir: PathBuf,
+    /// Its `model_index.json`, read once for the whole step.
+    pub index: families::ModelIndex,
     /// The class that runs: the one written, or what an auto class resolves to.
     pub class: &'static PipelineClass,
     pub dtype: DType,
@@ -113,6 +115,7 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         .collect::<Result<_, _>>()?;
     Ok(StepPlan {
         model_dir,
+        index,
         class,
         dtype,
         dtype_notice,
@@ -313,7 +316,12 @@ pub fn load_pipeline(
     let family = pipelines::family(plan.class.family).ok_or_else(|| {
         JobError::Internal(format!("`{}` has no implementation", plan.class.family))
     })?;
-    let mut parts = Parts::new(plan.model_dir.clone(), device.clone(), plan.dtype);
+    let mut parts = Parts::new(
+        plan.model_dir.clone(),
+        plan.index.clone(),
+        device.clone(),
+        plan.dtype,
+    );
     let count = plan.components.len();
     for (i, load) in plan.components.iter().enumerate() {
         before_each(i, count)?;

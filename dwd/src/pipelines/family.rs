@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use protocol::families::ModelIndex;
 use protocol::workflow::{Arguments, PipelineClass, SchedulerSpec};
 
 use super::noise::NoiseSource;
@@ -76,6 +77,19 @@ impl Request {
     pub fn number(&self, name: &str, fallback: f64) -> f64 {
         self.arguments.number(name).unwrap_or(fallback)
     }
+
+    /// The scheduler class the step names, if any.
+    pub fn scheduler_type(&self) -> Option<String> {
+        self.scheduler.as_ref().map(|s| s.scheduler_type.clone())
+    }
+
+    /// The step's `from_config_args` for its scheduler (none when it names no scheduler).
+    pub fn scheduler_overrides(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.scheduler
+            .as_ref()
+            .map(|s| s.from_config_args.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// What a run gives back.
@@ -114,15 +128,18 @@ pub struct Progress {
 /// A pipeline's loaded components by their names in `model_index.json`, and where it runs.
 pub struct Parts {
     pub model_dir: PathBuf,
+    /// The folder's `model_index.json`, as read when the step was planned.
+    pub index: ModelIndex,
     pub device: Device,
     pub dtype: DType,
     components: HashMap<&'static str, Arc<dyn Any + Send + Sync>>,
 }
 
 impl Parts {
-    pub fn new(model_dir: PathBuf, device: Device, dtype: DType) -> Self {
+    pub fn new(model_dir: PathBuf, index: ModelIndex, device: Device, dtype: DType) -> Self {
         Parts {
             model_dir,
+            index,
             device,
             dtype,
             components: HashMap::new(),

@@ -60,7 +60,6 @@ impl Pipeline for StableDiffusionPipeline {
 fn generate_args(request: &Request) -> GenerateArgs {
     let arguments = &request.arguments;
     let defaults = GenerateArgs::default();
-    let scheduler = request.scheduler.as_ref();
     GenerateArgs {
         prompts: arguments.prompts().to_vec(),
         negative_prompt: arguments.text("negative_prompt").map(str::to_string),
@@ -71,10 +70,8 @@ fn generate_args(request: &Request) -> GenerateArgs {
         num_images_per_prompt: request.integer("num_images_per_prompt", 1),
         seed: 0,
         latents: request.latents.clone(),
-        scheduler_type: scheduler.map(|s| s.scheduler_type.clone()),
-        scheduler_overrides: scheduler
-            .map(|s| s.from_config_args.clone())
-            .unwrap_or_default(),
+        scheduler_type: request.scheduler_type(),
+        scheduler_overrides: request.scheduler_overrides(),
         init_image: request.images.get("image").cloned(),
         strength: request.number("strength", defaults.strength),
         output_latents: arguments.output_type() == OutputType::Latent,

@@ -55,7 +55,7 @@ impl Family for StableDiffusionXl {
             unet: parts.take("unet")?,
             vae: parts.take("vae")?,
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
-            folder: folder_options(&parts.model_dir),
+            folder: folder_options(&parts.index),
             device: parts.device.clone(),
             dtype: parts.dtype,
         }))
@@ -96,7 +96,7 @@ impl StableDiffusionXlPipeline {
             unet: Arc::new(Unet::load(&model_dir.join("unet"), dtype, device)?),
             vae: Arc::new(Vae::load(&vae_dir, vae_dtype, device)?),
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
-            folder: folder_options(model_dir),
+            folder: folder_options(&ModelIndex::read(model_dir)),
             device: device.clone(),
             dtype,
         })
@@ -105,8 +105,7 @@ impl StableDiffusionXlPipeline {
 
 /// `force_zeros_for_empty_prompt` and `requires_aesthetics_score` from the folder's
 /// `model_index.json`, with diffusers' defaults where it has none.
-fn folder_options(model_dir: &Path) -> FolderOptions {
-    let index = ModelIndex::read(model_dir);
+fn folder_options(index: &ModelIndex) -> FolderOptions {
     let defaults = FolderOptions::default();
     FolderOptions {
         force_zeros_for_empty_prompt: index
@@ -141,7 +140,6 @@ impl Pipeline for StableDiffusionXlPipeline {
 fn xl_args(request: &Request) -> XlArgs {
     let arguments = &request.arguments;
     let defaults = XlArgs::default();
-    let scheduler = request.scheduler.as_ref();
     let image = match (
         request.latent_images.get("image"),
         request.images.get("image"),
@@ -164,10 +162,8 @@ fn xl_args(request: &Request) -> XlArgs {
         denoising_start: arguments.number("denoising_start"),
         denoising_end: arguments.number("denoising_end"),
         micro: micro_conditioning(request, &defaults.micro),
-        scheduler_type: scheduler.map(|s| s.scheduler_type.clone()),
-        scheduler_overrides: scheduler
-            .map(|s| s.from_config_args.clone())
-            .unwrap_or_default(),
+        scheduler_type: request.scheduler_type(),
+        scheduler_overrides: request.scheduler_overrides(),
         output_latents: arguments.output_type() == OutputType::Latent,
         decode: DecodeOptions {
             slicing: request.vae_slicing,
@@ -238,17 +234,15 @@ mod tests {
 
     #[test]
     fn folder_options_follow_model_index_with_diffusers_defaults() {
-        assert_eq!(folder_options(&fixture("model")), FolderOptions::default());
+        let options = |folder: &str| folder_options(&ModelIndex::read(&fixture(folder)));
+        assert_eq!(options("model"), FolderOptions::default());
         assert_eq!(
-            folder_options(&fixture("refiner")),
+            options("refiner"),
             FolderOptions {
                 force_zeros_for_empty_prompt: false,
                 requires_aesthetics_score: true,
             }
         );
-        assert_eq!(
-            folder_options(&fixture("no-such-folder")),
-            FolderOptions::default()
-        );
+        assert_eq!(options("no-such-folder"), FolderOptions::default());
     }
 }
