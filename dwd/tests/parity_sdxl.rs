@@ -458,3 +458,32 @@ fn latents_of_another_shape_are_refused_as_the_image() {
         "{error}"
     );
 }
+
+/// `denoising_end` counts in the training timesteps the step's scheduler was built with:
+/// `from_config_args` may change them (500 here: Euler's timesteps 376, 251, 126, 1), and
+/// half of 500 keeps the two at or above 250.
+#[test]
+fn denoising_end_counts_in_the_overridden_training_timesteps() {
+    let case = &fixture().json("expected.json")["pipelines"]["euler"];
+    let mut args = XlArgs {
+        denoising_end: Some(0.5),
+        output_latents: true,
+        ..case_args(case)
+    };
+    args.scheduler_overrides = serde_json::json!({"num_train_timesteps": 500})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let mut steps = 0;
+    let mut count = |progress: dwd::pipelines::Progress| {
+        if progress.phase == dwd::pipelines::Phase::Denoising {
+            steps += 1;
+        }
+        Ok(())
+    };
+    let mut replay = ReplayNoise::new(replayed("euler"));
+    pipeline("model")
+        .generate(&args, &mut replay, &mut count)
+        .unwrap();
+    assert_eq!(steps, 2);
+}

@@ -17,12 +17,13 @@ use super::{InComponent, PipelineError, Unet, Vae};
 const COMPONENT: &str = "pipeline";
 
 /// The scheduler a step names (its checkpoint's own when it names none), built from the
-/// checkpoint's config with the step's overrides.
+/// checkpoint's config with the step's overrides; and that config, which says what the
+/// scheduler was built with (`num_train_timesteps`).
 pub fn scheduler_for(
     shipped: &SchedulerConfig,
     requested: Option<&str>,
     overrides: &Map<String, Value>,
-) -> Result<Box<dyn Scheduler>, PipelineError> {
+) -> Result<(Box<dyn Scheduler>, SchedulerConfig), PipelineError> {
     let class_name = match (requested, &shipped.class_name) {
         (Some(requested), _) => requested,
         (None, Some(shipped)) => shipped.as_str(),
@@ -33,7 +34,8 @@ pub fn scheduler_for(
             ))
         }
     };
-    build_scheduler(class_name, &shipped.with_overrides(overrides)?)
+    let config = shipped.with_overrides(overrides)?;
+    Ok((build_scheduler(class_name, &config)?, config))
 }
 
 /// Text to image's starting noise: the caller's latents, checked, or the first draw.

@@ -323,7 +323,9 @@ impl StableDiffusionPipeline {
     /// The requested scheduler built from the checkpoint's config and the overrides.
     fn scheduler_for(&self, args: &GenerateArgs) -> Result<Box<dyn Scheduler>, PipelineError> {
         let requested = args.scheduler_type.as_deref();
-        diffusion::scheduler_for(&self.scheduler, requested, &args.scheduler_overrides)
+        let (scheduler, _) =
+            diffusion::scheduler_for(&self.scheduler, requested, &args.scheduler_overrides)?;
+        Ok(scheduler)
     }
 
     fn validate(&self, args: &GenerateArgs) -> Result<(), PipelineError> {

@@ -249,10 +249,11 @@ impl StableDiffusionXlPipeline {
     /// stops early.
     fn schedule(&self, args: &XlArgs) -> Result<Schedule, PipelineError> {
         let requested = args.scheduler_type.as_deref();
-        let mut scheduler =
+        let (mut scheduler, config) =
             diffusion::scheduler_for(&self.scheduler, requested, &args.scheduler_overrides)?;
         scheduler.set_timesteps(args.num_inference_steps)?;
-        let train_steps = self.scheduler.num_train_timesteps.unwrap_or(1000) as f64;
+        // The step's own training length, `from_config_args` included.
+        let train_steps = config.num_train_timesteps.unwrap_or(1000) as f64;
         // diffusers: int(round(T - fraction * T)), Python rounding half to even.
         let cutoff = |fraction: f64| (train_steps - fraction * train_steps).round_ties_even();
         let timesteps = scheduler.timesteps().to_vec();
