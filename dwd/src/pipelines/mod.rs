@@ -18,6 +18,7 @@ pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
+pub(crate) mod strict;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
