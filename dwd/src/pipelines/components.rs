@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-use super::{weight_files_variant, ClipTokenizer, PipelineError, TextEncoder, Unet, Vae};
+use super::{
+    weight_files_variant, ClipTokenizer, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Unet,
+    Vae,
+};
 
 /// A loaded component, as the cache holds it.
 pub type Loaded = Arc<dyn Any + Send + Sync>;
@@ -53,6 +56,22 @@ pub static LOADERS: &[ComponentLoader] = &[
         weighted: true,
         files: model_files,
         load: text_encoder,
+    },
+    ComponentLoader {
+        class: "transformers.T5TokenizerFast",
+        weighted: false,
+        files: t5_tokenizer_files,
+        load: |dir, _, _, _| Ok(Arc::new(T5Tokenizer::load(dir)?)),
+    },
+    ComponentLoader {
+        class: "transformers.T5EncoderModel",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(T5Encoder::load_variant(
+                dir, variant, dtype, device,
+            )?))
+        },
     },
     ComponentLoader {
         class: "UNet2DConditionModel",
@@ -97,6 +116,22 @@ fn tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, Pipeli
         true => vec![json],
         false => vec![dir.join("vocab.json"), dir.join("merges.txt")],
     };
+    all.extend(
+        ["special_tokens_map.json", "tokenizer_config.json"]
+            .map(|f| dir.join(f))
+            .into_iter()
+            .filter(|p| p.is_file()),
+    );
+    Ok(ComponentFiles {
+        all,
+        weights: Vec::new(),
+    })
+}
+
+/// A T5 tokenizer's `tokenizer.json` (the only file it is read from), and the optional
+/// files that name its special tokens.
+fn t5_tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, PipelineError> {
+    let mut all = vec![dir.join("tokenizer.json")];
     all.extend(
         ["special_tokens_map.json", "tokenizer_config.json"]
             .map(|f| dir.join(f))

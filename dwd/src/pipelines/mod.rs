@@ -19,6 +19,8 @@ pub mod scheduler;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 pub(crate) mod strict;
+pub mod t5;
+pub mod t5_tokenizer;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
@@ -57,6 +59,8 @@ pub use scheduler::{
 };
 pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline};
 pub use stable_diffusion_xl::{StableDiffusionXlPipeline, StartImage, XlArgs};
+pub use t5::{T5Config, T5Encoder};
+pub use t5_tokenizer::T5Tokenizer;
 pub use text_encoder::{TextEncoder, TextEncoderConfig};
 pub use tokenizer::ClipTokenizer;
 pub use torch_cuda_rng::{CudaGeometry, TorchCudaGenerator};
