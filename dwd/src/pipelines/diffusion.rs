@@ -233,9 +233,18 @@ pub fn decode_latents(
     latents: &Tensor,
     options: DecodeOptions,
 ) -> Result<Tensor, PipelineError> {
-    let scaled = (latents / vae.scaling_factor())
-        .and_then(|scaled| scaled.to_dtype(vae.dtype()))
-        .in_component(COMPONENT)?;
+    let scaled = (latents / vae.scaling_factor()).in_component(COMPONENT)?;
+    decode_unscaled(vae, &scaled, options)
+}
+
+/// Decodes latents already taken back to the VAE's own scale (divided by its scaling
+/// factor, shifted where the family shifts them) into f32 images in [0, 1] on the CPU.
+pub fn decode_unscaled(
+    vae: &Vae,
+    latents: &Tensor,
+    options: DecodeOptions,
+) -> Result<Tensor, PipelineError> {
+    let scaled = latents.to_dtype(vae.dtype()).in_component(COMPONENT)?;
     let decode = |latents: &Tensor| match options.tiling {
         true => vae.decode_tiled(latents),
         false => vae.decode(latents),

@@ -13,6 +13,7 @@
 pub mod components;
 pub mod diffusion;
 pub mod family;
+pub mod flux;
 pub mod noise;
 pub mod ops;
 pub mod scheduler;
@@ -53,9 +54,10 @@ use serde_json::{Map, Value};
 pub use family::{Family, Output, Parts, Phase, Pipeline, Progress, Request, RunHost};
 pub use noise::{GeneratorKind, GeneratorSetting, NoiseSource, ReplayNoise, StepGenerator};
 pub use scheduler::{
-    build_scheduler, DdimScheduler, DpmSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler, LcmScheduler, PndmScheduler, PredictionType, Scheduler,
-    SchedulerConfig, TimestepSpacing, UniPcMultistepScheduler, SUPPORTED_SCHEDULERS,
+    build_scheduler, calculate_shift, DdimScheduler, DpmSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+    FlowSchedule, LcmScheduler, PndmScheduler, PredictionType, Scheduler, SchedulerConfig,
+    TimestepSpacing, UniPcMultistepScheduler, SUPPORTED_SCHEDULERS,
 };
 pub use stable_diffusion::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline};
 pub use stable_diffusion_xl::{StableDiffusionXlPipeline, StartImage, XlArgs};

@@ -17,6 +17,7 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod flow_match_euler;
 mod lcm;
 mod pndm;
 mod unipc;
@@ -34,6 +35,7 @@ pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use flow_match_euler::{calculate_shift, FlowMatchEulerDiscreteScheduler, FlowSchedule};
 pub use lcm::LcmScheduler;
 pub use pndm::PndmScheduler;
 pub use unipc::UniPcMultistepScheduler;
@@ -42,7 +44,7 @@ const COMPONENT: &str = "scheduler";
 
 /// Scheduler class names [`build_scheduler`] accepts: the registry in `protocol`, which
 /// workflows are checked against before anything loads.
-pub use protocol::families::SCHEDULERS as SUPPORTED_SCHEDULERS;
+pub use protocol::families::NOISE_SCHEDULERS as SUPPORTED_SCHEDULERS;
 
 /// The contents of diffusers' `scheduler_config.json`. Every field is optional: a missing
 /// one takes the default of whichever scheduler is built from the config.
@@ -617,7 +619,7 @@ pub(crate) fn check_timesteps_in_range(
 }
 
 /// `np.linspace(start, end, count)` in f64 (the last value is exactly `end`).
-pub(crate) fn linspace(start: f64, end: f64, count: usize) -> Vec<f64> {
+pub fn linspace(start: f64, end: f64, count: usize) -> Vec<f64> {
     match count {
         0 => Vec::new(),
         1 => vec![start],

@@ -26,12 +26,12 @@ struct Tracked {
 
 impl Tracked {
     fn take(&self, name: &str) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            })?;
+        let tensor =
+            self.tensors
+                .get(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
         self.taken
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -60,7 +60,12 @@ impl SimpleBackend for Tracked {
         tensor.to_device(device)?.to_dtype(dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.take(name)?.to_device(device)?.to_dtype(dtype)
     }
 

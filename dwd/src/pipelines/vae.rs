@@ -36,6 +36,9 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     /// Latents are multiplied by this after encoding and divided by it before decoding.
     pub scaling_factor: f64,
+    /// FLUX's and SD 3's VAEs centre their latents: `(z - shift_factor) * scaling_factor`.
+    /// The pipelines that use it apply it (diffusers' SD and SDXL pipelines do not).
+    pub shift_factor: Option<f64>,
     /// The image size the VAE was trained on: the tile size of a tiled decode.
     pub sample_size: usize,
     /// `force_upcast`: the VAE overflows in float16 (SDXL's), so it runs in float32 when
@@ -75,9 +78,9 @@ impl VaeConfig {
         }
         config.require_one_of("act_fn", &[json!("silu")], "silu")?;
         config.require_one_of("mid_block_add_attention", &[json!(true)], "true")?;
-        // Latent normalisation other than `scaling_factor` is not applied yet: refused
-        // rather than ignored, since it would shift every latent.
-        for key in ["shift_factor", "latents_mean", "latents_std"] {
+        // Per-channel latent normalisation is not applied yet: refused rather than ignored,
+        // since it would move every latent.
+        for key in ["latents_mean", "latents_std"] {
             config.require_one_of(key, &[], "null (not set)")?;
         }
         let norm_num_groups = config.usize_or("norm_num_groups", 32)?;
@@ -99,6 +102,10 @@ impl VaeConfig {
             use_quant_conv: config.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: config.bool_or("use_post_quant_conv", true)?,
             scaling_factor: config.f64_or("scaling_factor", 0.18215)?,
+            shift_factor: match config.value("shift_factor") {
+                Some(_) => Some(config.f64_or("shift_factor", 0.0)?),
+                None => None,
+            },
             force_upcast: config.bool_or("force_upcast", true)?,
             sample_size: match config.value("sample_size") {
                 Some(serde_json::Value::Array(sizes)) => sizes

@@ -9,6 +9,7 @@
 //! here, that folder, and one line in each registry.
 
 mod common;
+pub mod flux;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 #[cfg(debug_assertions)]
@@ -118,8 +119,9 @@ impl Family {
     }
 }
 
-/// Scheduler classes dw implements, by their diffusers names.
-pub const SCHEDULERS: &[&str] = &[
+/// The noise-prediction schedulers (diffusers' Karras-diffusion family) dw implements, by
+/// their diffusers names: what UNet pipelines (SD, SDXL) run.
+pub const NOISE_SCHEDULERS: &[&str] = &[
     "DDIMScheduler",
     "PNDMScheduler",
     "EulerDiscreteScheduler",
@@ -129,8 +131,28 @@ pub const SCHEDULERS: &[&str] = &[
     "LCMScheduler",
 ];
 
+/// The flow-matching schedulers dw implements: what rectified-flow transformers (FLUX)
+/// run.
+pub const FLOW_SCHEDULERS: &[&str] = &["FlowMatchEulerDiscreteScheduler"];
+
+/// Every scheduler class dw implements.
+pub const SCHEDULERS: &[&str] = &[
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+];
+
 /// The families users can name, in the order messages list them.
-pub static FAMILIES: &[&Family] = &[&stable_diffusion::FAMILY, &stable_diffusion_xl::FAMILY];
+pub static FAMILIES: &[&Family] = &[
+    &stable_diffusion::FAMILY,
+    &stable_diffusion_xl::FAMILY,
+    &flux::FAMILY,
+];
 
 /// Families only the test builds have (a tiny one that proves the seam).
 #[cfg(debug_assertions)]

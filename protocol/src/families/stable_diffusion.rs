@@ -58,5 +58,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("unet", "UNet2DConditionModel"),
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
-    schedulers: super::SCHEDULERS,
+    schedulers: super::NOISE_SCHEDULERS,
 };

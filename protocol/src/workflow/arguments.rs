@@ -36,6 +36,8 @@ pub enum ArgType {
     /// Two whole numbers from `min` to `max`, written `[a, b]` (diffusers' `(height, width)`
     /// and `(top, left)` tuples).
     Pair { min: u64, max: u64 },
+    /// A list of 1 to `max_len` finite numbers from `min` to `max` (FLUX's `sigmas`).
+    Numbers { min: f64, max: f64, max_len: usize },
 }
 
 impl ArgType {
@@ -82,6 +84,7 @@ pub enum ArgValue {
     Latents(String),
     Image(ImageSource),
     Pair(usize, usize),
+    Numbers(Vec<f64>),
 }
 
 /// A step's arguments, checked against its class, defaults filled in.
@@ -277,6 +280,14 @@ impl Arguments {
         }
     }
 
+    /// A list of numbers, such as `sigmas`.
+    pub fn numbers(&self, name: &str) -> Option<&[f64]> {
+        match self.values.get(name)? {
+            ArgValue::Numbers(values) => Some(values),
+            _ => None,
+        }
+    }
+
     pub fn image(&self, name: &str) -> Option<&ImageSource> {
         match self.values.get(name)? {
             ArgValue::Image(source) => Some(source),
@@ -315,6 +326,9 @@ fn typed(spec: &ArgSpec, value: &Value) -> Result<ArgValue, ArgumentError> {
         ArgType::Pair { min, max } => {
             let (first, second) = pair(name, value, min, max)?;
             ArgValue::Pair(first, second)
+        }
+        ArgType::Numbers { min, max, max_len } => {
+            ArgValue::Numbers(numbers(name, value, (min, max), max_len)?)
         }
     })
 }
@@ -442,6 +456,30 @@ fn pair(key: &str, v: &Value, min: u64, max: u64) -> Result<(usize, usize), Argu
         err(
             key,
             format!("`{key}` must be two whole numbers from {min} to {max}, as [a, b], found {v}"),
+        )
+    })
+}
+
+fn numbers(
+    key: &str,
+    v: &Value,
+    (min, max): (f64, f64),
+    max_len: usize,
+) -> Result<Vec<f64>, ArgumentError> {
+    let in_range = |item: &Value| {
+        item.as_f64()
+            .filter(|n| n.is_finite() && (min..=max).contains(n))
+    };
+    let values: Option<Vec<f64>> = match v.as_array() {
+        Some(items) if (1..=max_len).contains(&items.len()) => items.iter().map(in_range).collect(),
+        _ => None,
+    };
+    values.ok_or_else(|| {
+        err(
+            key,
+            format!(
+                "`{key}` must be a list of 1 to {max_len} numbers from {min} to {max}, found {v}"
+            ),
         )
     })
 }

@@ -316,7 +316,7 @@ pub const SCHEDULER: Level = Level {
         done("from_config_args"),
         refused(
             "shift",
-            "a sigma `shift` applies to flow-matching schedulers, which are not built",
+            "setting a flow-matching scheduler's `shift` this way (`set_shift`) is not built yet; give `shift` in `from_config_args` instead",
         ),
     ],
     closed: false,

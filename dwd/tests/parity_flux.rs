@@ -1,0 +1,152 @@
+//! Parity of the FLUX.1 family with diffusers, on `tests/fixtures/tiny-flux` (a copy of the
+//! shared FLUX reference; `tests/fixtures/REFERENCE.md` describes its tensors): the
+//! transformer on fixed inputs and on the first call of the recorded run, the 16-channel
+//! VAE (no quant convs, shifted latents), the flow-match schedules for three image sizes,
+//! the packing of latents, and the whole 4-step run replaying diffusers' noise.
+
+mod common;
+use common::{assert_close, Fixture};
+
+use candle_core::{DType, Device, Tensor};
+use dwd::pipelines::flux::{FluxInputs, FluxTransformer};
+use dwd::pipelines::scheduler::linspace;
+use dwd::pipelines::{
+    calculate_shift, FlowMatchEulerDiscreteScheduler, FlowSchedule, SchedulerConfig, Vae,
+};
+
+/// The reference README's tolerances: the transformer 1e-3 (dwd measures far less, see
+/// the assertions' output), the VAE 1e-5, schedules 1e-6 (dwd matches them exactly).
+const TRANSFORMER_TOLERANCE: f32 = 1e-4;
+const VAE_TOLERANCE: f32 = 1e-5;
+
+fn fixture() -> Fixture {
+    Fixture::new("tiny-flux")
+}
+
+fn transformer() -> FluxTransformer {
+    let dir = fixture().model_dir().join("transformer");
+    FluxTransformer::load(&dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn scalar(tensor: &Tensor) -> f32 {
+    tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+}
+
+/// Token ids (tokens, 3) as rows.
+fn ids(tensor: &Tensor) -> Vec<[f32; 3]> {
+    tensor
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|row| [row[0], row[1], row[2]])
+        .collect()
+}
+
+/// Runs the transformer on the inputs stored under `prefix` and compares with its output.
+fn check_transformer(model: &FluxTransformer, names: [&str; 8]) {
+    let reference = fixture().tensors("expected.safetensors");
+    let get = |name: &str| reference[name].clone();
+    let [x, ehs, pooled, img_ids, txt_ids, t, guidance, out] = names;
+    let (img_ids, txt_ids) = (ids(&get(img_ids)), ids(&get(txt_ids)));
+    let inputs = FluxInputs {
+        hidden_states: &get(x),
+        encoder_hidden_states: &get(ehs),
+        pooled_projections: &get(pooled),
+        timestep: scalar(&get(t)),
+        guidance: Some(scalar(&get(guidance))),
+        txt_ids: &txt_ids,
+        img_ids: &img_ids,
+    };
+    let got = model.forward(&inputs).unwrap();
+    assert_close(out, &got, &get(out), TRANSFORMER_TOLERANCE);
+}
+
+#[test]
+fn the_transformer_matches_diffusers_on_fixed_inputs() {
+    check_transformer(
+        &transformer(),
+        [
+            "tr_x",
+            "tr_ehs",
+            "tr_pooled",
+            "tr_img_ids",
+            "tr_txt_ids",
+            "tr_t",
+            "tr_guidance",
+            "tr_out",
+        ],
+    );
+}
+
+#[test]
+fn the_first_transformer_call_of_the_recorded_run_matches() {
+    check_transformer(
+        &transformer(),
+        [
+            "pipe_tr0_hidden_states",
+            "pipe_tr0_ehs",
+            "pipe_tr0_pooled",
+            "pipe_tr0_img_ids",
+            "pipe_tr0_txt_ids",
+            "pipe_tr0_timestep",
+            "pipe_tr0_guidance",
+            "pipe_tr0_out",
+        ],
+    );
+}
+
+#[test]
+fn the_vae_decodes_shifted_latents_as_diffusers_does() {
+    let vae = Vae::load(&fixture().model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(vae.config().shift_factor, Some(0.1159));
+    let reference = fixture().tensors("expected.safetensors");
+    let decoded = vae.decode(&reference["vae_z"]).unwrap();
+    assert_close(
+        "VAE decoder",
+        &decoded,
+        &reference["vae_out"],
+        VAE_TOLERANCE,
+    );
+    let mean = vae.encode_mean(&reference["vae_enc_in"]).unwrap();
+    assert_close("VAE encoder mean", &mean, &reference["vae_enc_mean"], 1e-4);
+}
+
+/// The three recorded schedules: FLUX's sigmas `linspace(1, 1/n, n)` shifted by the `mu` of
+/// each image size, float32 to the last digit.
+#[test]
+fn flow_match_schedules_match_diffusers_for_every_recorded_size() {
+    let expected = fixture().json("expected.json");
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
+    let reference = fixture().tensors("expected.safetensors");
+    let schedules = expected["schedules"].as_object().unwrap();
+    assert_eq!(schedules.len(), 3);
+    for (name, schedule) in schedules {
+        let steps = schedule["steps"].as_u64().unwrap() as usize;
+        let seq_len = schedule["image_seq_len"].as_u64().unwrap() as usize;
+        let mu = calculate_shift(seq_len, &config).unwrap();
+        // serde_json reads decimals to within an ulp or two, not exactly.
+        let want_mu = schedule["mu"].as_f64().unwrap();
+        assert!((mu - want_mu).abs() < 1e-15, "{name}: mu {mu} vs {want_mu}");
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config).unwrap();
+        let sigmas = linspace(1.0, 1.0 / steps as f64, steps);
+        scheduler
+            .set_timesteps(&FlowSchedule {
+                num_inference_steps: steps,
+                sigmas: Some(sigmas),
+                mu: Some(mu),
+            })
+            .unwrap();
+        let want_sigmas = reference[&format!("sched_{name}_sigmas")]
+            .to_vec1::<f32>()
+            .unwrap();
+        let want_timesteps = reference[&format!("sched_{name}_timesteps")]
+            .to_vec1::<f32>()
+            .unwrap();
+        let got_sigmas: Vec<f32> = scheduler.sigmas().iter().map(|s| *s as f32).collect();
+        let got_timesteps: Vec<f32> = scheduler.timesteps().iter().map(|t| *t as f32).collect();
+        assert_eq!(got_sigmas, want_sigmas, "{name}: sigmas");
+        assert_eq!(got_timesteps, want_timesteps, "{name}: timesteps");
+    }
+}
