@@ -5,19 +5,26 @@
 //! the packing of latents, and the whole 4-step run replaying diffusers' noise.
 
 mod common;
-use common::{assert_close, Fixture};
+use common::{assert_close, no_progress, token_rows, Fixture};
 
 use candle_core::{DType, Device, Tensor};
-use dwd::pipelines::flux::{FluxInputs, FluxTransformer};
+use dwd::pipelines::flux::{
+    pack, unpack, FluxArgs, FluxInputs, FluxPipeline, FluxTransformer, LatentShape,
+};
 use dwd::pipelines::scheduler::linspace;
 use dwd::pipelines::{
-    calculate_shift, FlowMatchEulerDiscreteScheduler, FlowSchedule, SchedulerConfig, Vae,
+    calculate_shift, images_to_rgb8, FlowMatchEulerDiscreteScheduler, FlowSchedule, ReplayNoise,
+    SchedulerConfig, Vae,
 };
 
 /// The reference README's tolerances: the transformer 1e-3 (dwd measures far less, see
 /// the assertions' output), the VAE 1e-5, schedules 1e-6 (dwd matches them exactly).
 const TRANSFORMER_TOLERANCE: f32 = 1e-4;
 const VAE_TOLERANCE: f32 = 1e-5;
+/// Text encoders 1e-5; whole runs 1e-3 by the README, held tighter here.
+const TEXT_TOLERANCE: f32 = 1e-5;
+const LATENTS_TOLERANCE: f32 = 1e-4;
+const IMAGE_TOLERANCE: f32 = 1e-4;
 
 fn fixture() -> Fixture {
     Fixture::new("tiny-flux")
@@ -149,4 +156,142 @@ fn flow_match_schedules_match_diffusers_for_every_recorded_size() {
         assert_eq!(got_sigmas, want_sigmas, "{name}: sigmas");
         assert_eq!(got_timesteps, want_timesteps, "{name}: timesteps");
     }
+}
+
+/// The recorded run's arguments (`expected.json` → `pipelines.flux`), starting from the
+/// recorded packed noise.
+fn recorded_args() -> FluxArgs {
+    let expected = fixture().json("expected.json");
+    let case = &expected["pipelines"]["flux"];
+    let reference = fixture().tensors("expected.safetensors");
+    FluxArgs {
+        prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+        height: Some(case["height"].as_u64().unwrap() as usize),
+        width: Some(case["width"].as_u64().unwrap() as usize),
+        num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        max_sequence_length: case["max_sequence_length"].as_u64().unwrap() as usize,
+        latents: Some(reference["pipe_latents"].clone()),
+        ..FluxArgs::default()
+    }
+}
+
+fn pipeline() -> FluxPipeline {
+    FluxPipeline::load(&fixture().model_dir(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn run(pipeline: &FluxPipeline, args: &FluxArgs) -> Tensor {
+    let mut noise = ReplayNoise::new(Vec::new());
+    let mut notices = Vec::new();
+    let mut notice = |message: String| notices.push(message);
+    let out = pipeline
+        .generate(args, &mut noise, &mut notice, &mut no_progress())
+        .unwrap();
+    assert!(notices.is_empty(), "{notices:?}");
+    out
+}
+
+/// The whole 4-step run: the final packed latents (the last of `pipe_step_latents`), the
+/// image, and the PNG within one 8-bit level.
+#[test]
+fn the_recorded_four_step_run_matches_diffusers() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let latents = run(
+        &pipeline,
+        &FluxArgs {
+            output_latents: true,
+            ..recorded_args()
+        },
+    );
+    let steps = &reference["pipe_step_latents"];
+    let last = steps.get(steps.dim(0).unwrap() - 1).unwrap();
+    assert_close("final latents", &latents, &last, LATENTS_TOLERANCE);
+    let image = run(&pipeline, &recorded_args());
+    assert_close("image", &image, &reference["pipe_image"], IMAGE_TOLERANCE);
+    let png = image::open(fixture().dir().join("expected_flux.png"))
+        .unwrap()
+        .to_rgb8();
+    let got = &images_to_rgb8(&image).unwrap()[0];
+    let worst = got
+        .pixels
+        .iter()
+        .zip(png.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "8-bit image differs by {worst} levels");
+}
+
+/// The pipeline's own conditioning: CLIP's pooled output and T5's states for the prompt,
+/// as the first transformer call received them.
+#[test]
+fn the_prompt_is_encoded_as_diffusers_encodes_it() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let args = recorded_args();
+    let clip = pipeline
+        .tokenizer
+        .encode_padded(&args.prompts[0], 77)
+        .unwrap();
+    assert_eq!(vec![clip.clone()], token_rows(&reference["clip_ids"]));
+    let pooled = pipeline.text_encoder.encode_all(&[clip]).unwrap().pooled;
+    assert_close(
+        "CLIP pooled",
+        &pooled,
+        &reference["clip_pooled"],
+        TEXT_TOLERANCE,
+    );
+    assert_close(
+        "pooled given to the transformer",
+        &pooled,
+        &reference["pipe_tr0_pooled"],
+        TEXT_TOLERANCE,
+    );
+    let t5 = pipeline
+        .tokenizer_2
+        .encode_padded(&args.prompts[0], args.max_sequence_length)
+        .unwrap();
+    let states = pipeline.text_encoder_2.encode(&[t5]).unwrap();
+    assert_close(
+        "T5 states",
+        &states,
+        &reference["pipe_tr0_ehs"],
+        TEXT_TOLERANCE,
+    );
+}
+
+/// Latents may be given unpacked (as dw writes a FLUX step's noise for inspection); they
+/// are packed as diffusers packs its draw, giving the same run.
+#[test]
+fn unpacked_latents_run_as_their_packed_form() {
+    let reference = fixture().tensors("expected.safetensors");
+    let packed = pack(&reference["pipe_latents_unpacked"]).unwrap();
+    assert_close("packing", &packed, &reference["pipe_latents"], 0.0);
+    let shape = LatentShape {
+        images: 1,
+        channels: 16,
+        height: 16,
+        width: 16,
+    };
+    let back = unpack(&reference["pipe_latents"], shape).unwrap();
+    assert_close("unpacking", &back, &reference["pipe_latents_unpacked"], 0.0);
+}
+
+#[test]
+fn a_bad_latents_shape_is_refused_naming_both_shapes() {
+    let pipeline = pipeline();
+    let args = FluxArgs {
+        latents: Some(Tensor::zeros((1, 63, 64), DType::F32, &Device::Cpu).unwrap()),
+        ..recorded_args()
+    };
+    let mut noise = ReplayNoise::new(Vec::new());
+    let error = pipeline
+        .generate(&args, &mut noise, &mut |_| {}, &mut no_progress())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("[1, 64, 64]") && error.contains("[1, 63, 64]"),
+        "{error}"
+    );
 }

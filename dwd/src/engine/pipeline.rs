@@ -342,8 +342,10 @@ impl Engine {
             context.host.progress(step, phase, i, n);
             Ok(())
         };
+        let mut notice = |message: String| context.log(LogLevel::Warn, message);
         let host = RunHost {
             noise,
+            notice: &mut notice,
             progress: &mut progress,
         };
         let output = prepared.pipeline.run(request, host);

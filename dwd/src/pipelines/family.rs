@@ -101,10 +101,13 @@ pub enum Output {
     Latents(Tensor),
 }
 
-/// What a run may draw on: its noise and its progress reports. `progress` returns an
+/// What a run may draw on: its noise, its notices and its progress reports. `progress` returns an
 /// error when the run must stop (the job was cancelled); the pipeline returns it as is.
 pub struct RunHost<'a> {
     pub noise: &'a mut dyn NoiseSource,
+    /// Tells the user something about the run that is not an error (an argument this
+    /// model ignores).
+    pub notice: &'a mut dyn FnMut(String),
     pub progress: &'a mut dyn FnMut(Progress) -> Result<(), PipelineError>,
 }
 

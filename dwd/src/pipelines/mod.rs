@@ -74,6 +74,7 @@ pub use vae::{LatentDistribution, Vae, VaeConfig};
 static FAMILIES: &[&dyn Family] = &[
     &stable_diffusion::StableDiffusion,
     &stable_diffusion_xl::StableDiffusionXl,
+    &flux::Flux,
 ];
 
 /// Families only test builds have.

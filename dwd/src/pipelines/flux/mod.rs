@@ -3,10 +3,125 @@
 //! whose states are the text tokens), `transformer`, `vae` (16 channels, shifted and
 //! scaled latents) and `scheduler` (flow matching).
 //!
-//! [`transformer`] is the model, built from [`blocks`] and [`embeddings`].
+//! [`transformer`] is the model, built from [`blocks`] and [`embeddings`]; [`pipeline`] is
+//! the denoising loop; this module assembles it from the cache's components and turns a
+//! [`Request`]'s typed arguments into its [`FluxArgs`].
 
 pub mod blocks;
 pub mod embeddings;
+pub mod pipeline;
 pub mod transformer;
 
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use protocol::workflow::OutputType;
+
+pub use pipeline::{pack, unpack, FluxArgs, FluxPipeline, LatentShape};
 pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
+
+use super::diffusion::DecodeOptions;
+use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
+use super::{
+    ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
+};
+
+/// The family, as the registry lists it.
+pub struct Flux;
+
+impl Family for Flux {
+    fn schema(&self) -> &'static protocol::families::Family {
+        &protocol::families::flux::FAMILY
+    }
+
+    fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
+        Ok(Arc::new(FluxPipeline {
+            tokenizer: parts.take("tokenizer")?,
+            text_encoder: parts.take("text_encoder")?,
+            tokenizer_2: parts.take("tokenizer_2")?,
+            text_encoder_2: parts.take("text_encoder_2")?,
+            transformer: parts.take("transformer")?,
+            vae: parts.take("vae")?,
+            scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
+            device: parts.device.clone(),
+            dtype: parts.dtype,
+        }))
+    }
+}
+
+impl FluxPipeline {
+    /// Loads every component from a diffusers folder, outside the daemon's cache.
+    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        Ok(Self {
+            tokenizer: Arc::new(ClipTokenizer::load(&model_dir.join("tokenizer"))?),
+            text_encoder: Arc::new(TextEncoder::load(
+                &model_dir.join("text_encoder"),
+                dtype,
+                device,
+            )?),
+            tokenizer_2: Arc::new(T5Tokenizer::load(&model_dir.join("tokenizer_2"))?),
+            text_encoder_2: Arc::new(T5Encoder::load(
+                &model_dir.join("text_encoder_2"),
+                dtype,
+                device,
+            )?),
+            transformer: Arc::new(FluxTransformer::load(
+                &model_dir.join("transformer"),
+                dtype,
+                device,
+            )?),
+            vae: Arc::new(Vae::load(&model_dir.join("vae"), dtype, device)?),
+            scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+impl Pipeline for FluxPipeline {
+    fn default_scheduler(&self) -> Option<&str> {
+        self.scheduler.class_name.as_deref()
+    }
+
+    fn activation_bytes(&self, request: &Request) -> Result<u64, PipelineError> {
+        FluxPipeline::activation_bytes(self, &flux_args(request))
+    }
+
+    fn run(&self, request: &Request, host: RunHost<'_>) -> Result<Output, PipelineError> {
+        let args = flux_args(request);
+        let output = self.generate(&args, host.noise, host.notice, host.progress)?;
+        Ok(match args.output_latents {
+            true => Output::Latents(output),
+            false => Output::Images(output),
+        })
+    }
+}
+
+/// The loop's arguments from a request, with diffusers' defaults.
+fn flux_args(request: &Request) -> FluxArgs {
+    let arguments = &request.arguments;
+    let defaults = FluxArgs::default();
+    let text = |name: &str| arguments.text(name).map(str::to_string);
+    FluxArgs {
+        prompts: arguments.prompts().to_vec(),
+        prompt_2: text("prompt_2"),
+        negative_prompt: text("negative_prompt"),
+        negative_prompt_2: text("negative_prompt_2"),
+        true_cfg_scale: request.number("true_cfg_scale", defaults.true_cfg_scale),
+        height: arguments.integer("height"),
+        width: arguments.integer("width"),
+        num_inference_steps: request.integer("num_inference_steps", defaults.num_inference_steps),
+        sigmas: arguments.numbers("sigmas").map(<[f64]>::to_vec),
+        guidance_scale: request.number("guidance_scale", defaults.guidance_scale),
+        num_images_per_prompt: request.integer("num_images_per_prompt", 1),
+        latents: request.latents.clone(),
+        max_sequence_length: request.integer("max_sequence_length", defaults.max_sequence_length),
+        scheduler_overrides: request.scheduler_overrides(),
+        output_latents: arguments.output_type() == OutputType::Latent,
+        decode: DecodeOptions {
+            slicing: request.vae_slicing,
+            tiling: request.vae_tiling,
+        },
+    }
+}

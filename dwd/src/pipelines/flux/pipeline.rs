@@ -1,0 +1,526 @@
+//! The FLUX.1 loop, as diffusers' `FluxPipeline` runs it: CLIP's pooled output and T5's
+//! states for the prompt; seeded noise drawn as unpacked latents (images, 16, h, w) and
+//! packed into 2x2-patch tokens; a flow-match schedule shifted for the image's token count;
+//! one transformer call per step (two with true classifier-free guidance); the packed
+//! latents unpacked, unscaled, shifted and decoded.
+//!
+//! FLUX.1-dev embeds `guidance_scale` in the model; schnell has no guidance embedder and
+//! ignores it (with a notice). Random draws come from a [`NoiseSource`] in diffusers' order:
+//! the initial latents, then whatever the scheduler draws (`stochastic_sampling`).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Map, Value};
+
+use super::transformer::{FluxInputs, FluxTransformer};
+use crate::pipelines::diffusion::{self, DecodeOptions};
+use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::noise::NoiseSource;
+use crate::pipelines::scheduler::{
+    calculate_shift, linspace, FlowMatchEulerDiscreteScheduler, FlowSchedule, SchedulerConfig,
+};
+use crate::pipelines::{
+    ClipTokenizer, InComponent, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Vae,
+};
+
+const COMPONENT: &str = "pipeline";
+/// diffusers' `default_sample_size`: 128 latent pixels, 1024 image pixels.
+const DEFAULT_SAMPLE_SIZE: usize = 128;
+/// CLIP's prompt length in FLUX (`tokenizer_max_length`).
+const CLIP_MAX_LENGTH: usize = 77;
+
+/// A loaded FLUX pipeline.
+#[derive(Debug, Clone)]
+pub struct FluxPipeline {
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub text_encoder: Arc<TextEncoder>,
+    pub tokenizer_2: Arc<T5Tokenizer>,
+    pub text_encoder_2: Arc<T5Encoder>,
+    pub transformer: Arc<FluxTransformer>,
+    pub vae: Arc<Vae>,
+    /// The checkpoint's scheduler config.
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// One request, with diffusers' defaults filled in by the caller.
+#[derive(Debug, Clone)]
+pub struct FluxArgs {
+    pub prompts: Vec<String>,
+    /// T5's prompt; the CLIP prompt when absent.
+    pub prompt_2: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    /// Real classifier-free guidance, with `negative_prompt`, above 1.
+    pub true_cfg_scale: f64,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub num_inference_steps: usize,
+    /// The schedule's sigmas; FLUX's `linspace(1, 1/n, n)` when absent.
+    pub sigmas: Option<Vec<f64>>,
+    pub guidance_scale: f64,
+    pub num_images_per_prompt: usize,
+    /// Initial noise, packed (images, tokens, 64) or unpacked (images, 16, h, w).
+    pub latents: Option<Tensor>,
+    pub max_sequence_length: usize,
+    pub scheduler_overrides: Map<String, Value>,
+    pub output_latents: bool,
+    pub decode: DecodeOptions,
+}
+
+impl Default for FluxArgs {
+    fn default() -> Self {
+        FluxArgs {
+            prompts: Vec::new(),
+            prompt_2: None,
+            negative_prompt: None,
+            negative_prompt_2: None,
+            true_cfg_scale: 1.0,
+            height: None,
+            width: None,
+            num_inference_steps: 28,
+            sigmas: None,
+            guidance_scale: 3.5,
+            num_images_per_prompt: 1,
+            latents: None,
+            max_sequence_length: 512,
+            scheduler_overrides: Map::new(),
+            output_latents: false,
+            decode: DecodeOptions::default(),
+        }
+    }
+}
+
+/// The size of a run in latent pixels: (images, channels, height, width), unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentShape {
+    pub images: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl LatentShape {
+    /// Tokens per image once packed: one per 2x2 patch.
+    pub fn tokens(&self) -> usize {
+        (self.height / 2) * (self.width / 2)
+    }
+
+    /// Each token's 3-axis id: `[0, row, column]` of its patch.
+    pub fn image_ids(&self) -> Vec<[f32; 3]> {
+        let (rows, columns) = (self.height / 2, self.width / 2);
+        (0..rows)
+            .flat_map(|r| (0..columns).map(move |c| [0.0, r as f32, c as f32]))
+            .collect()
+    }
+}
+
+/// The prompt's conditioning: T5's states and CLIP's pooled output, a row per image.
+struct Conditioning {
+    states: Tensor,
+    pooled: Tensor,
+}
+
+impl FluxPipeline {
+    /// Total size of the loaded weights in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.text_encoder.bytes()
+            + self.text_encoder_2.bytes()
+            + self.transformer.bytes()
+            + self.vae.bytes()
+    }
+
+    /// The unpacked latent shape of a request: diffusers' `2 * (side // 16)` per side.
+    pub fn latent_shape(&self, args: &FluxArgs) -> Result<LatentShape, PipelineError> {
+        let scale = self.vae.scale_factor();
+        let default = DEFAULT_SAMPLE_SIZE * scale;
+        let side = |name: &str, value: Option<usize>| -> Result<usize, PipelineError> {
+            let value = value.unwrap_or(default);
+            match 2 * (value / (scale * 2)) {
+                0 => Err(PipelineError::invalid(
+                    name,
+                    format!(
+                        "{value} is smaller than FLUX's smallest side, {}",
+                        scale * 2
+                    ),
+                )),
+                latent => Ok(latent),
+            }
+        };
+        Ok(LatentShape {
+            images: args.prompts.len() * args.num_images_per_prompt,
+            channels: self.transformer.config().in_channels / 4,
+            height: side("height", args.height)?,
+            width: side("width", args.width)?,
+        })
+    }
+
+    /// About the most memory a run takes beyond the weights: the larger of a transformer
+    /// call (the joined sequence's activations and one head's attention scores at a time
+    /// per row) and the decode.
+    pub fn activation_bytes(&self, args: &FluxArgs) -> Result<u64, PipelineError> {
+        let shape = self.latent_shape(args)?;
+        let config = self.transformer.config();
+        let element = match self.device.is_cpu() {
+            true => 4,
+            false => self.dtype.size_in_bytes() as u64,
+        };
+        let tokens = (shape.tokens() + args.max_sequence_length) as u64;
+        let width = config.inner_dim() as u64;
+        // q, k, v, attention out, the 4x MLP and the 5x projection input of a single block.
+        let per_token = 14 * width * element;
+        let scores = config.num_attention_heads as u64 * tokens * tokens * 4;
+        let step = shape.images as u64 * (tokens * per_token + scores);
+        let decode = match args.output_latents {
+            true => 0,
+            false => {
+                let scale = self.vae.scale_factor();
+                self.vae.decode_activation_bytes(
+                    shape.images,
+                    shape.height * scale,
+                    shape.width * scale,
+                    element as usize,
+                    args.decode.slicing,
+                    args.decode.tiling,
+                )
+            }
+        };
+        Ok(step.max(decode))
+    }
+
+    /// Runs the whole pipeline: f32 images (N, 3, H, W) in [0, 1] on the CPU, each prompt's
+    /// images together; or with `output_latents` the final packed latents, as diffusers'
+    /// `output_type="latent"` gives them.
+    pub fn generate(
+        &self,
+        args: &FluxArgs,
+        noise: &mut dyn NoiseSource,
+        notice: &mut dyn FnMut(String),
+        on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        validate(args)?;
+        let shape = self.latent_shape(args)?;
+        let guidance = self.embedded_guidance(args, notice);
+        let true_cfg = self.true_cfg(args, notice);
+        diffusion::report_phase(on_progress, Phase::Encoding)?;
+        let positive = self.encode(&args.prompts, args.prompt_2.as_deref(), args)?;
+        let negative = match true_cfg {
+            true => Some(self.encode_negative(args)?),
+            false => None,
+        };
+        let latents = self.initial_latents(args, shape, noise)?;
+        let mut scheduler = self.scheduler(args, shape)?;
+        let calls = Calls {
+            positive: &positive,
+            negative: negative.as_ref(),
+            guidance,
+            true_cfg_scale: args.true_cfg_scale,
+            txt_ids: vec![[0.0; 3]; args.max_sequence_length],
+            img_ids: shape.image_ids(),
+        };
+        let latents = self.denoise(&mut scheduler, &calls, latents, noise, on_progress)?;
+        if args.output_latents {
+            return latents.to_device(&Device::Cpu).in_component(COMPONENT);
+        }
+        diffusion::report_phase(on_progress, Phase::Decoding)?;
+        let unpacked = unpack(&latents, shape).in_component(COMPONENT)?;
+        let shift = self.vae.config().shift_factor.unwrap_or(0.0);
+        let unscaled = ((unpacked / self.vae.scaling_factor()).and_then(|z| z + shift))
+            .in_component(COMPONENT)?;
+        diffusion::decode_unscaled(&self.vae, &unscaled, args.decode)
+    }
+
+    /// The guidance the model embeds: FLUX.1-dev's `guidance_scale`; none for a model
+    /// without a guidance embedder, which ignores the argument.
+    fn embedded_guidance(&self, args: &FluxArgs, notice: &mut dyn FnMut(String)) -> Option<f32> {
+        if self.transformer.has_guidance() {
+            return Some(args.guidance_scale as f32);
+        }
+        if args.guidance_scale != FluxArgs::default().guidance_scale {
+            notice(format!(
+                "`guidance_scale` {} has no effect: this transformer has no guidance embedder (FLUX.1-schnell), so diffusers ignores it",
+                args.guidance_scale
+            ));
+        }
+        None
+    }
+
+    /// Whether true classifier-free guidance runs: `true_cfg_scale` above 1 with a
+    /// `negative_prompt`, as diffusers decides it.
+    fn true_cfg(&self, args: &FluxArgs, notice: &mut dyn FnMut(String)) -> bool {
+        let has_negative = args.negative_prompt.is_some();
+        match (args.true_cfg_scale > 1.0, has_negative) {
+            (true, true) => true,
+            (true, false) => {
+                notice(format!(
+                    "`true_cfg_scale` {} has no effect without a `negative_prompt`",
+                    args.true_cfg_scale
+                ));
+                false
+            }
+            (false, true) => {
+                notice(
+                    "`negative_prompt` has no effect unless `true_cfg_scale` is above 1"
+                        .to_string(),
+                );
+                false
+            }
+            (false, false) => false,
+        }
+    }
+
+    /// diffusers' `encode_prompt`: CLIP's pooled output of each prompt, T5's states of
+    /// `prompt_2` (else the prompt), each repeated for the prompt's images.
+    fn encode(
+        &self,
+        prompts: &[String],
+        prompt_2: Option<&str>,
+        args: &FluxArgs,
+    ) -> Result<Conditioning, PipelineError> {
+        let clip_ids = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode_padded(p, CLIP_MAX_LENGTH))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pooled = self.text_encoder.encode_all(&clip_ids)?.pooled;
+        // Python's `prompt_2 or prompt`: an empty prompt_2 falls back too.
+        let t5_prompts: Vec<&str> = match prompt_2.filter(|p| !p.is_empty()) {
+            Some(text) => vec![text],
+            None => prompts.iter().map(String::as_str).collect(),
+        };
+        let t5_ids = t5_prompts
+            .iter()
+            .map(|p| self.tokenizer_2.encode_padded(p, args.max_sequence_length))
+            .collect::<Result<Vec<_>, _>>()?;
+        let states = self.text_encoder_2.encode(&t5_ids)?;
+        let repeat = |xs: &Tensor| {
+            diffusion::repeat_rows(xs, args.num_images_per_prompt)
+                .and_then(|xs| xs.to_dtype(self.dtype))
+        };
+        Ok(Conditioning {
+            states: repeat(&states).in_component(COMPONENT)?,
+            pooled: repeat(&pooled).in_component(COMPONENT)?,
+        })
+    }
+
+    /// The negative prompt's conditioning, one per prompt as diffusers repeats it.
+    fn encode_negative(&self, args: &FluxArgs) -> Result<Conditioning, PipelineError> {
+        let negative = args.negative_prompt.clone().unwrap_or_default();
+        let negatives = vec![negative; args.prompts.len()];
+        self.encode(&negatives, args.negative_prompt_2.as_deref(), args)
+    }
+
+    /// The caller's latents (packed as given, or packed from unpacked ones), or a draw of
+    /// unpacked noise, packed.
+    fn initial_latents(
+        &self,
+        args: &FluxArgs,
+        shape: LatentShape,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor, PipelineError> {
+        let packed_dims = [shape.images, shape.tokens(), shape.channels * 4];
+        let unpacked_dims = [shape.images, shape.channels, shape.height, shape.width];
+        let latents = match &args.latents {
+            Some(given) if given.dims() == packed_dims => given.to_dtype(DType::F32).in_component(COMPONENT)?,
+            Some(given) if given.dims() == unpacked_dims => pack(&given.to_dtype(DType::F32).in_component(COMPONENT)?)
+                .in_component(COMPONENT)?,
+            Some(given) => {
+                return Err(PipelineError::invalid(
+                    "latents",
+                    format!("this run takes packed latents {packed_dims:?} or unpacked {unpacked_dims:?}, got {:?}", given.dims()),
+                ))
+            }
+            None => pack(&noise.next(&unpacked_dims)?).in_component(COMPONENT)?,
+        };
+        latents.to_device(&self.device).in_component(COMPONENT)
+    }
+
+    /// The flow-match scheduler with the step's overrides, set to FLUX's sigmas shifted by
+    /// the image's `mu`.
+    fn scheduler(
+        &self,
+        args: &FluxArgs,
+        shape: LatentShape,
+    ) -> Result<FlowMatchEulerDiscreteScheduler, PipelineError> {
+        let config = self.scheduler.with_overrides(&args.scheduler_overrides)?;
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config)?;
+        let flow_sigmas =
+            config.other.get("use_flow_sigmas").and_then(Value::as_bool) == Some(true);
+        let steps = args.num_inference_steps;
+        let sigmas = match (&args.sigmas, flow_sigmas) {
+            (_, true) => None,
+            (Some(given), false) => Some(given.clone()),
+            (None, false) => Some(linspace(1.0, 1.0 / steps as f64, steps)),
+        };
+        let num_inference_steps = sigmas.as_ref().map_or(steps, Vec::len);
+        let mu = calculate_shift(shape.tokens(), &config)?;
+        scheduler.set_timesteps(&FlowSchedule {
+            num_inference_steps,
+            sigmas,
+            mu: Some(mu),
+        })?;
+        Ok(scheduler)
+    }
+
+    /// Every step of the schedule.
+    fn denoise(
+        &self,
+        scheduler: &mut FlowMatchEulerDiscreteScheduler,
+        calls: &Calls<'_>,
+        mut latents: Tensor,
+        noise: &mut dyn NoiseSource,
+        on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        let timesteps = scheduler.timesteps().to_vec();
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            on_progress(Progress {
+                phase: Phase::Denoising,
+                step: index,
+                total: timesteps.len(),
+            })?;
+            let velocity = self.predict(calls, &latents, timestep)?;
+            let stepped = scheduler.step(&velocity, index, &latents, noise)?;
+            // diffusers keeps the latents in the model's dtype between steps.
+            latents = stepped
+                .to_dtype(self.dtype)
+                .and_then(|xs| xs.to_dtype(DType::F32))
+                .in_component(COMPONENT)?;
+        }
+        Ok(latents)
+    }
+
+    /// One velocity prediction; with true CFG, `negative + scale * (positive - negative)`.
+    fn predict(
+        &self,
+        calls: &Calls<'_>,
+        latents: &Tensor,
+        timestep: f64,
+    ) -> Result<Tensor, PipelineError> {
+        // The pipeline passes `t / 1000` in the latents' dtype.
+        let timestep = timestep as f32 / 1000.0;
+        let call = |conditioning: &Conditioning| {
+            self.transformer.forward(&FluxInputs {
+                hidden_states: latents,
+                encoder_hidden_states: &conditioning.states,
+                pooled_projections: &conditioning.pooled,
+                timestep,
+                guidance: calls.guidance,
+                txt_ids: &calls.txt_ids,
+                img_ids: &calls.img_ids,
+            })
+        };
+        let positive = call(calls.positive)?;
+        let Some(negative) = calls.negative else {
+            return Ok(positive);
+        };
+        let negative = call(negative)?;
+        let guided = (positive - &negative)
+            .and_then(|difference| difference * calls.true_cfg_scale)
+            .and_then(|scaled| negative + scaled);
+        guided.in_component(COMPONENT)
+    }
+}
+
+/// What every transformer call of a run shares.
+struct Calls<'a> {
+    positive: &'a Conditioning,
+    negative: Option<&'a Conditioning>,
+    guidance: Option<f32>,
+    true_cfg_scale: f64,
+    txt_ids: Vec<[f32; 3]>,
+    img_ids: Vec<[f32; 3]>,
+}
+
+/// diffusers' `_pack_latents`: (b, c, h, w) to (b, h/2 * w/2, 4c), each token a 2x2 patch
+/// with its channels outermost.
+pub fn pack(latents: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = latents.dims4()?;
+    latents
+        .reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, (h / 2) * (w / 2), c * 4))
+}
+
+/// diffusers' `_unpack_latents`, the inverse of [`pack`].
+pub fn unpack(latents: &Tensor, shape: LatentShape) -> candle_core::Result<Tensor> {
+    let (b, _, packed_channels) = latents.dims3()?;
+    let (h, w) = (shape.height, shape.width);
+    latents
+        .reshape((b, h / 2, w / 2, packed_channels / 4, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, packed_channels / 4, h, w))
+}
+
+/// diffusers' `check_inputs`, for what the argument table cannot say alone.
+fn validate(args: &FluxArgs) -> Result<(), PipelineError> {
+    let prompts = args.prompts.len();
+    if prompts == 0 {
+        return Err(PipelineError::invalid("prompt", "at least one is needed"));
+    }
+    if args.prompt_2.is_some() && prompts > 1 {
+        return Err(PipelineError::invalid(
+            "prompt_2",
+            format!("is one text, for {prompts} prompts; diffusers needs one prompt_2 per prompt, so give one prompt"),
+        ));
+    }
+    if args.max_sequence_length > 512 {
+        return Err(PipelineError::invalid(
+            "max_sequence_length",
+            format!(
+                "{} is over 512, the most diffusers' FluxPipeline takes",
+                args.max_sequence_length
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers packs `view(b, c, h/2, 2, w/2, 2).permute(0, 2, 4, 1, 3, 5)`: token (r, c)
+    /// holds channel-major 2x2 patches.
+    #[test]
+    fn packing_puts_each_2x2_patch_in_one_token_and_unpacking_reverses_it() {
+        let values: Vec<f32> = (0..2 * 4 * 4).map(|v| v as f32).collect();
+        let latents = Tensor::from_vec(values, (1, 2, 4, 4), &Device::Cpu).expect("latents");
+        let packed = pack(&latents).expect("pack");
+        assert_eq!(packed.dims(), [1, 4, 8]);
+        let first = packed
+            .get(0)
+            .and_then(|t| t.get(0))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("row");
+        // Channel 0's patch (0, 1, 4, 5), then channel 1's (16, 17, 20, 21).
+        assert_eq!(first, [0.0, 1.0, 4.0, 5.0, 16.0, 17.0, 20.0, 21.0]);
+        let shape = LatentShape {
+            images: 1,
+            channels: 2,
+            height: 4,
+            width: 4,
+        };
+        let back = unpack(&packed, shape).expect("unpack");
+        let same = (back - &latents)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>());
+        assert_eq!(same.expect("difference"), 0.0);
+    }
+
+    #[test]
+    fn image_ids_number_the_patch_grid_row_major() {
+        let shape = LatentShape {
+            images: 1,
+            channels: 16,
+            height: 4,
+            width: 6,
+        };
+        let ids = shape.image_ids();
+        assert_eq!(ids.len(), 6);
+        assert_eq!(ids[0], [0.0, 0.0, 0.0]);
+        assert_eq!(ids[2], [0.0, 0.0, 2.0]);
+        assert_eq!(ids[3], [0.0, 1.0, 0.0]);
+    }
+}
