@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use super::flux::FluxTransformer;
 use super::{
     weight_files_variant, ClipTokenizer, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Unet,
     Vae,
@@ -79,6 +80,16 @@ pub static LOADERS: &[ComponentLoader] = &[
         files: model_files,
         load: |dir, variant, dtype, device| {
             Ok(Arc::new(Unet::load_variant(dir, variant, dtype, device)?))
+        },
+    },
+    ComponentLoader {
+        class: "FluxTransformer2DModel",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(FluxTransformer::load_variant(
+                dir, variant, dtype, device,
+            )?))
         },
     },
     ComponentLoader {

@@ -153,10 +153,10 @@ fn unsupported_tasks_and_pipeline_classes_are_refused_by_name() {
         e.contains("task `upscale` is not supported: it runs a model"),
         "{e}"
     );
-    let src = GOOD.replace("\"StableDiffusionPipeline\"", "\"FluxPipeline\"");
+    let src = GOOD.replace("\"StableDiffusionPipeline\"", "\"FluxFillPipeline\"");
     let e = error(&src, &[]);
     assert!(
-        e.contains("pipeline class `FluxPipeline` is not supported yet; supported: StableDiffusionPipeline"),
+        e.contains("pipeline class `FluxFillPipeline` is not supported yet; supported: StableDiffusionPipeline"),
         "{e}"
     );
     // dw/type_helpers.py: a dotted name is module.Class; diffusers is the default module.

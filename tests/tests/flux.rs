@@ -1,0 +1,84 @@
+//! End-to-end: FLUX.1 workflows as diffusers-workflow users write them
+//! (`examples/flux/FluxDev.json` upstream: `component_type: "FluxPipeline"`,
+//! `torch_dtype: "torch.bfloat16"`, `offload: "model"`), through `dwctl run` and the real
+//! daemon on `tests/fixtures/tiny-flux`: the recorded run reproduces diffusers' image from
+//! the reference latents; a seed alone (no latents file) reproduces the four images
+//! diffusers-workflow makes on a CPU machine for two prompts times two images; arguments
+//! FLUX does not take are refused by name.
+
+use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    repo_root().join("tests/fixtures").join(path)
+}
+
+/// Runs an example workflow (its relative model paths made absolute) and gives the run.
+fn run_example(daemon: &TestDaemon, name: &str, edit: impl Fn(String) -> String) -> dw_tests::Run {
+    let text = dw_tests::example_text(name).replace(
+        "\"../tests/",
+        &format!("\"{}/tests/", repo_root().display()),
+    );
+    let workflow = daemon.dir.path().join(name);
+    std::fs::write(&workflow, edit(text)).unwrap();
+    let out = daemon.output_dir();
+    daemon.dwctl(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+#[test]
+fn the_flux_dev_workflow_reproduces_diffusers_image() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-flux-dev.json", |text| text);
+    run.assert_code(0);
+    let summary = run.json();
+    let ours = summary["outputs"][0]["path"].as_str().unwrap();
+    let diff = max_level_difference(
+        &png_pixels(std::path::Path::new(ours)).2,
+        &png_pixels(&fixture("tiny-flux/expected_flux.png")).2,
+    );
+    assert!(diff <= 1, "{diff} levels from diffusers");
+    // Six components: two tokenizers, two text encoders, the transformer, the VAE.
+    assert_eq!(summary["cache"]["misses"], 6, "{summary}");
+}
+
+/// diffusers-workflow on a machine without CUDA: one torch CPU generator seeded from the
+/// workflow draws the four unpacked initial latents (prompt-major), packed as FLUX packs
+/// them (`tests/fixtures/tiny-flux-seeded`, a copy of the shared torch-rng reference).
+#[test]
+fn a_seed_alone_gives_diffusers_flux_images_for_a_batch_of_prompts() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-flux-seeded.json", |text| text);
+    run.assert_code(0);
+    let out = daemon.output_dir();
+    for k in 0..4 {
+        let (_, _, ours) = png_pixels(&out.join(format!("tiny_flux_seeded-txt2img.0-0.{k}.png")));
+        let (_, _, theirs) =
+            png_pixels(&fixture(&format!("tiny-flux-seeded/shipped_call0_{k}.png")));
+        let diff = max_level_difference(&ours, &theirs);
+        assert!(diff <= 1, "image {k}: {diff} levels from diffusers");
+    }
+}
+
+/// An argument of another family (SD's `eta`) is refused by name before anything loads,
+/// with the arguments FluxPipeline takes.
+#[test]
+fn an_argument_flux_does_not_take_is_refused_by_name() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-flux-dev.json", |text| {
+        text.replace(
+            "\"max_sequence_length\": 32,",
+            "\"max_sequence_length\": 32, \"eta\": 0.5,",
+        )
+    });
+    assert_ne!(run.code, 0);
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains("`eta`") && text.contains("true_cfg_scale"),
+        "{text}"
+    );
+}
