@@ -14,7 +14,7 @@ use dwd::pipelines::flux::{
 use dwd::pipelines::scheduler::linspace;
 use dwd::pipelines::{
     calculate_shift, images_to_rgb8, FlowMatchEulerDiscreteScheduler, FlowSchedule, ReplayNoise,
-    SchedulerConfig, Vae,
+    SchedulerConfig, TorchCpuGenerator, Vae,
 };
 
 /// The reference README's tolerances: the transformer 1e-3 (dwd measures far less, see
@@ -294,4 +294,53 @@ fn a_bad_latents_shape_is_refused_naming_both_shapes() {
         error.contains("[1, 64, 64]") && error.contains("[1, 63, 64]"),
         "{error}"
     );
+}
+
+/// `FluxImg2ImgPipeline`'s start, against the formulas of diffusers' `prepare_latents` and
+/// `_encode_vae_image`: the VAE posterior sample `mean + std * n1`, shifted and scaled
+/// `(z - 0.1159) * 0.3611`, noised to the first kept step's sigma `s * n2 + (1 - s) * z`
+/// (4 steps at strength 0.6 start at step 1), packed. The two draws come in that order.
+#[test]
+fn img2img_starts_from_the_noised_shifted_vae_sample() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let pixels = ((&reference["vae_enc_in"] + 1.0).unwrap() / 2.0).unwrap();
+    let mut generator = TorchCpuGenerator::new(7);
+    let mut draw = || {
+        Tensor::from_vec(
+            generator.randn_f32(16 * 16 * 16),
+            (1, 16, 16, 16),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (posterior_noise, added_noise) = (draw(), draw());
+    let args = FluxArgs {
+        image: Some(pixels.clone()),
+        latents: None,
+        strength: 0.6,
+        ..recorded_args()
+    };
+    let mut noise = ReplayNoise::new(vec![posterior_noise.clone(), added_noise.clone()]);
+    let got = pipeline.start_latents(&args, &mut noise).unwrap();
+
+    let posterior = pipeline
+        .vae
+        .encode(&((pixels * 2.0).unwrap() - 1.0).unwrap())
+        .unwrap();
+    let sample =
+        (&posterior.mean + (posterior.std().unwrap() * &posterior_noise).unwrap()).unwrap();
+    let z = ((sample - 0.1159).unwrap() * 0.3611).unwrap();
+    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&pipeline.scheduler).unwrap();
+    scheduler
+        .set_timesteps(&FlowSchedule {
+            num_inference_steps: 4,
+            sigmas: Some(linspace(1.0, 0.25, 4)),
+            mu: Some(calculate_shift(64, &pipeline.scheduler).unwrap()),
+        })
+        .unwrap();
+    let sigma = scheduler.sigmas()[1];
+    let noised = ((added_noise * sigma).unwrap() + (z * (1.0 - sigma)).unwrap()).unwrap();
+    let want = pack(&noised).unwrap();
+    assert_close("img2img start", &got, &want, 1e-5);
 }

@@ -82,3 +82,40 @@ fn an_argument_flux_does_not_take_is_refused_by_name() {
         "{text}"
     );
 }
+
+/// `AutoPipelineForImage2Image` on a FLUX folder is `FluxImg2ImgPipeline`; from its seed the
+/// run is the same image twice (the posterior sample and the added noise come from the
+/// step's generator), 128x128 like its input.
+#[test]
+fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
+    let daemon = TestDaemon::new();
+    let mut images = Vec::new();
+    for _ in 0..2 {
+        let run = run_example(&daemon, "tiny-flux-img2img.json", |text| text);
+        run.assert_code(0);
+        let summary = run.json();
+        let path = summary["outputs"][0]["path"].as_str().unwrap().to_string();
+        let (width, height, pixels) = png_pixels(std::path::Path::new(&path));
+        assert_eq!((width, height), (128, 128));
+        images.push(pixels);
+    }
+    assert_eq!(images[0], images[1], "same seed, same image");
+    let input = png_pixels(&fixture("tiny-flux/expected_flux.png")).2;
+    assert_ne!(images[0], input, "the image was denoised");
+}
+
+/// diffusers resizes the input to `height` x `width`; dw does not resize, so an image of
+/// another size is refused naming both sizes and the way to resize it.
+#[test]
+fn an_img2img_input_of_another_size_is_refused_with_the_size_wanted() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-flux-img2img.json", |text| {
+        text.replace("\"width\": 128,", "\"width\": 256,")
+    });
+    assert_ne!(run.code, 0);
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains("is 128x128") && text.contains("256x128"),
+        "{text}"
+    );
+}

@@ -167,6 +167,17 @@ pub fn encode_images(
     device: &Device,
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor, PipelineError> {
+    (posterior_sample(vae, images, device, noise)? * vae.scaling_factor()).in_component(COMPONENT)
+}
+
+/// A sample of the VAE's latent distribution for images (N, 3, H, W) in [0, 1], before any
+/// scaling, f32, drawing the posterior's noise from `noise`.
+pub fn posterior_sample(
+    vae: &Vae,
+    images: &Tensor,
+    device: &Device,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor, PipelineError> {
     // VaeImageProcessor: [0, 1] to [-1, 1].
     let pixels = images
         .to_dtype(DType::F32)
@@ -176,8 +187,9 @@ pub fn encode_images(
         .in_component(COMPONENT)?;
     let distribution = vae.encode(&pixels)?;
     let sample_noise = noise.next(distribution.mean.dims())?;
-    (distribution.sample(&sample_noise)? * vae.scaling_factor())
-        .and_then(|latents| latents.to_dtype(DType::F32))
+    distribution
+        .sample(&sample_noise)?
+        .to_dtype(DType::F32)
         .in_component(COMPONENT)
 }
 

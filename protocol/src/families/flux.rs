@@ -1,13 +1,13 @@
-//! FLUX.1: diffusers' `FluxPipeline` (dev, schnell and their fine-tunes), with the arguments
-//! and defaults of its `__call__`.
+//! FLUX.1: diffusers' `FluxPipeline` (dev, schnell and their fine-tunes) and
+//! `FluxImg2ImgPipeline`, with the arguments and defaults of their `__call__`.
 //!
 //! `guidance_scale` is the *embedded* guidance of FLUX.1-dev (one model call per step);
 //! `true_cfg_scale` above 1 with a `negative_prompt` adds real classifier-free guidance (two
 //! calls per step). schnell has no guidance embedder: it ignores `guidance_scale`.
 
 use super::common::{
-    guidance_scale, HEIGHT, LATENTS, NEGATIVE_PROMPT, NON_NEGATIVE, NUM_IMAGES_PER_PROMPT,
-    NUM_INFERENCE_STEPS, OUTPUT_TYPE, PROMPT, WIDTH,
+    guidance_scale, strength, HEIGHT, LATENTS, NEGATIVE_PROMPT, NON_NEGATIVE,
+    NUM_IMAGES_PER_PROMPT, NUM_INFERENCE_STEPS, OUTPUT_TYPE, PROMPT, WIDTH,
 };
 use super::{ComponentSpec, Family, PipelineClass, Task};
 use crate::workflow::{ArgDefault, ArgSpec, ArgType};
@@ -17,8 +17,8 @@ const ID: &str = "flux";
 /// T5's longest prompt in FLUX (diffusers refuses more than 512 tokens).
 pub const MAX_SEQUENCE_LENGTH: u64 = 512;
 
-/// `FluxPipeline.__call__`'s arguments, in diffusers' order.
-const TEXT_TO_IMAGE: &[ArgSpec] = &[
+/// Arguments both pipelines take, in diffusers' order.
+const COMMON: &[ArgSpec] = &[
     PROMPT,
     ArgSpec::new("prompt_2", ArgType::Text, ArgDefault::Unset),
     NEGATIVE_PROMPT,
@@ -40,7 +40,6 @@ const TEXT_TO_IMAGE: &[ArgSpec] = &[
         },
         ArgDefault::Unset,
     ),
-    guidance_scale(3.5),
     NUM_IMAGES_PER_PROMPT,
     LATENTS,
     OUTPUT_TYPE,
@@ -54,15 +53,34 @@ const TEXT_TO_IMAGE: &[ArgSpec] = &[
     ),
 ];
 
+/// Only text to image.
+const TEXT_TO_IMAGE: &[ArgSpec] = &[guidance_scale(3.5)];
+
+/// Only image to image: the image is resized to `height` x `width` by diffusers; dw takes
+/// it at that size (see the pipeline).
+const IMAGE_TO_IMAGE: &[ArgSpec] = &[
+    ArgSpec::new("image", ArgType::Image, ArgDefault::Required),
+    strength(0.6),
+    guidance_scale(7.0),
+];
+
 pub static FAMILY: Family = Family {
     id: ID,
     title: "FLUX.1",
-    classes: &[PipelineClass {
-        name: "FluxPipeline",
-        family: ID,
-        task: Task::TextToImage,
-        arguments: &[TEXT_TO_IMAGE],
-    }],
+    classes: &[
+        PipelineClass {
+            name: "FluxPipeline",
+            family: ID,
+            task: Task::TextToImage,
+            arguments: &[COMMON, TEXT_TO_IMAGE],
+        },
+        PipelineClass {
+            name: "FluxImg2ImgPipeline",
+            family: ID,
+            task: Task::ImageToImage,
+            arguments: &[COMMON, IMAGE_TO_IMAGE],
+        },
+    ],
     // diffusers' "flux" entry of its auto-pipeline mappings.
     folder_classes: &["FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"],
     components: &[

@@ -1,4 +1,4 @@
-//! The FLUX.1 family: `FluxPipeline` from a diffusers folder with `tokenizer`/`text_encoder`
+//! The FLUX.1 family: `FluxPipeline` and `FluxImg2ImgPipeline` from a diffusers folder with `tokenizer`/`text_encoder`
 //! (CLIP, whose pooled output conditions every block), `tokenizer_2`/`text_encoder_2` (T5,
 //! whose states are the text tokens), `transformer`, `vae` (16 channels, shifted and
 //! scaled latents) and `scheduler` (flow matching).
@@ -116,6 +116,8 @@ fn flux_args(request: &Request) -> FluxArgs {
         guidance_scale: request.number("guidance_scale", defaults.guidance_scale),
         num_images_per_prompt: request.integer("num_images_per_prompt", 1),
         latents: request.latents.clone(),
+        image: request.images.get("image").cloned(),
+        strength: request.number("strength", defaults.strength),
         max_sequence_length: request.integer("max_sequence_length", defaults.max_sequence_length),
         scheduler_overrides: request.scheduler_overrides(),
         output_latents: arguments.output_type() == OutputType::Latent,

@@ -1,12 +1,15 @@
-//! The FLUX.1 loop, as diffusers' `FluxPipeline` runs it: CLIP's pooled output and T5's
-//! states for the prompt; seeded noise drawn as unpacked latents (images, 16, h, w) and
-//! packed into 2x2-patch tokens; a flow-match schedule shifted for the image's token count;
+//! The FLUX.1 loop, as diffusers' `FluxPipeline` and `FluxImg2ImgPipeline` run it: CLIP's
+//! pooled output and T5's states for the prompt; seeded noise drawn as unpacked latents
+//! (images, 16, h, w) and packed into 2x2-patch tokens (image to image: the image's shifted
+//! and scaled VAE sample, noised to the first step `strength` keeps); a flow-match schedule
+//! shifted for the image's token count;
 //! one transformer call per step (two with true classifier-free guidance); the packed
 //! latents unpacked, unscaled, shifted and decoded.
 //!
 //! FLUX.1-dev embeds `guidance_scale` in the model; schnell has no guidance embedder and
 //! ignores it (with a notice). Random draws come from a [`NoiseSource`] in diffusers' order:
-//! the initial latents, then whatever the scheduler draws (`stochastic_sampling`).
+//! the initial latents (image to image: the VAE's posterior sample, then the added noise),
+//! then whatever the scheduler draws (`stochastic_sampling`).
 
 use std::sync::Arc;
 
@@ -64,6 +67,10 @@ pub struct FluxArgs {
     pub num_images_per_prompt: usize,
     /// Initial noise, packed (images, tokens, 64) or unpacked (images, 16, h, w).
     pub latents: Option<Tensor>,
+    /// Image to image: f32 images (N, 3, H, W) in [0, 1], already `height` x `width`.
+    pub image: Option<Tensor>,
+    /// Image to image: how much of the schedule runs (diffusers' default 0.6).
+    pub strength: f64,
     pub max_sequence_length: usize,
     pub scheduler_overrides: Map<String, Value>,
     pub output_latents: bool,
@@ -85,6 +92,8 @@ impl Default for FluxArgs {
             guidance_scale: 3.5,
             num_images_per_prompt: 1,
             latents: None,
+            image: None,
+            strength: 0.6,
             max_sequence_length: 512,
             scheduler_overrides: Map::new(),
             output_latents: false,
@@ -210,8 +219,13 @@ impl FluxPipeline {
             true => Some(self.encode_negative(args)?),
             false => None,
         };
-        let latents = self.initial_latents(args, shape, noise)?;
-        let mut scheduler = self.scheduler(args, shape)?;
+        let (mut scheduler, first) = self.scheduler(args, shape)?;
+        let latents = match &args.image {
+            Some(image) if args.latents.is_none() => {
+                self.image_latents(image, shape, (&scheduler, first), noise)?
+            }
+            _ => self.initial_latents(args, shape, noise)?,
+        };
         let calls = Calls {
             positive: &positive,
             negative: negative.as_ref(),
@@ -220,7 +234,7 @@ impl FluxPipeline {
             txt_ids: vec![[0.0; 3]; args.max_sequence_length],
             img_ids: shape.image_ids(),
         };
-        let latents = self.denoise(&mut scheduler, &calls, latents, noise, on_progress)?;
+        let latents = self.denoise((&mut scheduler, first), &calls, latents, noise, on_progress)?;
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
@@ -230,6 +244,22 @@ impl FluxPipeline {
         let unscaled = ((unpacked / self.vae.scaling_factor()).and_then(|z| z + shift))
             .in_component(COMPONENT)?;
         diffusion::decode_unscaled(&self.vae, &unscaled, args.decode)
+    }
+
+    /// Image to image's starting latents for `args` (packed), drawing as a run draws: what
+    /// a run denoises from, for inspection and tests.
+    pub fn start_latents(
+        &self,
+        args: &FluxArgs,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor, PipelineError> {
+        let shape = self.latent_shape(args)?;
+        let (scheduler, first) = self.scheduler(args, shape)?;
+        let image = args
+            .image
+            .as_ref()
+            .ok_or_else(|| PipelineError::invalid("image", "is needed to start from one"))?;
+        self.image_latents(image, shape, (&scheduler, first), noise)
     }
 
     /// The guidance the model embeds: FLUX.1-dev's `guidance_scale`; none for a model
@@ -337,12 +367,13 @@ impl FluxPipeline {
     }
 
     /// The flow-match scheduler with the step's overrides, set to FLUX's sigmas shifted by
-    /// the image's `mu`.
+    /// the image's `mu`; and the first step to run (image to image skips the steps
+    /// `strength` leaves out, as diffusers' `get_timesteps` does).
     fn scheduler(
         &self,
         args: &FluxArgs,
         shape: LatentShape,
-    ) -> Result<FlowMatchEulerDiscreteScheduler, PipelineError> {
+    ) -> Result<(FlowMatchEulerDiscreteScheduler, usize), PipelineError> {
         let config = self.scheduler.with_overrides(&args.scheduler_overrides)?;
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config)?;
         let flow_sigmas =
@@ -360,24 +391,64 @@ impl FluxPipeline {
             sigmas,
             mu: Some(mu),
         })?;
-        Ok(scheduler)
+        let first = match args.image {
+            None => 0,
+            Some(_) => first_step(num_inference_steps, args.strength)?,
+        };
+        Ok((scheduler, first))
+    }
+
+    /// Image to image's start: the posterior sample of the images, shifted and scaled
+    /// (`(z - shift_factor) * scaling_factor`), repeated to the batch, noised to the first
+    /// step's sigma, packed.
+    fn image_latents(
+        &self,
+        images: &Tensor,
+        shape: LatentShape,
+        (scheduler, first): (&FlowMatchEulerDiscreteScheduler, usize),
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor, PipelineError> {
+        let scale = self.vae.scale_factor();
+        let want = (shape.height * scale, shape.width * scale);
+        let (_, _, h, w) = images.dims4().in_component(COMPONENT)?;
+        if (h, w) != want {
+            return Err(PipelineError::invalid(
+                "image",
+                format!(
+                    "is {w}x{h}; FluxImg2ImgPipeline resizes it to width x height ({}x{}), which dw does not do: give `height` and `width` of the image, or resize it with `{{\"location\": ..., \"size\": {{\"width\": {}, \"height\": {}}}}}`",
+                    want.1, want.0, want.1, want.0
+                ),
+            ));
+        }
+        let sample = diffusion::posterior_sample(&self.vae, images, &self.device, noise)?;
+        let shift = self.vae.config().shift_factor.unwrap_or(0.0);
+        let latents = (sample - shift)
+            .and_then(|z| z * self.vae.scaling_factor())
+            .in_component(COMPONENT)?;
+        let latents = diffusion::tile_to_batch(&latents, shape.images)?;
+        let added = noise
+            .next(latents.dims())?
+            .to_device(&self.device)
+            .in_component(COMPONENT)?;
+        let noised = scheduler.scale_noise(&latents, &added, first)?;
+        pack(&noised).in_component(COMPONENT)
     }
 
     /// Every step of the schedule.
     fn denoise(
         &self,
-        scheduler: &mut FlowMatchEulerDiscreteScheduler,
+        (scheduler, first): (&mut FlowMatchEulerDiscreteScheduler, usize),
         calls: &Calls<'_>,
         mut latents: Tensor,
         noise: &mut dyn NoiseSource,
         on_progress: &mut dyn FnMut(Progress) -> Result<(), PipelineError>,
     ) -> Result<Tensor, PipelineError> {
         let timesteps = scheduler.timesteps().to_vec();
-        for (index, &timestep) in timesteps.iter().enumerate() {
+        for (index, &timestep) in timesteps.iter().enumerate().skip(first) {
             on_progress(Progress {
                 phase: Phase::Denoising,
-                step: index,
-                total: timesteps.len(),
+                step: index - first,
+                total: timesteps.len() - first,
             })?;
             let velocity = self.predict(calls, &latents, timestep)?;
             let stepped = scheduler.step(&velocity, index, &latents, noise)?;
@@ -452,6 +523,20 @@ pub fn unpack(latents: &Tensor, shape: LatentShape) -> candle_core::Result<Tenso
         .reshape((b, packed_channels / 4, h, w))
 }
 
+/// diffusers' `get_timesteps` for flow matching: `t_start = int(max(n - min(n * strength,
+/// n), 0))`, refused when no step is left.
+fn first_step(steps: usize, strength: f64) -> Result<usize, PipelineError> {
+    let n = steps as f64;
+    let start = (n - (n * strength).min(n)).max(0.0) as usize;
+    if start >= steps {
+        return Err(PipelineError::invalid(
+            "strength",
+            format!("{strength} with {steps} steps leaves no step to run"),
+        ));
+    }
+    Ok(start)
+}
+
 /// diffusers' `check_inputs`, for what the argument table cannot say alone.
 fn validate(args: &FluxArgs) -> Result<(), PipelineError> {
     let prompts = args.prompts.len();
@@ -507,6 +592,17 @@ mod tests {
             .and_then(|d| d.max_all())
             .and_then(|d| d.to_scalar::<f32>());
         assert_eq!(same.expect("difference"), 0.0);
+    }
+
+    /// diffusers' `get_timesteps`: 4 steps at 0.6 keep int(4 - 2.4) = 1 out; 28 at 0.6 keep
+    /// 11 out; strength 1 runs everything; 0 runs nothing and is refused.
+    #[test]
+    fn strength_skips_the_steps_diffusers_skips() {
+        assert_eq!(first_step(4, 0.6).expect("4 steps"), 1);
+        assert_eq!(first_step(28, 0.6).expect("28 steps"), 11);
+        assert_eq!(first_step(4, 1.0).expect("all"), 0);
+        let error = first_step(4, 0.0).expect_err("none").to_string();
+        assert!(error.contains("strength"), "{error}");
     }
 
     #[test]
