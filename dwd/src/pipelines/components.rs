@@ -123,36 +123,34 @@ pub fn loader(class: &str) -> Option<&'static ComponentLoader> {
 /// that change it.
 fn tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, PipelineError> {
     let json = dir.join("tokenizer.json");
-    let mut all = match json.is_file() {
+    let main = match json.is_file() {
         true => vec![json],
         false => vec![dir.join("vocab.json"), dir.join("merges.txt")],
     };
-    all.extend(
-        ["special_tokens_map.json", "tokenizer_config.json"]
-            .map(|f| dir.join(f))
-            .into_iter()
-            .filter(|p| p.is_file()),
-    );
-    Ok(ComponentFiles {
-        all,
-        weights: Vec::new(),
-    })
+    Ok(with_special_token_files(dir, main))
 }
 
 /// A T5 tokenizer's `tokenizer.json` (the only file it is read from), and the optional
 /// files that name its special tokens.
 fn t5_tokenizer_files(dir: &Path, _: Option<&str>) -> Result<ComponentFiles, PipelineError> {
-    let mut all = vec![dir.join("tokenizer.json")];
+    Ok(with_special_token_files(
+        dir,
+        vec![dir.join("tokenizer.json")],
+    ))
+}
+
+/// A tokenizer's files: `main`, then whichever of the files naming special tokens exist.
+fn with_special_token_files(dir: &Path, mut all: Vec<PathBuf>) -> ComponentFiles {
     all.extend(
         ["special_tokens_map.json", "tokenizer_config.json"]
             .map(|f| dir.join(f))
             .into_iter()
             .filter(|p| p.is_file()),
     );
-    Ok(ComponentFiles {
+    ComponentFiles {
         all,
         weights: Vec::new(),
-    })
+    }
 }
 
 /// A model's weights (the variant's, when one is asked for) and its `config.json`.

@@ -14,10 +14,10 @@
 
 use std::path::Path;
 
-use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::{read_json_object, PipelineError};
+use super::tokenizer::{bad_file, special_token_content, special_tokens_file};
+use super::PipelineError;
 
 /// T5's end and pad tokens, where the folder names none.
 const END_OF_TEXT: &str = "</s>";
@@ -110,14 +110,9 @@ fn missing_tokenizer_json(dir: &Path) -> PipelineError {
 /// The end and pad tokens `special_tokens_map.json` (else `tokenizer_config.json`) names.
 fn special_tokens(dir: &Path) -> Result<(String, String), PipelineError> {
     let mut tokens = (END_OF_TEXT.to_string(), PAD.to_string());
-    let Some(file) = ["special_tokens_map.json", "tokenizer_config.json"]
-        .map(|name| dir.join(name))
-        .into_iter()
-        .find(|file| file.is_file())
-    else {
+    let Some(config) = special_tokens_file(dir)? else {
         return Ok(tokens);
     };
-    let config = read_json_object(&file)?;
     if let Some(eos) = special_token_content(config.get("eos_token")) {
         tokens.0 = eos.to_string();
     }
@@ -125,23 +120,6 @@ fn special_tokens(dir: &Path) -> Result<(String, String), PipelineError> {
         tokens.1 = pad.to_string();
     }
     Ok(tokens)
-}
-
-/// The content of a special token entry, written either as a string or as an object with
-/// a `content` field.
-fn special_token_content(entry: Option<&Value>) -> Option<&str> {
-    match entry? {
-        Value::String(content) => Some(content),
-        Value::Object(fields) => fields.get("content")?.as_str(),
-        _ => None,
-    }
-}
-
-fn bad_file(file: &Path, error: impl std::fmt::Display) -> PipelineError {
-    PipelineError::BadConfig {
-        file: file.to_path_buf(),
-        problem: error.to_string(),
-    }
 }
 
 #[cfg(test)]

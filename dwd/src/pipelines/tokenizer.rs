@@ -164,14 +164,9 @@ fn special_tokens(dir: &Path) -> Result<SpecialTokens, PipelineError> {
         pad: END_OF_TEXT.to_string(),
         unk: END_OF_TEXT.to_string(),
     };
-    let Some(file) = ["special_tokens_map.json", "tokenizer_config.json"]
-        .map(|name| dir.join(name))
-        .into_iter()
-        .find(|file| file.is_file())
-    else {
+    let Some(config) = special_tokens_file(dir)? else {
         return Ok(tokens);
     };
-    let config = read_json_object(&file)?;
     if let Some(pad) = special_token_content(config.get("pad_token")) {
         tokens.pad = pad.to_string();
     }
@@ -181,9 +176,21 @@ fn special_tokens(dir: &Path) -> Result<SpecialTokens, PipelineError> {
     Ok(tokens)
 }
 
+/// The folder's `special_tokens_map.json`, else its `tokenizer_config.json`: where
+/// transformers reads a tokenizer's special tokens from. `None` when it has neither.
+pub(super) fn special_tokens_file(
+    dir: &Path,
+) -> Result<Option<serde_json::Map<String, Value>>, PipelineError> {
+    let file = ["special_tokens_map.json", "tokenizer_config.json"]
+        .map(|name| dir.join(name))
+        .into_iter()
+        .find(|file| file.is_file());
+    file.map(|file| read_json_object(&file)).transpose()
+}
+
 /// The content of a special token entry, written either as a string or as an object with
 /// a `content` field.
-fn special_token_content(entry: Option<&Value>) -> Option<&str> {
+pub(super) fn special_token_content(entry: Option<&Value>) -> Option<&str> {
     match entry? {
         Value::String(content) => Some(content),
         Value::Object(fields) => fields.get("content")?.as_str(),
@@ -191,7 +198,7 @@ fn special_token_content(entry: Option<&Value>) -> Option<&str> {
     }
 }
 
-fn bad_file(file: &Path, error: impl std::fmt::Display) -> PipelineError {
+pub(super) fn bad_file(file: &Path, error: impl std::fmt::Display) -> PipelineError {
     PipelineError::BadConfig {
         file: file.to_path_buf(),
         problem: error.to_string(),
