@@ -344,3 +344,58 @@ fn img2img_starts_from_the_noised_shifted_vae_sample() {
     let want = pack(&noised).unwrap();
     assert_close("img2img start", &got, &want, 1e-5);
 }
+
+/// `FluxFillPipeline`'s extra channels, against the formulas of diffusers'
+/// `prepare_mask_latents`: the masked image `(2x - 1) * (1 - mask)` through the VAE
+/// (posterior sample `mean + std * n`), `(z - 0.1159) * 0.3611`, packed to 64 channels;
+/// then the mask folded to (64, h, w) (`view(b, h, 8, w, 8).permute(0, 2, 4, 1, 3)`),
+/// packed to 256; joined to 320.
+#[test]
+fn fill_conditions_on_the_masked_image_and_the_folded_mask() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let image = ((&reference["vae_enc_in"] + 1.0).unwrap() / 2.0).unwrap();
+    // White (repaint) on the left half, black on the right.
+    let left: Vec<f32> = (0..128 * 128)
+        .map(|i| if i % 128 < 64 { 1.0 } else { 0.0 })
+        .collect();
+    let plane = Tensor::from_vec(left, (1, 1, 128, 128), &Device::Cpu).unwrap();
+    let mask_rgb = Tensor::cat(&[&plane, &plane, &plane], 1).unwrap();
+    let mut generator = TorchCpuGenerator::new(11);
+    let posterior_noise = Tensor::from_vec(
+        generator.randn_f32(16 * 16 * 16),
+        (1, 16, 16, 16),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let shape = LatentShape {
+        images: 2,
+        channels: 16,
+        height: 16,
+        width: 16,
+    };
+    let mut noise = ReplayNoise::new(vec![posterior_noise.clone()]);
+    let got = pipeline
+        .fill_condition(&image, &mask_rgb, shape, &mut noise)
+        .unwrap();
+    assert_eq!(got.dims(), [2, 64, 320]);
+
+    let masked = ((image * 2.0).unwrap() - 1.0)
+        .unwrap()
+        .broadcast_mul(&(1.0 - &plane).unwrap())
+        .unwrap();
+    let posterior = pipeline.vae.encode(&masked).unwrap();
+    let sample =
+        (&posterior.mean + (posterior.std().unwrap() * &posterior_noise).unwrap()).unwrap();
+    let z = ((sample - 0.1159).unwrap() * 0.3611).unwrap();
+    let folded = plane
+        .reshape((1, 16, 8, 16, 8))
+        .unwrap()
+        .permute((0, 2, 4, 1, 3))
+        .unwrap()
+        .reshape((1, 64, 16, 16))
+        .unwrap();
+    let one = Tensor::cat(&[pack(&z).unwrap(), pack(&folded).unwrap()], 2).unwrap();
+    let want = Tensor::cat(&[&one, &one], 0).unwrap();
+    assert_close("fill condition", &got, &want, 1e-5);
+}

@@ -317,6 +317,17 @@ pub fn max_level_difference(a: &[u8], b: &[u8]) -> u8 {
         .unwrap_or(0)
 }
 
+/// Writes 8-bit RGB pixels (row-major) as a PNG.
+pub fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8]) {
+    let file =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().expect("a PNG header");
+    writer.write_image_data(rgb).expect("the PNG's pixels");
+}
+
 pub fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
@@ -346,4 +357,18 @@ pub fn daemons_on(socket: &Path) -> Vec<i32> {
                 && process_alive(*pid)
         })
         .collect()
+}
+
+/// Copies a folder and everything under it (a model fixture to change in a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

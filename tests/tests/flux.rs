@@ -119,3 +119,125 @@ fn an_img2img_input_of_another_size_is_refused_with_the_size_wanted() {
         "{text}"
     );
 }
+
+/// A FLUX.1-Fill-shaped folder made from the tiny model: its transformer's `x_embedder`
+/// widened from 64 to 384 input channels (packed latents, masked-image latents, mask), with
+/// `out_channels` 64, as FLUX.1-Fill-dev's config has. The extra columns are small fixed
+/// values, so the mask and the masked image change the result.
+fn fill_model(daemon: &TestDaemon) -> std::path::PathBuf {
+    let model = daemon.dir.path().join("tiny-flux-fill");
+    dw_tests::copy_dir(&fixture("tiny-flux/model"), &model);
+    let weights = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let embedder = tensors.tensor("x_embedder.weight").unwrap();
+    let (rows, columns) = (embedder.shape()[0], embedder.shape()[1]);
+    let mut widened = Vec::with_capacity(rows * 384 * 4);
+    for (row, values) in embedder.data().chunks(columns * 4).enumerate() {
+        widened.extend_from_slice(values);
+        for column in columns..384 {
+            let value = ((row * 384 + column) % 7) as f32 * 0.01 - 0.03;
+            widened.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (name, view) in tensors.tensors() {
+        let view = match name.as_str() {
+            "x_embedder.weight" => {
+                safetensors::tensor::TensorView::new(view.dtype(), vec![rows, 384], &widened)
+                    .unwrap()
+            }
+            _ => view,
+        };
+        views.push((name, view));
+    }
+    std::fs::write(
+        &weights,
+        safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let config = model.join("transformer/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace("\"in_channels\": 64", "\"in_channels\": 384")
+        .replace("\"out_channels\": null", "\"out_channels\": 64");
+    std::fs::write(&config, text).unwrap();
+    model
+}
+
+/// A fill workflow: the image and a mask (white: repaint), seeded; the same image twice,
+/// another mask another image; the fill model refuses FluxPipeline, and the text-to-image
+/// model refuses FluxFillPipeline, each naming the channels and the model to use.
+#[test]
+fn a_seeded_fill_workflow_repaints_the_masked_part_deterministically() {
+    let daemon = TestDaemon::new();
+    let model = fill_model(&daemon);
+    let image = fixture("tiny-flux/expected_flux.png");
+    let write_mask = |name: &str, white_left: bool| {
+        let path = daemon.dir.path().join(name);
+        let pixels: Vec<u8> = (0..128 * 128)
+            .flat_map(|i| {
+                let white = (i % 128 < 64) == white_left;
+                [if white { 255 } else { 0 }; 3]
+            })
+            .collect();
+        dw_tests::write_png(&path, 128, 128, &pixels);
+        path
+    };
+    let left = write_mask("left.png", true);
+    let right = write_mask("right.png", false);
+    let run_fill = |class: &str, model: &std::path::Path, mask: Option<&std::path::Path>| {
+        let workflow = daemon.dir.path().join("fill.json");
+        let inputs = match mask {
+            Some(mask) => format!(
+                r#""image": "{}", "mask_image": "{}","#,
+                image.display(),
+                mask.display()
+            ),
+            None => String::new(),
+        };
+        let text = format!(
+            r#"{{"id": "fill", "seed": 5, "steps": [{{"name": "main", "pipeline": {{
+                "configuration": {{"component_type": "{class}"}},
+                "from_pretrained_arguments": {{"model_name": "{model}", "torch_dtype": "torch.bfloat16"}},
+                "arguments": {{"prompt": "a cat", {inputs}
+                    "num_inference_steps": 3, "guidance_scale": 30, "height": 128, "width": 128,
+                    "max_sequence_length": 32}}}},
+                "result": {{"content_type": "image/png"}}}}]}}"#,
+            model = model.display(),
+        );
+        std::fs::write(&workflow, text).unwrap();
+        let out = daemon.output_dir();
+        daemon.dwctl(&[
+            "run",
+            workflow.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let pixels = |run: dw_tests::Run| {
+        run.assert_code(0);
+        let summary = run.json();
+        let path = summary["outputs"][0]["path"].as_str().unwrap().to_string();
+        png_pixels(std::path::Path::new(&path)).2
+    };
+    let first = pixels(run_fill("FluxFillPipeline", &model, Some(&left)));
+    let again = pixels(run_fill("FluxFillPipeline", &model, Some(&left)));
+    assert_eq!(first, again, "same seed and mask, same image");
+    let other = pixels(run_fill("FluxFillPipeline", &model, Some(&right)));
+    assert_ne!(first, other, "the mask changes the result");
+
+    let refused = run_fill("FluxPipeline", &model, None);
+    let text = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.code != 0 && text.contains("takes 384 input channels"),
+        "{text}"
+    );
+    let refused = run_fill("FluxFillPipeline", &fixture("tiny-flux/model"), Some(&left));
+    let text = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.code != 0 && text.contains("FLUX.1-Fill-dev"),
+        "{text}"
+    );
+}

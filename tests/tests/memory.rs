@@ -109,7 +109,7 @@ fn a_second_workflow_on_the_same_model_and_an_edited_workflow_load_nothing() {
 fn touching_a_weight_file_reloads_that_component_and_drops_the_stale_copy() {
     let daemon = TestDaemon::new();
     let copy = daemon.dir.path().join("model");
-    copy_dir(&model("tiny-sd15"), &copy);
+    dw_tests::copy_dir(&model("tiny-sd15"), &copy);
     let flow = workflow(&daemon, "touch", &copy, "a fox");
     run(&daemon, &flow, &[]).assert_code(0);
     let weights = std::fs::File::options()
@@ -324,19 +324,6 @@ fn fifty_warm_runs_do_not_grow_the_daemon() {
         "RSS grew {:.1}% from the 10th run to the 50th: {rss:?}",
         growth * 100.0
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 // A run asking for 16384x16384 x 64 images used to abort the daemon on a failed

@@ -182,7 +182,19 @@ pub fn posterior_sample(
     let pixels = images
         .to_dtype(DType::F32)
         .and_then(|image| image.affine(2.0, -1.0))
-        .and_then(|image| image.to_device(device))
+        .in_component(COMPONENT)?;
+    posterior_sample_of_pixels(vae, &pixels, device, noise)
+}
+
+/// [`posterior_sample`] of pixels already in [-1, 1].
+pub fn posterior_sample_of_pixels(
+    vae: &Vae,
+    pixels: &Tensor,
+    device: &Device,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor, PipelineError> {
+    let pixels = pixels
+        .to_device(device)
         .and_then(|image| image.to_dtype(vae.dtype()))
         .in_component(COMPONENT)?;
     let distribution = vae.encode(&pixels)?;

@@ -26,6 +26,9 @@ use crate::workflow::{ArgSpec, Arguments};
 pub enum Task {
     TextToImage,
     ImageToImage,
+    /// Repainting the masked part of an image with a model trained for it (FLUX.1-Fill);
+    /// no auto class resolves to it.
+    Fill,
 }
 
 /// One diffusers pipeline class.

@@ -1,4 +1,5 @@
-//! The FLUX.1 family: `FluxPipeline` and `FluxImg2ImgPipeline` from a diffusers folder with `tokenizer`/`text_encoder`
+//! The FLUX.1 family: `FluxPipeline`, `FluxImg2ImgPipeline` and `FluxFillPipeline` from a
+//! diffusers folder with `tokenizer`/`text_encoder`
 //! (CLIP, whose pooled output conditions every block), `tokenizer_2`/`text_encoder_2` (T5,
 //! whose states are the text tokens), `transformer`, `vae` (16 channels, shifted and
 //! scaled latents) and `scheduler` (flow matching).
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use protocol::workflow::OutputType;
 
-pub use pipeline::{pack, unpack, FluxArgs, FluxPipeline, LatentShape};
+pub use pipeline::{binary_mask, pack, unpack, FluxArgs, FluxPipeline, LatentShape};
 pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
 
 use super::diffusion::DecodeOptions;
@@ -118,6 +119,7 @@ fn flux_args(request: &Request) -> FluxArgs {
         latents: request.latents.clone(),
         image: request.images.get("image").cloned(),
         strength: request.number("strength", defaults.strength),
+        mask_image: request.images.get("mask_image").cloned(),
         max_sequence_length: request.integer("max_sequence_length", defaults.max_sequence_length),
         scheduler_overrides: request.scheduler_overrides(),
         output_latents: arguments.output_type() == OutputType::Latent,

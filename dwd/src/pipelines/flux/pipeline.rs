@@ -1,15 +1,18 @@
-//! The FLUX.1 loop, as diffusers' `FluxPipeline` and `FluxImg2ImgPipeline` run it: CLIP's
+//! The FLUX.1 loop, as diffusers' `FluxPipeline`, `FluxImg2ImgPipeline` and
+//! `FluxFillPipeline` run it: CLIP's
 //! pooled output and T5's states for the prompt; seeded noise drawn as unpacked latents
 //! (images, 16, h, w) and packed into 2x2-patch tokens (image to image: the image's shifted
 //! and scaled VAE sample, noised to the first step `strength` keeps); a flow-match schedule
-//! shifted for the image's token count;
+//! shifted for the image's token count; for Fill, the masked image's VAE sample and the
+//! mask, packed beside the latents as the fill model's extra input channels;
 //! one transformer call per step (two with true classifier-free guidance); the packed
 //! latents unpacked, unscaled, shifted and decoded.
 //!
 //! FLUX.1-dev embeds `guidance_scale` in the model; schnell has no guidance embedder and
 //! ignores it (with a notice). Random draws come from a [`NoiseSource`] in diffusers' order:
-//! the initial latents (image to image: the VAE's posterior sample, then the added noise),
-//! then whatever the scheduler draws (`stochastic_sampling`).
+//! the initial latents (image to image and fill: the VAE's posterior sample, then the added
+//! noise; fill: then the masked image's posterior sample), then whatever the scheduler
+//! draws (`stochastic_sampling`).
 
 use std::sync::Arc;
 
@@ -71,6 +74,9 @@ pub struct FluxArgs {
     pub image: Option<Tensor>,
     /// Image to image: how much of the schedule runs (diffusers' default 0.6).
     pub strength: f64,
+    /// Fill: f32 images (N, 3, H, W) in [0, 1], the size of `image`; where the mask (as
+    /// PIL's grayscale, at least half bright) is white, the image is repainted.
+    pub mask_image: Option<Tensor>,
     pub max_sequence_length: usize,
     pub scheduler_overrides: Map<String, Value>,
     pub output_latents: bool,
@@ -94,6 +100,7 @@ impl Default for FluxArgs {
             latents: None,
             image: None,
             strength: 0.6,
+            mask_image: None,
             max_sequence_length: 512,
             scheduler_overrides: Map::new(),
             output_latents: false,
@@ -160,7 +167,7 @@ impl FluxPipeline {
         };
         Ok(LatentShape {
             images: args.prompts.len() * args.num_images_per_prompt,
-            channels: self.transformer.config().in_channels / 4,
+            channels: self.vae.latent_channels(),
             height: side("height", args.height)?,
             width: side("width", args.width)?,
         })
@@ -211,6 +218,7 @@ impl FluxPipeline {
     ) -> Result<Tensor, PipelineError> {
         validate(args)?;
         let shape = self.latent_shape(args)?;
+        self.check_transformer_input(args, shape)?;
         let guidance = self.embedded_guidance(args, notice);
         let true_cfg = self.true_cfg(args, notice);
         diffusion::report_phase(on_progress, Phase::Encoding)?;
@@ -226,11 +234,16 @@ impl FluxPipeline {
             }
             _ => self.initial_latents(args, shape, noise)?,
         };
+        let condition = match (&args.image, &args.mask_image) {
+            (Some(image), Some(mask)) => Some(self.fill_condition(image, mask, shape, noise)?),
+            _ => None,
+        };
         let calls = Calls {
             positive: &positive,
             negative: negative.as_ref(),
             guidance,
             true_cfg_scale: args.true_cfg_scale,
+            condition: condition.as_ref(),
             txt_ids: vec![[0.0; 3]; args.max_sequence_length],
             img_ids: shape.image_ids(),
         };
@@ -260,6 +273,75 @@ impl FluxPipeline {
             .as_ref()
             .ok_or_else(|| PipelineError::invalid("image", "is needed to start from one"))?;
         self.image_latents(image, shape, (&scheduler, first), noise)
+    }
+
+    /// The transformer must take what this pipeline gives it: packed latents (4 per latent
+    /// channel) and, for fill, the packed masked-image latents and the packed mask (4 per
+    /// pixel of a latent's square), as FLUX.1-Fill's 384 channels are.
+    fn check_transformer_input(
+        &self,
+        args: &FluxArgs,
+        shape: LatentShape,
+    ) -> Result<(), PipelineError> {
+        let packed = 4 * shape.channels;
+        let scale = self.vae.scale_factor();
+        let fill = args.mask_image.is_some();
+        let wanted = match fill {
+            true => 2 * packed + 4 * scale * scale,
+            false => packed,
+        };
+        let has = self.transformer.config().in_channels;
+        if has == wanted {
+            return Ok(());
+        }
+        let (class, model) = match fill {
+            true => ("FluxFillPipeline", "a fill model such as FLUX.1-Fill-dev"),
+            false => ("FluxPipeline and FluxImg2ImgPipeline", "a text-to-image model such as FLUX.1-dev or -schnell (FLUX.1-Fill's 384 channels go with FluxFillPipeline)"),
+        };
+        Err(PipelineError::invalid(
+            "transformer",
+            format!("takes {has} input channels; {class} gives {wanted}: use {model}"),
+        ))
+    }
+
+    /// Fill's extra input: the masked image (`image * (1 - mask)` in [-1, 1]) through the
+    /// VAE, shifted, scaled and packed, then the mask folded into a latent's 8x8 squares and
+    /// packed, joined on the channels (diffusers' `prepare_mask_latents`).
+    pub fn fill_condition(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        shape: LatentShape,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor, PipelineError> {
+        let (image_dims, mask_dims) = (image.dims(), mask.dims());
+        if image_dims[2..] != mask_dims[2..] {
+            return Err(PipelineError::invalid(
+                "mask_image",
+                format!(
+                    "is {}x{}, the image {}x{}: they must be the same size",
+                    mask_dims[3], mask_dims[2], image_dims[3], image_dims[2]
+                ),
+            ));
+        }
+        let mask = binary_mask(mask)?;
+        let masked = image
+            .affine(2.0, -1.0)
+            .and_then(|pixels| pixels.broadcast_mul(&(1.0 - &mask)?))
+            .in_component(COMPONENT)?;
+        let sample =
+            diffusion::posterior_sample_of_pixels(&self.vae, &masked, &self.device, noise)?;
+        let shift = self.vae.config().shift_factor.unwrap_or(0.0);
+        let latents = (sample - shift)
+            .and_then(|z| z * self.vae.scaling_factor())
+            .in_component(COMPONENT)?;
+        let latents = diffusion::tile_to_batch(&latents, shape.images)?;
+        let mask = diffusion::tile_to_batch(&mask, shape.images)?;
+        let folded = fold_mask(&mask, shape, self.vae.scale_factor()).in_component(COMPONENT)?;
+        let joined = pack(&latents).and_then(|latents| Tensor::cat(&[latents, pack(&folded)?], 2));
+        joined
+            .and_then(|joined| joined.to_device(&self.device))
+            .in_component(COMPONENT)
     }
 
     /// The guidance the model embeds: FLUX.1-dev's `guidance_scale`; none for a model
@@ -470,9 +552,13 @@ impl FluxPipeline {
     ) -> Result<Tensor, PipelineError> {
         // The pipeline passes `t / 1000` in the latents' dtype.
         let timestep = timestep as f32 / 1000.0;
+        let hidden = match calls.condition {
+            Some(condition) => Tensor::cat(&[latents, condition], 2).in_component(COMPONENT)?,
+            None => latents.clone(),
+        };
         let call = |conditioning: &Conditioning| {
             self.transformer.forward(&FluxInputs {
-                hidden_states: latents,
+                hidden_states: &hidden,
                 encoder_hidden_states: &conditioning.states,
                 pooled_projections: &conditioning.pooled,
                 timestep,
@@ -499,6 +585,8 @@ struct Calls<'a> {
     negative: Option<&'a Conditioning>,
     guidance: Option<f32>,
     true_cfg_scale: f64,
+    /// Fill's masked-image latents and mask, packed, joined to the latents' channels.
+    condition: Option<&'a Tensor>,
     txt_ids: Vec<[f32; 3]>,
     img_ids: Vec<[f32; 3]>,
 }
@@ -521,6 +609,50 @@ pub fn unpack(latents: &Tensor, shape: LatentShape) -> candle_core::Result<Tenso
         .reshape((b, h / 2, w / 2, packed_channels / 4, 2, 2))?
         .permute((0, 3, 1, 4, 2, 5))?
         .reshape((b, packed_channels / 4, h, w))
+}
+
+/// diffusers' mask preprocessing (`do_convert_grayscale`, `do_binarize`, no normalising):
+/// PIL's 8-bit grayscale of each RGB pixel, `(19595 R + 38470 G + 7471 B + 2^15) >> 16`,
+/// then 1 where it is at least half of 255 and 0 below. (N, 1, H, W) f32 from (N, 3, H, W)
+/// images in [0, 1] whose values are 8-bit levels.
+pub fn binary_mask(images: &Tensor) -> Result<Tensor, PipelineError> {
+    let (n, _, h, w) = images.dims4().in_component(COMPONENT)?;
+    let values = images
+        .to_dtype(DType::F32)
+        .and_then(|t| t.to_device(&Device::Cpu))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .in_component(COMPONENT)?;
+    let plane = h * w;
+    let level = |x: f32| (x * 255.0).round().clamp(0.0, 255.0) as u32;
+    let mut mask = Vec::with_capacity(n * plane);
+    for image in values.chunks(3 * plane) {
+        for i in 0..plane {
+            let (r, g, b) = (
+                level(image[i]),
+                level(image[plane + i]),
+                level(image[2 * plane + i]),
+            );
+            let gray = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            mask.push(if gray as f32 / 255.0 >= 0.5 {
+                1.0f32
+            } else {
+                0.0
+            });
+        }
+    }
+    Tensor::from_vec(mask, (n, 1, h, w), &Device::Cpu).in_component(COMPONENT)
+}
+
+/// diffusers' fill mask to latent resolution: (B, 1, H, W) to (B, s*s, H/s, W/s), each
+/// latent pixel's s x s square of mask pixels as channels (`view(b, h, s, w, s)
+/// .permute(0, 2, 4, 1, 3)`).
+fn fold_mask(mask: &Tensor, shape: LatentShape, scale: usize) -> candle_core::Result<Tensor> {
+    let b = mask.dim(0)?;
+    let (h, w) = (shape.height, shape.width);
+    mask.reshape((b, h, scale, w, scale))?
+        .permute((0, 2, 4, 1, 3))?
+        .reshape((b, scale * scale, h, w))
 }
 
 /// diffusers' `get_timesteps` for flow matching: `t_start = int(max(n - min(n * strength,
@@ -603,6 +735,62 @@ mod tests {
         assert_eq!(first_step(4, 1.0).expect("all"), 0);
         let error = first_step(4, 0.0).expect_err("none").to_string();
         assert!(error.contains("strength"), "{error}");
+    }
+
+    /// PIL's grayscale, then diffusers' binarize at 0.5: mid-gray 128 is in, 127 out; pure
+    /// red is 76 (out), pure green 150 (in).
+    #[test]
+    fn masks_are_pil_grayscale_binarized_at_half() {
+        let level = |v: f32| v / 255.0;
+        let pixels = [
+            [128.0, 128.0, 128.0],
+            [127.0, 127.0, 127.0],
+            [255.0, 0.0, 0.0],
+            [0.0, 255.0, 0.0],
+        ];
+        let mut planes = vec![Vec::new(); 3];
+        for pixel in pixels {
+            for (plane, value) in planes.iter_mut().zip(pixel) {
+                plane.push(level(value));
+            }
+        }
+        let data: Vec<f32> = planes.concat();
+        let images = Tensor::from_vec(data, (1, 3, 1, 4), &Device::Cpu).expect("images");
+        let mask = binary_mask(&images).expect("mask");
+        assert_eq!(mask.dims(), [1, 1, 1, 4]);
+        let values = mask
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values");
+        assert_eq!(values, [1.0, 0.0, 0.0, 1.0]);
+    }
+
+    /// Channel `i * s + j` of latent pixel (r, c) is mask pixel (r * s + i, c * s + j).
+    #[test]
+    fn a_folded_mask_holds_each_latent_pixels_square_as_channels() {
+        let values: Vec<f32> = (0..4 * 4).map(|v| v as f32).collect();
+        let mask = Tensor::from_vec(values, (1, 1, 4, 4), &Device::Cpu).expect("mask");
+        let shape = LatentShape {
+            images: 1,
+            channels: 16,
+            height: 2,
+            width: 2,
+        };
+        let folded = fold_mask(&mask, shape, 2).expect("fold");
+        assert_eq!(folded.dims(), [1, 4, 2, 2]);
+        let at = |k: usize, r: usize, c: usize| {
+            folded
+                .get(0)
+                .and_then(|t| t.get(k))
+                .and_then(|t| t.get(r))
+                .and_then(|t| t.get(c))
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("value")
+        };
+        // Latent pixel (1, 0), square element (i, j) = (1, 1): mask pixel (3, 1) = 13.
+        assert_eq!(at(3, 1, 0), 13.0);
+        // Latent pixel (0, 1), (i, j) = (0, 1): mask pixel (0, 3) = 3.
+        assert_eq!(at(1, 0, 1), 3.0);
     }
 
     #[test]
