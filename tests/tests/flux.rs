@@ -12,12 +12,10 @@ fn fixture(path: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(path)
 }
 
-/// Runs an example workflow (its relative model paths made absolute) and gives the run.
+/// Runs an example workflow (its fixture paths made absolute by `example_text`), edited by
+/// `edit`, and gives the run.
 fn run_example(daemon: &TestDaemon, name: &str, edit: impl Fn(String) -> String) -> dw_tests::Run {
-    let text = dw_tests::example_text(name).replace(
-        "\"../tests/",
-        &format!("\"{}/tests/", repo_root().display()),
-    );
+    let text = dw_tests::example_text(name);
     let workflow = daemon.dir.path().join(name);
     std::fs::write(&workflow, edit(text)).unwrap();
     let out = daemon.output_dir();
@@ -240,4 +238,84 @@ fn a_seeded_fill_workflow_repaints_the_masked_part_deterministically() {
         refused.code != 0 && text.contains("FLUX.1-Fill-dev"),
         "{text}"
     );
+}
+
+/// A FLUX.1-schnell-shaped folder made from the tiny model: no guidance embedder
+/// (`guidance_embeds: false`, its weights gone) and schnell's shipped scheduler config
+/// (static shift 1.0, no dynamic shifting).
+fn schnell_model(daemon: &TestDaemon) -> std::path::PathBuf {
+    let model = daemon.dir.path().join("tiny-flux-schnell");
+    dw_tests::copy_dir(&fixture("tiny-flux/model"), &model);
+    let weights = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("time_text_embed.guidance_embedder."))
+        .collect();
+    std::fs::write(
+        &weights,
+        safetensors::tensor::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
+    let config = model.join("transformer/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("\"guidance_embeds\": true", "\"guidance_embeds\": false"),
+    )
+    .unwrap();
+    let scheduler = model.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&scheduler).unwrap();
+    let text = text.replace("\"shift\": 3.0", "\"shift\": 1.0").replace(
+        "\"use_dynamic_shifting\": true",
+        "\"use_dynamic_shifting\": false",
+    );
+    std::fs::write(&scheduler, text).unwrap();
+    model
+}
+
+/// A schnell workflow as diffusers-workflow users write one (`FluxPipeline`, bfloat16, few
+/// steps, `guidance_scale` 0): it runs; the model has no guidance embedder, so
+/// `guidance_scale` changes nothing, and a value other than the default says so.
+#[test]
+fn a_schnell_workflow_runs_and_ignores_guidance_with_a_notice() {
+    let daemon = TestDaemon::new();
+    let model = schnell_model(&daemon);
+    let run_with = |guidance: &str, out: &str| {
+        let text = dw_tests::example_text("tiny-flux-seeded.json")
+            .replace(
+                &format!("\"{}\"", fixture("tiny-flux/model").display()),
+                &format!("\"{}\"", model.display()),
+            )
+            .replace(
+                "\"guidance_scale\": 3.5",
+                &format!("\"guidance_scale\": {guidance}"),
+            )
+            .replace(
+                "\"num_images_per_prompt\": 2",
+                "\"num_images_per_prompt\": 1",
+            );
+        let workflow = daemon.dir.path().join("schnell.json");
+        std::fs::write(&workflow, text).unwrap();
+        let out = daemon.dir.path().join(out);
+        let run = daemon.dwctl(&[
+            "run",
+            workflow.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        run.assert_code(0);
+        let (_, _, pixels) = png_pixels(&out.join("tiny_flux_seeded-txt2img.0-0.0.png"));
+        (run, pixels)
+    };
+    let (zero, zero_pixels) = run_with("0.0", "zero");
+    assert!(
+        zero.stderr.contains("`guidance_scale` 0 has no effect"),
+        "{}",
+        zero.stderr
+    );
+    let (_, five_pixels) = run_with("5.0", "five");
+    assert_eq!(zero_pixels, five_pixels, "guidance is ignored");
 }
