@@ -399,3 +399,30 @@ fn fill_conditions_on_the_masked_image_and_the_folded_mask() {
     let want = Tensor::cat(&[&one, &one], 0).unwrap();
     assert_close("fill condition", &got, &want, 1e-5);
 }
+
+/// diffusers warns when T5 cuts a prompt at `max_sequence_length`; dw says how many tokens
+/// were left out.
+#[test]
+fn a_prompt_longer_than_t5_reads_is_noticed() {
+    let pipeline = pipeline();
+    let args = FluxArgs {
+        prompts: vec!["a cat on a mat ".repeat(8)],
+        output_latents: true,
+        ..recorded_args()
+    };
+    let mut noise = ReplayNoise::new(Vec::new());
+    let mut notices = Vec::new();
+    pipeline
+        .generate(
+            &args,
+            &mut noise,
+            &mut |m| notices.push(m),
+            &mut no_progress(),
+        )
+        .unwrap();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(
+        notices[0].contains("T5 tokens were left out: `max_sequence_length` is 32"),
+        "{notices:?}"
+    );
+}

@@ -222,9 +222,10 @@ impl FluxPipeline {
         let guidance = self.embedded_guidance(args, notice);
         let true_cfg = self.true_cfg(args, notice);
         diffusion::report_phase(on_progress, Phase::Encoding)?;
-        let positive = self.encode(&args.prompts, args.prompt_2.as_deref(), args)?;
+        let texts = (args.prompts.as_slice(), args.prompt_2.as_deref());
+        let positive = self.encode(texts, args, notice)?;
         let negative = match true_cfg {
-            true => Some(self.encode_negative(args)?),
+            true => Some(self.encode_negative(args, notice)?),
             false => None,
         };
         let (mut scheduler, first) = self.scheduler(args, shape)?;
@@ -387,21 +388,17 @@ impl FluxPipeline {
     /// `prompt_2` (else the prompt), each repeated for the prompt's images.
     fn encode(
         &self,
-        prompts: &[String],
-        prompt_2: Option<&str>,
+        (prompts, prompt_2): (&[String], Option<&str>),
         args: &FluxArgs,
+        notice: &mut dyn FnMut(String),
     ) -> Result<Conditioning, PipelineError> {
+        self.notice_truncation(prompts, prompt_2, args, notice)?;
         let clip_ids = prompts
             .iter()
             .map(|p| self.tokenizer.encode_padded(p, CLIP_MAX_LENGTH))
             .collect::<Result<Vec<_>, _>>()?;
         let pooled = self.text_encoder.encode_all(&clip_ids)?.pooled;
-        // Python's `prompt_2 or prompt`: an empty prompt_2 falls back too.
-        let t5_prompts: Vec<&str> = match prompt_2.filter(|p| !p.is_empty()) {
-            Some(text) => vec![text],
-            None => prompts.iter().map(String::as_str).collect(),
-        };
-        let t5_ids = t5_prompts
+        let t5_ids = t5_prompts(prompts, prompt_2)
             .iter()
             .map(|p| self.tokenizer_2.encode_padded(p, args.max_sequence_length))
             .collect::<Result<Vec<_>, _>>()?;
@@ -417,10 +414,41 @@ impl FluxPipeline {
     }
 
     /// The negative prompt's conditioning, one per prompt as diffusers repeats it.
-    fn encode_negative(&self, args: &FluxArgs) -> Result<Conditioning, PipelineError> {
+    fn encode_negative(
+        &self,
+        args: &FluxArgs,
+        notice: &mut dyn FnMut(String),
+    ) -> Result<Conditioning, PipelineError> {
         let negative = args.negative_prompt.clone().unwrap_or_default();
         let negatives = vec![negative; args.prompts.len()];
-        self.encode(&negatives, args.negative_prompt_2.as_deref(), args)
+        let texts = (negatives.as_slice(), args.negative_prompt_2.as_deref());
+        self.encode(texts, args, notice)
+    }
+
+    /// diffusers warns when a prompt is longer than an encoder reads (77 CLIP tokens,
+    /// `max_sequence_length` T5 tokens, each with its end token); so does dw, saying how
+    /// many tokens were left out.
+    fn notice_truncation(
+        &self,
+        prompts: &[String],
+        prompt_2: Option<&str>,
+        args: &FluxArgs,
+        notice: &mut dyn FnMut(String),
+    ) -> Result<(), PipelineError> {
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode_body(prompt)?.len() + 2;
+            if tokens > CLIP_MAX_LENGTH {
+                notice(format!("the last {} of the prompt's {tokens} CLIP tokens were left out: CLIP reads {CLIP_MAX_LENGTH}", tokens - CLIP_MAX_LENGTH));
+            }
+        }
+        let limit = args.max_sequence_length;
+        for prompt in t5_prompts(prompts, prompt_2) {
+            let tokens = self.tokenizer_2.encode_body(prompt)?.len() + 1;
+            if tokens > limit {
+                notice(format!("the last {} of the prompt's {tokens} T5 tokens were left out: `max_sequence_length` is {limit}", tokens - limit));
+            }
+        }
+        Ok(())
     }
 
     /// The caller's latents (packed as given, or packed from unpacked ones), or a draw of
@@ -589,6 +617,15 @@ struct Calls<'a> {
     condition: Option<&'a Tensor>,
     txt_ids: Vec<[f32; 3]>,
     img_ids: Vec<[f32; 3]>,
+}
+
+/// What T5 reads: `prompt_2`, else the prompts (Python's `prompt_2 or prompt`, so an
+/// empty `prompt_2` falls back too).
+fn t5_prompts<'a>(prompts: &'a [String], prompt_2: Option<&'a str>) -> Vec<&'a str> {
+    match prompt_2.filter(|p| !p.is_empty()) {
+        Some(text) => vec![text],
+        None => prompts.iter().map(String::as_str).collect(),
+    }
 }
 
 /// diffusers' `_pack_latents`: (b, c, h, w) to (b, h/2 * w/2, 4c), each token a 2x2 patch
