@@ -18,6 +18,7 @@ pub mod noise;
 pub mod ops;
 pub mod scheduler;
 pub mod stable_diffusion;
+pub mod stable_diffusion_3;
 pub mod stable_diffusion_xl;
 pub(crate) mod strict;
 pub mod t5;

@@ -86,22 +86,23 @@ fn joined(text: [Tensor; 3], image: [Tensor; 3]) -> Result<[Tensor; 3]> {
     ])
 }
 
-/// `net.0.proj` → tanh GELU → `net.2` (diffusers' `FeedForward`, "gelu-approximate").
+/// `net.0.proj` → tanh GELU → `net.2` (diffusers' `FeedForward`, "gelu-approximate"); SD 3's
+/// blocks use it too.
 #[derive(Debug, Clone)]
-struct FeedForward {
+pub struct FeedForward {
     proj: Linear,
     out: Linear,
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+    pub fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
             proj: Linear::load(vb.pp("net.0.proj"), dim, MLP_RATIO * dim, true)?,
             out: Linear::load(vb.pp("net.2"), MLP_RATIO * dim, dim, true)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.out.forward(&self.proj.forward(xs)?.gelu()?)
     }
 }
@@ -231,7 +232,7 @@ impl SingleStreamBlock {
 }
 
 /// `AdaLayerNormContinuous` then the output projection: note the order of its halves,
-/// scale first, then shift.
+/// scale first, then shift. SD 3's output layer is the same.
 #[derive(Debug, Clone)]
 pub struct OutputLayer {
     norm_out: Modulation,
@@ -247,17 +248,23 @@ impl OutputLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let halves = self.norm_out.forward(temb)?;
-        let (scale, shift) = (&halves[0], &halves[1]);
-        let normed = layer_norm(xs)?
-            .broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
-            .broadcast_add(&shift.unsqueeze(1)?)?;
+        let normed = continuous_norm(&self.norm_out, xs, temb)?;
         self.proj_out.forward(&normed)
     }
 }
 
+/// `AdaLayerNormContinuous`: `layer_norm(x) * (1 + scale) + shift`, its modulation's halves
+/// being scale, then shift.
+pub fn continuous_norm(modulation: &Modulation, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    let halves = modulation.forward(temb)?;
+    let (scale, shift) = (&halves[0], &halves[1]);
+    layer_norm(xs)?
+        .broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
 /// diffusers clips float16 hidden states to float16's range after each block.
-fn clamp_half(xs: Tensor) -> Result<Tensor> {
+pub fn clamp_half(xs: Tensor) -> Result<Tensor> {
     match xs.dtype() {
         candle_core::DType::F16 => xs.clamp(-65504f32, 65504f32),
         _ => Ok(xs),

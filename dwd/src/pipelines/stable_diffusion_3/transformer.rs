@@ -1,0 +1,514 @@
+//! diffusers' `SD3Transformer2DModel`, the MMDiT of Stable Diffusion 3 and 3.5, loaded from
+//! a diffusers folder under diffusers' weight names, every tensor accounted for.
+//!
+//! The latents (batch, 16, h, w) are cut into 2x2 patches by a strided convolution, given
+//! the stored position embedding centre-cropped to the patch grid, and run with the text
+//! tokens through joint blocks: each stream has its own projections and feed-forward, both
+//! attend together; the last block keeps only the image stream (`context_pre_only`). SD 3.5
+//! adds RMS-normed queries and keys (`qk_norm: "rms_norm"`) and, in its first blocks, a
+//! second image-only attention (`dual_attention_layers`). The output is the predicted
+//! velocity, folded back from patches.
+//!
+//! The blocks' shared pieces (modulation, feed-forward, output layer, time embedding) are
+//! FLUX's, which has the same ones.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::pipelines::flux::blocks::{clamp_half, continuous_norm, FeedForward, OutputLayer};
+use crate::pipelines::flux::embeddings::{modulate, Modulation, RmsNorm, TimeTextEmbedding};
+use crate::pipelines::ops::{self, Conv2d, Linear};
+use crate::pipelines::strict::load_component_strict;
+use crate::pipelines::{ConfigJson, InComponent, PipelineError};
+
+const COMPONENT: &str = "transformer";
+
+/// What the transformer needs from its `config.json`, with diffusers' defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sd3Config {
+    pub sample_size: usize,
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub attention_head_dim: usize,
+    pub num_attention_heads: usize,
+    pub joint_attention_dim: usize,
+    pub caption_projection_dim: usize,
+    pub pooled_projection_dim: usize,
+    pub pos_embed_max_size: usize,
+    pub dual_attention_layers: Vec<usize>,
+    /// `qk_norm: "rms_norm"` (SD 3.5); none in SD 3.
+    pub qk_norm: bool,
+}
+
+impl Sd3Config {
+    pub fn load(dir: &Path) -> Result<Self, PipelineError> {
+        let config = ConfigJson::load(dir.join("config.json"))?;
+        config.require_one_of(
+            "qk_norm",
+            &[serde_json::json!("rms_norm")],
+            "rms_norm or null",
+        )?;
+        let in_channels = config.usize_or("in_channels", 16)?;
+        let heads = config.usize_or("num_attention_heads", 18)?;
+        let head_dim = config.usize_or("attention_head_dim", 64)?;
+        let caption = config.usize_or("caption_projection_dim", 1152)?;
+        if caption != heads * head_dim {
+            return Err(config.bad(
+                "caption_projection_dim",
+                format!("{caption} must equal the model width {heads} x {head_dim}: the text tokens join the image's"),
+            ));
+        }
+        let dual = match config.value("dual_attention_layers") {
+            Some(_) => config.usize_list("dual_attention_layers")?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            sample_size: config.usize_or("sample_size", 128)?,
+            patch_size: config.usize_or("patch_size", 2)?,
+            in_channels,
+            out_channels: config.usize_or("out_channels", in_channels)?,
+            num_layers: config.usize_or("num_layers", 18)?,
+            attention_head_dim: head_dim,
+            num_attention_heads: heads,
+            joint_attention_dim: config.usize_or("joint_attention_dim", 4096)?,
+            caption_projection_dim: caption,
+            pooled_projection_dim: config.usize_or("pooled_projection_dim", 2048)?,
+            pos_embed_max_size: config.usize_or("pos_embed_max_size", 96)?,
+            dual_attention_layers: dual,
+            qk_norm: config.value("qk_norm").is_some(),
+        })
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+/// Query, key and value projections of one stream, RMS-normed under `qk_norm`.
+#[derive(Debug, Clone)]
+struct Projections {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norms: Option<(RmsNorm, RmsNorm)>,
+}
+
+impl Projections {
+    /// `names`: the three projections and the two norms.
+    fn load(
+        vb: &VarBuilder,
+        names: [&str; 5],
+        dim: usize,
+        head_dim: usize,
+        qk_norm: bool,
+    ) -> candle_core::Result<Self> {
+        let norms = match qk_norm {
+            true => Some((
+                RmsNorm::load(vb.pp(names[3]), head_dim)?,
+                RmsNorm::load(vb.pp(names[4]), head_dim)?,
+            )),
+            false => None,
+        };
+        Ok(Self {
+            q: Linear::load(vb.pp(names[0]), dim, dim, true)?,
+            k: Linear::load(vb.pp(names[1]), dim, dim, true)?,
+            v: Linear::load(vb.pp(names[2]), dim, dim, true)?,
+            norms,
+        })
+    }
+
+    /// (batch * heads, tokens, head_dim) each.
+    fn forward(&self, xs: &Tensor, heads: usize) -> candle_core::Result<[Tensor; 3]> {
+        let (batch, tokens, dim) = xs.dims3()?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((batch, tokens, heads, dim / heads))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (mut q, mut k) = (split(self.q.forward(xs)?)?, split(self.k.forward(xs)?)?);
+        if let Some((norm_q, norm_k)) = &self.norms {
+            (q, k) = (norm_q.forward(&q)?, norm_k.forward(&k)?);
+        }
+        let flat = |t: Tensor| t.reshape((batch * heads, tokens, dim / heads));
+        Ok([flat(q)?, flat(k)?, flat(split(self.v.forward(xs)?)?)?])
+    }
+}
+
+/// (batch * heads, tokens, head_dim) back to (batch, tokens, dim).
+fn merge_heads(xs: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    let (n, tokens, head_dim) = xs.dims3()?;
+    let heads = n / batch;
+    xs.reshape((batch, heads, tokens, head_dim))?
+        .transpose(1, 2)?
+        .reshape((batch, tokens, heads * head_dim))
+}
+
+/// How a block's text stream ends: on through its own feed-forward, or (the last block)
+/// only as keys and values for the image.
+#[derive(Debug, Clone)]
+enum TextStream {
+    Full {
+        norm1: Modulation,
+        out: Linear,
+        ff: FeedForward,
+    },
+    PreOnly {
+        norm1: Modulation,
+    },
+}
+
+/// `JointTransformerBlock`.
+#[derive(Debug, Clone)]
+struct JointBlock {
+    norm1: Modulation,
+    image: Projections,
+    text: Projections,
+    out: Linear,
+    ff: FeedForward,
+    text_stream: TextStream,
+    /// SD 3.5's second, image-only attention, with its projections and output.
+    dual: Option<(Projections, Linear)>,
+    heads: usize,
+}
+
+impl JointBlock {
+    fn load(
+        vb: VarBuilder,
+        config: &Sd3Config,
+        pre_only: bool,
+        dual: bool,
+    ) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
+        let head_dim = config.attention_head_dim;
+        let qk_norm = config.qk_norm;
+        let attn = vb.pp("attn");
+        let image_names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+        let text_names = [
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "norm_added_q",
+            "norm_added_k",
+        ];
+        let text_stream = match pre_only {
+            true => TextStream::PreOnly {
+                norm1: Modulation::load(vb.pp("norm1_context"), dim, 2)?,
+            },
+            false => TextStream::Full {
+                norm1: Modulation::load(vb.pp("norm1_context"), dim, 6)?,
+                out: Linear::load(attn.pp("to_add_out"), dim, dim, true)?,
+                ff: FeedForward::load(vb.pp("ff_context"), dim)?,
+            },
+        };
+        let dual = match dual {
+            true => {
+                let attn2 = vb.pp("attn2");
+                Some((
+                    Projections::load(&attn2, image_names, dim, head_dim, qk_norm)?,
+                    Linear::load(attn2.pp("to_out.0"), dim, dim, true)?,
+                ))
+            }
+            false => None,
+        };
+        Ok(Self {
+            norm1: Modulation::load(vb.pp("norm1"), dim, if dual.is_some() { 9 } else { 6 })?,
+            image: Projections::load(&attn, image_names, dim, head_dim, qk_norm)?,
+            text: Projections::load(&attn, text_names, dim, head_dim, qk_norm)?,
+            out: Linear::load(attn.pp("to_out.0"), dim, dim, true)?,
+            ff: FeedForward::load(vb.pp("ff"), dim)?,
+            text_stream,
+            dual,
+            heads: config.num_attention_heads,
+        })
+    }
+
+    /// (text, image) after the block; the text is `None` after the last one.
+    fn forward(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        temb: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+        let image_source = image;
+        let m = self.norm1.forward(temb)?;
+        let image_in = modulate(image, &m[0], &m[1])?;
+        let (text_in, text_mod) = match &self.text_stream {
+            TextStream::PreOnly { norm1 } => (continuous_norm(norm1, text, temb)?, None),
+            TextStream::Full { norm1, .. } => {
+                let c = norm1.forward(temb)?;
+                (modulate(text, &c[0], &c[1])?, Some(c))
+            }
+        };
+        let batch = image.dim(0)?;
+        let [iq, ik, iv] = self.image.forward(&image_in, self.heads)?;
+        let [tq, tk, tv] = self.text.forward(&text_in, self.heads)?;
+        // Image tokens first, as diffusers joins them.
+        let joined = |a: Tensor, b: Tensor| Tensor::cat(&[a, b], 1);
+        let (q, k, v) = (joined(iq, tq)?, joined(ik, tk)?, joined(iv, tv)?);
+        let scale = 1.0 / ((q.dim(2)?) as f64).sqrt();
+        let attended = merge_heads(&ops::attention(&q, &k, &v, scale)?, batch)?;
+        let image_len = image.dim(1)?;
+        let text_len = text.dim(1)?;
+        let image_attended = attended.narrow(1, 0, image_len)?;
+        let gate = |t: &Tensor| t.unsqueeze(1);
+        let mut image = (image
+            + self
+                .out
+                .forward(&image_attended)?
+                .broadcast_mul(&gate(&m[2])?)?)?;
+        if let Some((projections, out)) = &self.dual {
+            // SD 3.5: the block's input, modulated by the last three chunks, attends to
+            // itself; gated, it is added after the joint attention's output.
+            let image_in2 = modulate(image_source, &m[6], &m[7])?;
+            let [q, k, v] = projections.forward(&image_in2, self.heads)?;
+            let attended2 = merge_heads(&ops::attention(&q, &k, &v, scale)?, batch)?;
+            image = (&image + out.forward(&attended2)?.broadcast_mul(&gate(&m[8])?)?)?;
+        }
+        let normed = modulate(&image, &m[3], &m[4])?;
+        image = (&image + self.ff.forward(&normed)?.broadcast_mul(&gate(&m[5])?)?)?;
+        let text = match (&self.text_stream, text_mod) {
+            (TextStream::Full { out, ff, .. }, Some(c)) => {
+                let text_attended = attended.narrow(1, image_len, text_len)?;
+                let text = (text + out.forward(&text_attended)?.broadcast_mul(&gate(&c[2])?)?)?;
+                let normed = modulate(&text, &c[3], &c[4])?;
+                Some(clamp_half(
+                    (&text + ff.forward(&normed)?.broadcast_mul(&gate(&c[5])?)?)?,
+                )?)
+            }
+            _ => None,
+        };
+        Ok((text, image))
+    }
+}
+
+/// `PatchEmbed`: a strided convolution to patch tokens, plus the stored position
+/// embedding's centre crop for the patch grid.
+#[derive(Debug, Clone)]
+struct PatchEmbed {
+    proj: Conv2d,
+    /// (1, max * max, dim).
+    pos_embed: Tensor,
+    patch: usize,
+    max_size: usize,
+}
+
+impl PatchEmbed {
+    fn load(vb: VarBuilder, config: &Sd3Config) -> candle_core::Result<Self> {
+        let (patch, max_size, dim) = (
+            config.patch_size,
+            config.pos_embed_max_size,
+            config.inner_dim(),
+        );
+        Ok(Self {
+            proj: Conv2d::load(vb.pp("proj"), config.in_channels, dim, patch, patch, 0)?,
+            pos_embed: vb.get((1, max_size * max_size, dim), "pos_embed")?,
+            patch,
+            max_size,
+        })
+    }
+
+    /// (batch, tokens, dim) for latents (batch, channels, h, w).
+    fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        let (rows, columns) = (h / self.patch, w / self.patch);
+        let tokens = self
+            .proj
+            .forward(latents)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let dim = tokens.dim(2)?;
+        let (top, left) = ((self.max_size - rows) / 2, (self.max_size - columns) / 2);
+        let crop = self
+            .pos_embed
+            .reshape((1, self.max_size, self.max_size, dim))?
+            .narrow(1, top, rows)?
+            .narrow(2, left, columns)?
+            .reshape((1, rows * columns, dim))?;
+        tokens.broadcast_add(&crop.to_dtype(tokens.dtype())?)
+    }
+}
+
+/// The inputs of one call, as the pipeline makes them.
+pub struct Sd3Inputs<'a> {
+    /// Latents (batch, in_channels, h, w).
+    pub hidden_states: &'a Tensor,
+    /// Text tokens (batch, tokens, joint_attention_dim).
+    pub encoder_hidden_states: &'a Tensor,
+    /// (batch, pooled_projection_dim).
+    pub pooled_projections: &'a Tensor,
+    /// One timestep per row, on the 0..1000 scale.
+    pub timesteps: &'a [f32],
+    /// Blocks to leave out (skip-layer guidance).
+    pub skip_layers: &'a [usize],
+}
+
+/// A loaded SD 3 transformer.
+#[derive(Debug)]
+pub struct Sd3Transformer {
+    pos_embed: PatchEmbed,
+    time_text_embed: TimeTextEmbedding,
+    context_embedder: Linear,
+    blocks: Vec<JointBlock>,
+    output: OutputLayer,
+    config: Sd3Config,
+    dtype: DType,
+    device: Device,
+    bytes: u64,
+}
+
+impl Sd3Transformer {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
+        Self::load_variant(dir, None, dtype, device)
+    }
+
+    /// Like `load`, with the weights of a `variant` such as `fp16`.
+    pub fn load_variant(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let (mut model, bytes) = load_component_strict(
+            dir,
+            (variant, dtype, device),
+            COMPONENT,
+            Sd3Config::load,
+            Self::new,
+        )?;
+        model.bytes = bytes;
+        Ok(model)
+    }
+
+    /// Builds the model from weights under diffusers' names.
+    pub fn new(vb: VarBuilder, config: Sd3Config) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
+        let last = config.num_layers.saturating_sub(1);
+        let blocks = (0..config.num_layers)
+            .map(|i| {
+                let dual = config.dual_attention_layers.contains(&i);
+                JointBlock::load(vb.pp("transformer_blocks").pp(i), &config, i == last, dual)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let patch_out = config.patch_size * config.patch_size * config.out_channels;
+        Ok(Self {
+            pos_embed: PatchEmbed::load(vb.pp("pos_embed"), &config)?,
+            time_text_embed: TimeTextEmbedding::load(
+                vb.pp("time_text_embed"),
+                dim,
+                config.pooled_projection_dim,
+                false,
+            )?,
+            context_embedder: Linear::load(
+                vb.pp("context_embedder"),
+                config.joint_attention_dim,
+                config.caption_projection_dim,
+                true,
+            )?,
+            blocks,
+            output: OutputLayer::load(&vb, dim, patch_out)?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            config,
+            bytes: 0,
+        })
+    }
+
+    pub fn config(&self) -> &Sd3Config {
+        &self.config
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The predicted velocity (batch, out_channels, h, w), in f32.
+    pub fn forward(&self, inputs: &Sd3Inputs<'_>) -> Result<Tensor, PipelineError> {
+        self.check(inputs)?;
+        self.forward_model(inputs).in_component(COMPONENT)
+    }
+
+    fn forward_model(&self, inputs: &Sd3Inputs<'_>) -> candle_core::Result<Tensor> {
+        let to_model = |xs: &Tensor| xs.to_device(&self.device)?.to_dtype(self.dtype);
+        let latents = to_model(inputs.hidden_states)?;
+        let (batch, _, h, w) = latents.dims4()?;
+        let mut image = self.pos_embed.forward(&latents)?;
+        let temb = self.time_text_embed.forward(
+            inputs.timesteps,
+            None,
+            &to_model(inputs.pooled_projections)?,
+        )?;
+        let mut text = self
+            .context_embedder
+            .forward(&to_model(inputs.encoder_hidden_states)?)?;
+        for (index, block) in self.blocks.iter().enumerate() {
+            if inputs.skip_layers.contains(&index) {
+                continue;
+            }
+            let (next_text, next_image) = block.forward(&image, &text, &temb)?;
+            image = next_image;
+            if let Some(next_text) = next_text {
+                text = next_text;
+            }
+        }
+        let patches = self.output.forward(&image, &temb)?;
+        let p = self.config.patch_size;
+        let c = self.config.out_channels;
+        let (rows, columns) = (h / p, w / p);
+        // "nhwpqc->nchpwq"
+        patches
+            .reshape((batch, rows, columns, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((batch, c, rows * p, columns * p))?
+            .to_dtype(DType::F32)
+    }
+
+    /// Refuses inputs the model cannot take, naming what it takes.
+    fn check(&self, inputs: &Sd3Inputs<'_>) -> Result<(), PipelineError> {
+        let config = &self.config;
+        let dims = inputs.hidden_states.dims();
+        let limit = config.pos_embed_max_size * config.patch_size;
+        let fits = dims.len() == 4
+            && dims[1] == config.in_channels
+            && dims[2] % config.patch_size == 0
+            && dims[3] % config.patch_size == 0
+            && dims[2] <= limit
+            && dims[3] <= limit;
+        if !fits {
+            return Err(PipelineError::invalid(
+                "latents",
+                format!(
+                    "the transformer takes [batch, {}, h, w] with h and w multiples of {} up to {limit} (its position embedding's size), got {dims:?}",
+                    config.in_channels, config.patch_size
+                ),
+            ));
+        }
+        if inputs.timesteps.len() != dims[0] {
+            return Err(PipelineError::invalid(
+                "timestep",
+                format!(
+                    "{} values for a batch of {}",
+                    inputs.timesteps.len(),
+                    dims[0]
+                ),
+            ));
+        }
+        if let Some(layer) = inputs.skip_layers.iter().find(|l| **l >= config.num_layers) {
+            return Err(PipelineError::invalid(
+                "skip_guidance_layers",
+                format!(
+                    "layer {layer} is past the transformer's {} layers",
+                    config.num_layers
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
