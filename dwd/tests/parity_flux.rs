@@ -132,7 +132,7 @@ fn flow_match_schedules_match_diffusers_for_every_recorded_size() {
     for (name, schedule) in schedules {
         let steps = schedule["steps"].as_u64().unwrap() as usize;
         let seq_len = schedule["image_seq_len"].as_u64().unwrap() as usize;
-        let mu = calculate_shift(seq_len, &config).unwrap();
+        let mu = calculate_shift(seq_len, &config, 1.15).unwrap();
         // serde_json reads decimals to within an ulp or two, not exactly.
         let want_mu = schedule["mu"].as_f64().unwrap();
         assert!((mu - want_mu).abs() < 1e-15, "{name}: mu {mu} vs {want_mu}");
@@ -336,7 +336,7 @@ fn img2img_starts_from_the_noised_shifted_vae_sample() {
         .set_timesteps(&FlowSchedule {
             num_inference_steps: 4,
             sigmas: Some(linspace(1.0, 0.25, 4)),
-            mu: Some(calculate_shift(64, &pipeline.scheduler).unwrap()),
+            mu: Some(calculate_shift(64, &pipeline.scheduler, 1.15).unwrap()),
         })
         .unwrap();
     let sigma = scheduler.sigmas()[1];

@@ -5,13 +5,23 @@
 //! diffusers' double shift of `sigma_min`, the VAE, and the whole 4-step CFG run.
 
 mod common;
-use common::{assert_close, Fixture};
+use common::{assert_close, no_progress, token_rows, Fixture};
 
 use candle_core::{DType, Device, Tensor};
-use dwd::pipelines::stable_diffusion_3::{Sd3Inputs, Sd3Transformer};
+use dwd::pipelines::stable_diffusion_3::{
+    Sd3Args, Sd3Inputs, Sd3Texts, Sd3Transformer, StableDiffusion3Pipeline,
+};
+use dwd::pipelines::{
+    images_to_rgb8, FlowMatchEulerDiscreteScheduler, FlowSchedule, ReplayNoise, SchedulerConfig,
+    Vae,
+};
 
 /// The reference README's tolerance for denoisers is 1e-3; held tighter here.
 const TRANSFORMER_TOLERANCE: f32 = 1e-4;
+/// Text encoders 1e-5; whole runs 1e-3 by the README, held tighter here.
+const TEXT_TOLERANCE: f32 = 1e-5;
+const LATENTS_TOLERANCE: f32 = 1e-4;
+const IMAGE_TOLERANCE: f32 = 1e-4;
 
 fn fixture() -> Fixture {
     Fixture::new("tiny-sd3")
@@ -66,4 +76,142 @@ fn the_first_transformer_call_of_the_recorded_run_matches() {
             "pipe_tr0_out",
         ],
     );
+}
+
+fn pipeline() -> StableDiffusion3Pipeline {
+    StableDiffusion3Pipeline::load(&fixture().model_dir(), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The recorded run's arguments (`expected.json` → `pipelines.sd3`), from the recorded
+/// noise.
+fn recorded_args() -> Sd3Args {
+    let expected = fixture().json("expected.json");
+    let case = &expected["pipelines"]["sd3"];
+    let text = |key: &str| case[key].as_str().unwrap().to_string();
+    let number = |key: &str| case[key].as_u64().unwrap() as usize;
+    Sd3Args {
+        texts: Sd3Texts {
+            prompts: vec![text("prompt")],
+            negative_prompt: Some(text("negative_prompt")),
+            ..Sd3Texts::default()
+        },
+        height: Some(number("height")),
+        width: Some(number("width")),
+        num_inference_steps: number("num_inference_steps"),
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        max_sequence_length: number("max_sequence_length"),
+        latents: Some(fixture().tensors("expected.safetensors")["pipe_latents"].clone()),
+        ..Sd3Args::default()
+    }
+}
+
+/// `encode_prompt` for `[negative, prompt]`: CLIP-L and CLIP-G penultimate states padded
+/// to T5's width, then T5's states; the pooled projections side by side.
+#[test]
+fn prompts_are_encoded_as_diffusers_encodes_them() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let args = recorded_args();
+    let texts = &args.texts;
+    let row = |text: &str| [text.to_string(), text.to_string(), text.to_string()];
+    let rows = [
+        row(texts.negative_prompt.as_deref().unwrap()),
+        row(&texts.prompts[0]),
+    ];
+    let ids = |tokenizer: &dwd::pipelines::ClipTokenizer| {
+        rows.iter()
+            .map(|r| tokenizer.encode_padded(&r[0], 77).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&pipeline.clip_l.tokenizer),
+        token_rows(&reference["clip_l_ids"])
+    );
+    assert_eq!(
+        ids(&pipeline.clip_g.tokenizer),
+        token_rows(&reference["clip_g_ids"])
+    );
+    let encoded = pipeline.encode_prompt(&rows, &args).unwrap();
+    assert_close(
+        "prompt_embeds",
+        &encoded.prompt_embeds,
+        &reference["prompt_embeds"],
+        TEXT_TOLERANCE,
+    );
+    assert_close(
+        "pooled_prompt_embeds",
+        &encoded.pooled_prompt_embeds,
+        &reference["pooled_prompt_embeds"],
+        TEXT_TOLERANCE,
+    );
+}
+
+/// diffusers' schedule for SD 3: no sigmas from the pipeline, `shift` 3 applied to a
+/// `linspace` down to the constructor's already shifted `sigma_min`: the last sigma is
+/// 0.0089286, not 0.001.
+#[test]
+fn the_schedule_shifts_sigma_min_twice_as_diffusers_does() {
+    let reference = fixture().tensors("expected.safetensors");
+    let config = SchedulerConfig::load(&fixture().model_dir().join("scheduler")).unwrap();
+    let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config).unwrap();
+    scheduler
+        .set_timesteps(&FlowSchedule {
+            num_inference_steps: 4,
+            sigmas: None,
+            mu: None,
+        })
+        .unwrap();
+    let sigmas: Vec<f32> = scheduler.sigmas().iter().map(|s| *s as f32).collect();
+    let timesteps: Vec<f32> = scheduler.timesteps().iter().map(|t| *t as f32).collect();
+    assert_eq!(sigmas, values(&reference["sched_sigmas"]));
+    assert_eq!(timesteps, values(&reference["sched_timesteps"]));
+}
+
+#[test]
+fn the_vae_decodes_shifted_latents_as_diffusers_does() {
+    let vae = Vae::load(&fixture().model_dir().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let reference = fixture().tensors("expected.safetensors");
+    assert_close(
+        "VAE decoder",
+        &vae.decode(&reference["vae_z"]).unwrap(),
+        &reference["vae_out"],
+        1e-5,
+    );
+    let mean = vae.encode_mean(&reference["vae_enc_in"]).unwrap();
+    assert_close("VAE encoder mean", &mean, &reference["vae_enc_mean"], 1e-4);
+}
+
+/// The whole 4-step CFG run from the recorded noise: the final latents and the image, and
+/// the PNG within one 8-bit level.
+#[test]
+fn the_recorded_four_step_run_matches_diffusers() {
+    let pipeline = pipeline();
+    let reference = fixture().tensors("expected.safetensors");
+    let mut noise = ReplayNoise::new(Vec::new());
+    let latents_args = Sd3Args {
+        output_latents: true,
+        ..recorded_args()
+    };
+    let latents = pipeline
+        .generate(&latents_args, &mut noise, &mut no_progress())
+        .unwrap();
+    let steps = &reference["pipe_step_latents"];
+    let last = steps.get(steps.dim(0).unwrap() - 1).unwrap();
+    assert_close("final latents", &latents, &last, LATENTS_TOLERANCE);
+    let image = pipeline
+        .generate(&recorded_args(), &mut noise, &mut no_progress())
+        .unwrap();
+    assert_close("image", &image, &reference["pipe_image"], IMAGE_TOLERANCE);
+    let png = image::open(fixture().dir().join("expected_sd3.png"))
+        .unwrap()
+        .to_rgb8();
+    let got = &images_to_rgb8(&image).unwrap()[0];
+    let worst = got
+        .pixels
+        .iter()
+        .zip(png.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "8-bit image differs by {worst} levels");
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::flux::FluxTransformer;
+use super::stable_diffusion_3::Sd3Transformer;
 use super::{
     weight_files_variant, ClipTokenizer, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Unet,
     Vae,
@@ -88,6 +89,16 @@ pub static LOADERS: &[ComponentLoader] = &[
         files: model_files,
         load: |dir, variant, dtype, device| {
             Ok(Arc::new(FluxTransformer::load_variant(
+                dir, variant, dtype, device,
+            )?))
+        },
+    },
+    ComponentLoader {
+        class: "SD3Transformer2DModel",
+        weighted: true,
+        files: model_files,
+        load: |dir, variant, dtype, device| {
+            Ok(Arc::new(Sd3Transformer::load_variant(
                 dir, variant, dtype, device,
             )?))
         },

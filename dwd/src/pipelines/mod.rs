@@ -76,6 +76,7 @@ static FAMILIES: &[&dyn Family] = &[
     &stable_diffusion::StableDiffusion,
     &stable_diffusion_xl::StableDiffusionXl,
     &flux::Flux,
+    &stable_diffusion_3::StableDiffusion3,
 ];
 
 /// Families only test builds have.

@@ -35,7 +35,9 @@ pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
-pub use flow_match_euler::{calculate_shift, FlowMatchEulerDiscreteScheduler, FlowSchedule};
+pub use flow_match_euler::{
+    calculate_shift, first_kept_step, FlowMatchEulerDiscreteScheduler, FlowSchedule,
+};
 pub use lcm::LcmScheduler;
 pub use pndm::PndmScheduler;
 pub use unipc::UniPcMultistepScheduler;

@@ -11,6 +11,7 @@
 mod common;
 pub mod flux;
 pub mod stable_diffusion;
+pub mod stable_diffusion_3;
 pub mod stable_diffusion_xl;
 #[cfg(debug_assertions)]
 pub mod test_noise;
@@ -155,6 +156,7 @@ pub static FAMILIES: &[&Family] = &[
     &stable_diffusion::FAMILY,
     &stable_diffusion_xl::FAMILY,
     &flux::FAMILY,
+    &stable_diffusion_3::FAMILY,
 ];
 
 /// Families only the test builds have (a tiny one that proves the seam).

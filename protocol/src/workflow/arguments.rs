@@ -38,6 +38,9 @@ pub enum ArgType {
     Pair { min: u64, max: u64 },
     /// A list of 1 to `max_len` finite numbers from `min` to `max` (FLUX's `sigmas`).
     Numbers { min: f64, max: f64, max_len: usize },
+    /// A list of 1 to `max_len` whole numbers from `min` to `max` (SD 3's
+    /// `skip_guidance_layers`).
+    Integers { min: u64, max: u64, max_len: usize },
 }
 
 impl ArgType {
@@ -85,6 +88,7 @@ pub enum ArgValue {
     Image(ImageSource),
     Pair(usize, usize),
     Numbers(Vec<f64>),
+    Integers(Vec<usize>),
 }
 
 /// A step's arguments, checked against its class, defaults filled in.
@@ -288,6 +292,14 @@ impl Arguments {
         }
     }
 
+    /// A list of whole numbers, such as `skip_guidance_layers`.
+    pub fn integers(&self, name: &str) -> Option<&[usize]> {
+        match self.values.get(name)? {
+            ArgValue::Integers(values) => Some(values),
+            _ => None,
+        }
+    }
+
     pub fn image(&self, name: &str) -> Option<&ImageSource> {
         match self.values.get(name)? {
             ArgValue::Image(source) => Some(source),
@@ -329,6 +341,9 @@ fn typed(spec: &ArgSpec, value: &Value) -> Result<ArgValue, ArgumentError> {
         }
         ArgType::Numbers { min, max, max_len } => {
             ArgValue::Numbers(numbers(name, value, (min, max), max_len)?)
+        }
+        ArgType::Integers { min, max, max_len } => {
+            ArgValue::Integers(integers(name, value, (min, max), max_len)?)
         }
     })
 }
@@ -480,6 +495,29 @@ fn numbers(
             format!(
                 "`{key}` must be a list of 1 to {max_len} numbers from {min} to {max}, found {v}"
             ),
+        )
+    })
+}
+
+fn integers(
+    key: &str,
+    v: &Value,
+    (min, max): (u64, u64),
+    max_len: usize,
+) -> Result<Vec<usize>, ArgumentError> {
+    let in_range = |item: &Value| {
+        item.as_u64()
+            .filter(|n| (min..=max).contains(n))
+            .map(|n| n as usize)
+    };
+    let values: Option<Vec<usize>> = match v.as_array() {
+        Some(items) if (1..=max_len).contains(&items.len()) => items.iter().map(in_range).collect(),
+        _ => None,
+    };
+    values.ok_or_else(|| {
+        err(
+            key,
+            format!("`{key}` must be a list of 1 to {max_len} whole numbers from {min} to {max}, found {v}"),
         )
     })
 }

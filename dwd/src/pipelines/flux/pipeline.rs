@@ -24,7 +24,8 @@ use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{
-    calculate_shift, linspace, FlowMatchEulerDiscreteScheduler, FlowSchedule, SchedulerConfig,
+    calculate_shift, first_kept_step, linspace, FlowMatchEulerDiscreteScheduler, FlowSchedule,
+    SchedulerConfig,
 };
 use crate::pipelines::{
     ClipTokenizer, InComponent, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Vae,
@@ -33,6 +34,8 @@ use crate::pipelines::{
 const COMPONENT: &str = "pipeline";
 /// diffusers' `default_sample_size`: 128 latent pixels, 1024 image pixels.
 const DEFAULT_SAMPLE_SIZE: usize = 128;
+/// The `max_shift` FLUX's `calculate_shift` uses where the scheduler config has none.
+const FLUX_MAX_SHIFT: f64 = 1.15;
 /// CLIP's prompt length in FLUX (`tokenizer_max_length`).
 const CLIP_MAX_LENGTH: usize = 77;
 
@@ -495,7 +498,7 @@ impl FluxPipeline {
             (None, false) => Some(linspace(1.0, 1.0 / steps as f64, steps)),
         };
         let num_inference_steps = sigmas.as_ref().map_or(steps, Vec::len);
-        let mu = calculate_shift(shape.tokens(), &config)?;
+        let mu = calculate_shift(shape.tokens(), &config, FLUX_MAX_SHIFT)?;
         scheduler.set_timesteps(&FlowSchedule {
             num_inference_steps,
             sigmas,
@@ -503,7 +506,7 @@ impl FluxPipeline {
         })?;
         let first = match args.image {
             None => 0,
-            Some(_) => first_step(num_inference_steps, args.strength)?,
+            Some(_) => first_kept_step(num_inference_steps, args.strength)?,
         };
         Ok((scheduler, first))
     }
@@ -692,20 +695,6 @@ fn fold_mask(mask: &Tensor, shape: LatentShape, scale: usize) -> candle_core::Re
         .reshape((b, scale * scale, h, w))
 }
 
-/// diffusers' `get_timesteps` for flow matching: `t_start = int(max(n - min(n * strength,
-/// n), 0))`, refused when no step is left.
-fn first_step(steps: usize, strength: f64) -> Result<usize, PipelineError> {
-    let n = steps as f64;
-    let start = (n - (n * strength).min(n)).max(0.0) as usize;
-    if start >= steps {
-        return Err(PipelineError::invalid(
-            "strength",
-            format!("{strength} with {steps} steps leaves no step to run"),
-        ));
-    }
-    Ok(start)
-}
-
 /// diffusers' `check_inputs`, for what the argument table cannot say alone.
 fn validate(args: &FluxArgs) -> Result<(), PipelineError> {
     let prompts = args.prompts.len();
@@ -761,17 +750,6 @@ mod tests {
             .and_then(|d| d.max_all())
             .and_then(|d| d.to_scalar::<f32>());
         assert_eq!(same.expect("difference"), 0.0);
-    }
-
-    /// diffusers' `get_timesteps`: 4 steps at 0.6 keep int(4 - 2.4) = 1 out; 28 at 0.6 keep
-    /// 11 out; strength 1 runs everything; 0 runs nothing and is refused.
-    #[test]
-    fn strength_skips_the_steps_diffusers_skips() {
-        assert_eq!(first_step(4, 0.6).expect("4 steps"), 1);
-        assert_eq!(first_step(28, 0.6).expect("28 steps"), 11);
-        assert_eq!(first_step(4, 1.0).expect("all"), 0);
-        let error = first_step(4, 0.0).expect_err("none").to_string();
-        assert!(error.contains("strength"), "{error}");
     }
 
     /// PIL's grayscale, then diffusers' binarize at 0.5: mid-gray 128 is in, 127 out; pure

@@ -341,18 +341,20 @@ impl Real for f64 {
     }
 }
 
-/// diffusers' FLUX pipelines' `calculate_shift`: `mu` grows linearly with the image's
-/// sequence length, from `base_shift` at `base_image_seq_len` to `max_shift` at
-/// `max_image_seq_len` (Python floats).
+/// diffusers' pipelines' `calculate_shift`: `mu` grows linearly with the image's sequence
+/// length, from `base_shift` at `base_image_seq_len` to `max_shift` at `max_image_seq_len`
+/// (Python floats). The pipeline supplies the default `max_shift` for a config without
+/// one: FLUX's is 1.15, SD 3's 1.16.
 pub fn calculate_shift(
     image_seq_len: usize,
     config: &SchedulerConfig,
+    default_max_shift: f64,
 ) -> Result<f64, PipelineError> {
     let options = Options::new(config)?;
     let base_len = options.usize("base_image_seq_len", 256)? as f64;
     let max_len = options.usize("max_image_seq_len", 4096)? as f64;
     let base_shift = options.f64("base_shift", 0.5)?;
-    let max_shift = options.f64("max_shift", 1.15)?;
+    let max_shift = options.f64("max_shift", default_max_shift)?;
     if max_len == base_len {
         return Err(PipelineError::invalid(
             "scheduler config",
@@ -362,6 +364,20 @@ pub fn calculate_shift(
     let m = (max_shift - base_shift) / (max_len - base_len);
     let b = base_shift - m * base_len;
     Ok(image_seq_len as f64 * m + b)
+}
+
+/// diffusers' `get_timesteps` for flow matching (image to image starts part-way): `t_start = int(max(n - min(n * strength,
+/// n), 0))`, refused when no step is left.
+pub fn first_kept_step(steps: usize, strength: f64) -> Result<usize, PipelineError> {
+    let n = steps as f64;
+    let start = (n - (n * strength).min(n)).max(0.0) as usize;
+    if start >= steps {
+        return Err(PipelineError::invalid(
+            "strength",
+            format!("{strength} with {steps} steps leaves no step to run"),
+        ));
+    }
+    Ok(start)
 }
 
 #[cfg(test)]
@@ -381,7 +397,7 @@ mod tests {
     #[test]
     fn flux_schedule_matches_diffusers_to_the_last_digit() {
         let config = flux_config();
-        let mu = calculate_shift(64, &config).expect("mu");
+        let mu = calculate_shift(64, &config, 1.15).expect("mu");
         assert_eq!(mu, 0.46749999999999997);
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config).expect("scheduler");
         let sigmas = linspace(1.0, 1.0 / 4.0, 4);
@@ -411,6 +427,17 @@ mod tests {
                 347.2583923339844
             ]
         );
+    }
+
+    /// diffusers' `get_timesteps`: 4 steps at 0.6 keep int(4 - 2.4) = 1 out; 28 at 0.6 keep
+    /// 11 out; strength 1 runs everything; 0 runs nothing and is refused.
+    #[test]
+    fn strength_skips_the_steps_diffusers_skips() {
+        assert_eq!(first_kept_step(4, 0.6).expect("4 steps"), 1);
+        assert_eq!(first_kept_step(28, 0.6).expect("28 steps"), 11);
+        assert_eq!(first_kept_step(4, 1.0).expect("all"), 0);
+        let error = first_kept_step(4, 0.0).expect_err("none").to_string();
+        assert!(error.contains("strength"), "{error}");
     }
 
     #[test]
