@@ -225,14 +225,14 @@ fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
     let flux = validate(
         &daemon,
         r#"{"id": "f", "steps": [{"name": "s", "pipeline": {
-          "configuration": {"component_type": "FluxPipeline", "offload": "model"},
-          "from_pretrained_arguments": {"model_name": "black-forest-labs/FLUX.1-dev"},
+          "configuration": {"component_type": "FluxKontextPipeline", "offload": "model"},
+          "from_pretrained_arguments": {"model_name": "black-forest-labs/FLUX.1-Kontext-dev"},
           "arguments": {"prompt": "x"}}}]}"#,
     );
     flux.assert_code(2);
     assert!(
         flux.stderr
-            .contains("pipeline class `FluxPipeline` is not supported yet"),
+            .contains("pipeline class `FluxKontextPipeline` is not supported yet"),
         "{}",
         flux.stderr
     );

@@ -477,8 +477,8 @@ impl Sd3Transformer {
         let limit = config.pos_embed_max_size * config.patch_size;
         let fits = dims.len() == 4
             && dims[1] == config.in_channels
-            && dims[2] % config.patch_size == 0
-            && dims[3] % config.patch_size == 0
+            && dims[2].is_multiple_of(config.patch_size)
+            && dims[3].is_multiple_of(config.patch_size)
             && dims[2] <= limit
             && dims[3] <= limit;
         if !fits {
