@@ -103,7 +103,8 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         }
     })?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
-    let omitted = families::omitted_components(family, &index, &supplied);
+    let mut omitted = families::omitted_components(family, &index, &supplied);
+    omitted.extend(asked_omitted(context, family, &supplied)?);
     let components = family
         .components
         .iter()
@@ -121,6 +122,30 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         dtype_notice,
         components,
     })
+}
+
+/// The components the step's `from_pretrained_arguments` sets to null, checked against
+/// the family its class resolved to and against the components it gives elsewhere.
+fn asked_omitted(
+    context: &PlanContext<'_>,
+    family: &'static families::Family,
+    supplied: &[&str],
+) -> Result<Vec<&'static str>, JobError> {
+    let mut names = Vec::new();
+    for asked in &context.spec.omitted_components {
+        let refuse = |message: String| refused_at(context.workflow, asked.at, message);
+        families::check_omitted(family, &asked.name).map_err(refuse)?;
+        if supplied.contains(&asked.name.as_str()) {
+            return Err(refuse(format!(
+                "`{}` is null in `from_pretrained_arguments` and also given by the step; leave out one of them",
+                asked.name
+            )));
+        }
+        if let Some(component) = family.components.iter().find(|c| c.name == asked.name) {
+            names.push(component.name);
+        }
+    }
+    Ok(names)
 }
 
 /// Where one component comes from, its key and its size.

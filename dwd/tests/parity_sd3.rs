@@ -146,6 +146,44 @@ fn prompts_are_encoded_as_diffusers_encodes_them() {
     );
 }
 
+/// Without `text_encoder_3` diffusers' `_get_t5_prompt_embeds` returns zeros of
+/// (rows, `max_sequence_length`, `joint_attention_dim`): the CLIP part of the recorded
+/// embeddings stays as it was, T5's 32 rows become zeros, the pooled embeddings are CLIP's.
+#[test]
+fn without_t5_its_rows_are_zeros_and_clip_is_unchanged() {
+    let mut pipeline = pipeline();
+    pipeline.t5 = None;
+    let reference = fixture().tensors("expected.safetensors");
+    let args = recorded_args();
+    let row = |text: &str| [text.to_string(), text.to_string(), text.to_string()];
+    let rows = [
+        row(args.texts.negative_prompt.as_deref().unwrap()),
+        row(&args.texts.prompts[0]),
+    ];
+    let encoded = pipeline.encode_prompt(&rows, &args).unwrap();
+    assert_eq!(encoded.prompt_embeds.dims(), &[2, 77 + 32, 96]);
+    let clip_part = |xs: &Tensor| xs.narrow(1, 0, 77).unwrap();
+    assert_close(
+        "CLIP rows of prompt_embeds",
+        &clip_part(&encoded.prompt_embeds),
+        &clip_part(&reference["prompt_embeds"]),
+        TEXT_TOLERANCE,
+    );
+    let t5_part = encoded.prompt_embeds.narrow(1, 77, 32).unwrap();
+    let largest = t5_part.abs().unwrap().max_all().unwrap();
+    assert_eq!(
+        largest.to_scalar::<f32>().unwrap(),
+        0.0,
+        "T5's rows are zeros"
+    );
+    assert_close(
+        "pooled_prompt_embeds",
+        &encoded.pooled_prompt_embeds,
+        &reference["pooled_prompt_embeds"],
+        TEXT_TOLERANCE,
+    );
+}
+
 /// diffusers' schedule for SD 3: no sigmas from the pipeline, `shift` 3 applied to a
 /// `linspace` down to the constructor's already shifted `sigma_min`: the last sigma is
 /// 0.0089286, not 0.001.

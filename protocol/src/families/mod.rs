@@ -323,6 +323,33 @@ pub fn omitted_components(
         .collect()
 }
 
+/// Whether `family`'s pipelines can run without the component `name`, as a workflow asks
+/// with `"name": null` in `from_pretrained_arguments`; the error says what can be left out.
+pub fn check_omitted(family: &Family, name: &str) -> Result<(), String> {
+    let optional: Vec<&str> = family
+        .components
+        .iter()
+        .filter(|c| c.optional)
+        .map(|c| c.name)
+        .collect();
+    let can = if optional.is_empty() {
+        "none of its components can be".to_string()
+    } else {
+        format!("only {} can be", optional.join(", "))
+    };
+    match family.components.iter().find(|c| c.name == name) {
+        Some(c) if c.optional => Ok(()),
+        Some(_) => Err(format!(
+            "`{name}`: null loads the pipeline without it, but a {} pipeline needs it; {can} left out",
+            family.title
+        )),
+        None => Err(format!(
+            "`{name}`: null loads the pipeline without it, but a {} pipeline has no `{name}` ({can} left out)",
+            family.title
+        )),
+    }
+}
+
 /// The class an auto `component_type` resolves to for a folder whose `model_index.json`
 /// names `folder_class`, as diffusers resolves it; an error names the class it would need.
 pub fn resolve_auto_class(
@@ -501,7 +528,9 @@ mod tests {
             names("AutoPipelineForImage2Image"),
             [
                 "StableDiffusionImg2ImgPipeline",
-                "StableDiffusionXLImg2ImgPipeline"
+                "StableDiffusionXLImg2ImgPipeline",
+                "FluxImg2ImgPipeline",
+                "StableDiffusion3Img2ImgPipeline"
             ]
         );
         assert!(names("DiffusionPipeline").contains(&"StableDiffusionImg2ImgPipeline"));

@@ -200,7 +200,17 @@ pub struct PipelineStep {
     pub reused_components: Vec<(String, String)>,
     /// Components loaded from another model than the pipeline's (`"vae": {...}`).
     pub components: Vec<ComponentSource>,
+    /// Components `from_pretrained_arguments` sets to null, to run without.
+    pub omitted_components: Vec<OmittedComponent>,
     pub options: PipelineOptions,
+}
+
+/// A component a pipeline is loaded without (`"text_encoder_3": null` in its
+/// `from_pretrained_arguments`), and where that is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OmittedComponent {
+    pub name: String,
+    pub at: Position,
 }
 
 impl PipelineStep {

@@ -13,8 +13,8 @@ use super::results::{content_type_refusal, extension_for, ResultSpec};
 use super::schema::{self, Level, Remark};
 use super::variables::{self, type_name, Given};
 use super::{
-    sha256_hex, Action, ChildWorkflow, ComponentSource, Note, PipelineStep, ReferenceStep,
-    SchedulerSpec, Step, TaskStep, Workflow, WorkflowError,
+    sha256_hex, Action, ChildWorkflow, ComponentSource, Note, OmittedComponent, PipelineStep,
+    ReferenceStep, SchedulerSpec, Step, TaskStep, Workflow, WorkflowError,
 };
 use crate::families::{self, PipelineClass};
 
@@ -464,6 +464,8 @@ impl<'a> Parser<'a> {
         let from_pretrained =
             self.object(from_pretrained, &fp_ptr, "`from_pretrained_arguments`")?;
         let model = self.model_source(from_pretrained, &fp_ptr, false)?;
+        let omitted_components =
+            self.omitted_components(from_pretrained, &fp_ptr, &component_type, class)?;
         let options = self.configuration(configuration, &config_ptr, &model.torch_dtype)?;
         let scheduler = match pipeline.get("scheduler") {
             None => None,
@@ -501,6 +503,7 @@ impl<'a> Parser<'a> {
             shared_components,
             reused_components,
             components,
+            omitted_components,
             options,
         })
     }
@@ -680,7 +683,13 @@ impl<'a> Parser<'a> {
         pointer: &str,
         component: bool,
     ) -> Parsed<ModelSource> {
-        self.check(&schema::FROM_PRETRAINED, object, pointer)?;
+        // A pipeline's component names are read by `omitted_components`.
+        let known: Map<String, Value> = object
+            .iter()
+            .filter(|(key, _)| component || !schema::COMPONENT_SLOTS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        self.check(&schema::FROM_PRETRAINED, &known, pointer)?;
         let model_name = match object.get("model_name") {
             Some(value) => Some(self.string(value, &format!("{pointer}/model_name"), "model_name")?),
             None if component => None,
@@ -712,6 +721,42 @@ impl<'a> Parser<'a> {
             variant,
             subfolder,
         })
+    }
+
+    /// Components a pipeline's `from_pretrained_arguments` sets to null
+    /// (`"text_encoder_3": null`): diffusers then loads the pipeline without them. Only
+    /// null can be written there (a loaded object is Python's); a class known here is
+    /// checked now, an auto class once its folder says which it is.
+    fn omitted_components(
+        &self,
+        object: &Map<String, Value>,
+        pointer: &str,
+        component_type: &str,
+        class: &PipelineClass,
+    ) -> Parsed<Vec<OmittedComponent>> {
+        let mut omitted = Vec::new();
+        for (key, value) in object {
+            if !schema::COMPONENT_SLOTS.contains(&key.as_str()) {
+                continue;
+            }
+            let at = format!("{pointer}/{key}");
+            if !value.is_null() {
+                return Err(self.at_value(&at, format!("`{key}` in `from_pretrained_arguments` can only be null, which loads the pipeline without it; to load it from another model, give a `{key}` block beside `configuration`")));
+            }
+            omitted.push(OmittedComponent {
+                name: key.clone(),
+                at: self.positions.key(&at),
+            });
+        }
+        if !families::is_auto_class(component_type) {
+            if let Some(family) = families::family(class.family) {
+                for component in &omitted {
+                    families::check_omitted(family, &component.name)
+                        .map_err(|m| self.at_key(&format!("{pointer}/{}", component.name), m))?;
+                }
+            }
+        }
+        Ok(omitted)
     }
 
     /// Component blocks beside `configuration` (`"vae": {...}`): where a component is

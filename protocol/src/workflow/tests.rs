@@ -153,10 +153,10 @@ fn unsupported_tasks_and_pipeline_classes_are_refused_by_name() {
         e.contains("task `upscale` is not supported: it runs a model"),
         "{e}"
     );
-    let src = GOOD.replace("\"StableDiffusionPipeline\"", "\"FluxFillPipeline\"");
+    let src = GOOD.replace("\"StableDiffusionPipeline\"", "\"FluxKontextPipeline\"");
     let e = error(&src, &[]);
     assert!(
-        e.contains("pipeline class `FluxFillPipeline` is not supported yet; supported: StableDiffusionPipeline"),
+        e.contains("pipeline class `FluxKontextPipeline` is not supported yet; supported: StableDiffusionPipeline"),
         "{e}"
     );
     // dw/type_helpers.py: a dotted name is module.Class; diffusers is the default module.
@@ -708,11 +708,65 @@ fn an_auto_class_error_comes_from_the_class_that_knows_every_argument() {
         "{e}"
     );
     let e = error(
-        &flow(r#"{"prompt": "a", "image": "x.png", "height": 64}"#),
+        // SD takes `eta`, FLUX and SD 3 take `max_sequence_length`: no class takes both.
+        &flow(r#"{"prompt": "a", "image": "x.png", "eta": 0.5, "max_sequence_length": 32}"#),
         &[],
     );
     assert!(
         e.contains("none of them takes every argument written"),
         "{e}"
     );
+}
+
+/// diffusers' `from_pretrained(..., text_encoder_3=None)` as a workflow writes it: the
+/// component is recorded as left out, with where it is written; one the class needs, or
+/// does not have, is refused by name; an auto class is checked once its folder is known.
+#[test]
+fn null_components_in_from_pretrained_arguments_are_left_out_or_refused_by_name() {
+    let flow = |class: &str, extra: &str| {
+        format!(
+            r#"{{"id": "a", "steps": [{{"name": "s", "pipeline": {{
+            "configuration": {{"component_type": "{class}"}},
+            "from_pretrained_arguments": {{"model_name": "m", {extra}}},
+            "arguments": {{"prompt": "a"}}}}}}]}}"#
+        )
+    };
+    let wf = parse(
+        &flow(
+            "StableDiffusion3Pipeline",
+            r#""text_encoder_3": null, "tokenizer_3": null"#,
+        ),
+        &[],
+    )
+    .unwrap();
+    let omitted = &wf.steps[0].pipeline().unwrap().omitted_components;
+    let names: Vec<&str> = omitted.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["text_encoder_3", "tokenizer_3"]);
+    assert_eq!(omitted[0].at.line, 3);
+    assert!(wf.notes.is_empty(), "no unknown-key notes: {:?}", wf.notes);
+
+    let e = error(
+        &flow("StableDiffusion3Pipeline", r#""transformer": null"#),
+        &[],
+    );
+    assert!(e.starts_with("flow.json:3:"), "{e}");
+    assert!(
+        e.contains("`transformer`: null loads the pipeline without it, but a Stable Diffusion 3 pipeline needs it; only tokenizer_3, text_encoder_3 can be left out"),
+        "{e}"
+    );
+    let e = error(
+        &flow("StableDiffusionPipeline", r#""text_encoder_3": null"#),
+        &[],
+    );
+    assert!(
+        e.contains("a Stable Diffusion pipeline has no `text_encoder_3`"),
+        "{e}"
+    );
+    let e = error(&flow("StableDiffusion3Pipeline", r#""vae": {}"#), &[]);
+    assert!(
+        e.contains("`vae` in `from_pretrained_arguments` can only be null"),
+        "{e}"
+    );
+    let wf = parse(&flow("DiffusionPipeline", r#""text_encoder_3": null"#), &[]).unwrap();
+    assert_eq!(wf.steps[0].pipeline().unwrap().omitted_components.len(), 1);
 }

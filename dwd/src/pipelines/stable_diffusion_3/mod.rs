@@ -41,11 +41,13 @@ impl Family for StableDiffusion3 {
             parts.take_optional("text_encoder_3")?,
         ) {
             (Some(tokenizer), Some(encoder)) => Some(T5 { tokenizer, encoder }),
-            (None, None) => None,
-            (Some(_), None) | (None, Some(_)) => {
+            // As diffusers: without `text_encoder_3`, T5's place is zeros whatever the
+            // tokenizer.
+            (_, None) => None,
+            (None, Some(_)) => {
                 return Err(PipelineError::invalid(
                     "text_encoder_3",
-                    "and `tokenizer_3` come together: give both or neither",
+                    "needs `tokenizer_3` to read the prompt; give both, or set `text_encoder_3` to null",
                 ))
             }
         };
