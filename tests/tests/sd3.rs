@@ -1,0 +1,121 @@
+//! End-to-end: Stable Diffusion 3 workflows as diffusers-workflow users write them
+//! (upstream `examples/archive/sd35.json`: `component_type: "StableDiffusion3Pipeline"`,
+//! `torch_dtype: "torch.bfloat16"`, `offload: "model"`), through `dwctl run` and the real
+//! daemon on `tests/fixtures/tiny-sd3`: the recorded CFG run reproduces diffusers' image
+//! from the reference latents; `"text_encoder_3": null` in `from_pretrained_arguments`
+//! (diffusers' `from_pretrained(..., text_encoder_3=None)`) runs without T5 and loads
+//! nothing of it; nulling a component SD 3 needs is refused by name.
+
+use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    repo_root().join("tests/fixtures").join(path)
+}
+
+/// Runs an example workflow (its fixture paths made absolute by `example_text`), edited by
+/// `edit`, and gives the run.
+fn run_example(daemon: &TestDaemon, name: &str, edit: impl Fn(String) -> String) -> dw_tests::Run {
+    let text = dw_tests::example_text(name);
+    let workflow = daemon.dir.path().join(name);
+    std::fs::write(&workflow, edit(text)).unwrap();
+    let out = daemon.output_dir();
+    daemon.dwctl(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+fn output_paths(run: &dw_tests::Run) -> Vec<String> {
+    let summary = run.json();
+    summary["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_sd3_workflow_reproduces_diffusers_image() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-sd3.json", |text| text);
+    run.assert_code(0);
+    let summary = run.json();
+    let ours = &output_paths(&run)[0];
+    let diff = max_level_difference(
+        &png_pixels(std::path::Path::new(ours)).2,
+        &png_pixels(&fixture("tiny-sd3/expected_sd3.png")).2,
+    );
+    assert!(diff <= 1, "{diff} levels from diffusers");
+    // Eight components: three tokenizers, three text encoders, the transformer, the VAE.
+    assert_eq!(summary["cache"]["misses"], 8, "{summary}");
+}
+
+/// Without T5 (and its tokenizer) six components load; from the seed, two images per
+/// prompt, the same both times, and not the image T5 would have given.
+#[test]
+fn without_text_encoder_3_the_run_loads_no_t5_and_is_deterministic() {
+    let daemon = TestDaemon::new();
+    let first = run_example(&daemon, "tiny-sd3-no-t5.json", |text| text);
+    first.assert_code(0);
+    assert_eq!(first.json()["cache"]["misses"], 6, "{}", first.stdout);
+    let second = run_example(&daemon, "tiny-sd3-no-t5.json", |text| text);
+    second.assert_code(0);
+    assert_eq!(second.json()["cache"]["misses"], 0, "{}", second.stdout);
+    let pixels = |run: &dw_tests::Run| -> Vec<Vec<u8>> {
+        output_paths(run)
+            .iter()
+            .map(|p| png_pixels(std::path::Path::new(p)).2)
+            .collect()
+    };
+    let (a, b) = (pixels(&first), pixels(&second));
+    assert_eq!(a.len(), 2, "num_images_per_prompt 2");
+    assert_eq!(a, b, "same seed, same images");
+    assert_ne!(a[0], a[1], "two draws, two images");
+
+    let with_t5 = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+        text.replace(
+            "\"text_encoder_3\": null,\n          \"tokenizer_3\": null",
+            "\"use_safetensors\": true",
+        )
+    });
+    with_t5.assert_code(0);
+    assert_ne!(pixels(&with_t5)[0], a[0], "T5's states change the image");
+}
+
+/// A component SD 3 cannot run without is refused by name, with where it is written and
+/// what can be left out, before anything loads.
+#[test]
+fn nulling_a_component_sd3_needs_is_refused_by_name() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+        text.replace("\"text_encoder_3\": null", "\"text_encoder_2\": null")
+    });
+    assert_ne!(run.code, 0);
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains("tiny-sd3-no-t5.json:")
+            && text.contains("`text_encoder_2`: null loads the pipeline without it, but a Stable Diffusion 3 pipeline needs it")
+            && text.contains("tokenizer_3, text_encoder_3"),
+        "{text}"
+    );
+}
+
+/// A value other than null is a loaded object in Python; the workflow way is a block.
+#[test]
+fn a_component_in_from_pretrained_arguments_must_be_null() {
+    let daemon = TestDaemon::new();
+    let run = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+        text.replace("\"text_encoder_3\": null", "\"text_encoder_3\": \"t5\"")
+    });
+    assert_ne!(run.code, 0);
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains("`text_encoder_3` in `from_pretrained_arguments` can only be null")
+            && text.contains("give a `text_encoder_3` block"),
+        "{text}"
+    );
+}
