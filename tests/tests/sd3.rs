@@ -119,3 +119,22 @@ fn a_component_in_from_pretrained_arguments_must_be_null() {
         "{text}"
     );
 }
+
+/// `AutoPipelineForImage2Image` on an SD 3 folder is `StableDiffusion3Img2ImgPipeline`;
+/// from its seed the run is the same image twice (the posterior sample and the added noise
+/// come from the step's generator), 128x128 like its input, and not the input.
+#[test]
+fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
+    let daemon = TestDaemon::new();
+    let mut images = Vec::new();
+    for _ in 0..2 {
+        let run = run_example(&daemon, "tiny-sd3-img2img.json", |text| text);
+        run.assert_code(0);
+        let (width, height, pixels) = png_pixels(std::path::Path::new(&output_paths(&run)[0]));
+        assert_eq!((width, height), (128, 128));
+        images.push(pixels);
+    }
+    assert_eq!(images[0], images[1], "same seed, same image");
+    let input = png_pixels(&fixture("tiny-sd3/expected_sd3.png")).2;
+    assert_ne!(images[0], input, "the image was denoised");
+}
