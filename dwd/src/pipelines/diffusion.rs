@@ -170,6 +170,34 @@ pub fn encode_images(
     (posterior_sample(vae, images, device, noise)? * vae.scaling_factor()).in_component(COMPONENT)
 }
 
+/// The latents of an image-to-image start in the 16-channel VAEs of FLUX and SD 3: a
+/// sample of the posterior, shifted and scaled (`(z - shift_factor) * scaling_factor`).
+/// `class` names the pipeline in the refusal of an image that is not `want` (height, width)
+/// pixels: diffusers resizes it there, dw does not.
+pub fn shifted_image_latents(
+    vae: &Vae,
+    images: &Tensor,
+    (want, class): ((usize, usize), &str),
+    device: &Device,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor, PipelineError> {
+    let (_, _, h, w) = images.dims4().in_component(COMPONENT)?;
+    if (h, w) != want {
+        let (want_h, want_w) = want;
+        return Err(PipelineError::invalid(
+            "image",
+            format!(
+                "is {w}x{h}; {class} resizes it to width x height ({want_w}x{want_h}), which dw does not do: give `height` and `width` of the image, or resize it with `{{\"location\": ..., \"size\": {{\"width\": {want_w}, \"height\": {want_h}}}}}`"
+            ),
+        ));
+    }
+    let sample = posterior_sample(vae, images, device, noise)?;
+    let shift = vae.config().shift_factor.unwrap_or(0.0);
+    (sample - shift)
+        .and_then(|z| z * vae.scaling_factor())
+        .in_component(COMPONENT)
+}
+
 /// A sample of the VAE's latent distribution for images (N, 3, H, W) in [0, 1], before any
 /// scaling, f32, drawing the posterior's noise from `noise`.
 pub fn posterior_sample(

@@ -523,21 +523,13 @@ impl FluxPipeline {
     ) -> Result<Tensor, PipelineError> {
         let scale = self.vae.scale_factor();
         let want = (shape.height * scale, shape.width * scale);
-        let (_, _, h, w) = images.dims4().in_component(COMPONENT)?;
-        if (h, w) != want {
-            return Err(PipelineError::invalid(
-                "image",
-                format!(
-                    "is {w}x{h}; FluxImg2ImgPipeline resizes it to width x height ({}x{}), which dw does not do: give `height` and `width` of the image, or resize it with `{{\"location\": ..., \"size\": {{\"width\": {}, \"height\": {}}}}}`",
-                    want.1, want.0, want.1, want.0
-                ),
-            ));
-        }
-        let sample = diffusion::posterior_sample(&self.vae, images, &self.device, noise)?;
-        let shift = self.vae.config().shift_factor.unwrap_or(0.0);
-        let latents = (sample - shift)
-            .and_then(|z| z * self.vae.scaling_factor())
-            .in_component(COMPONENT)?;
+        let latents = diffusion::shifted_image_latents(
+            &self.vae,
+            images,
+            (want, "FluxImg2ImgPipeline"),
+            &self.device,
+            noise,
+        )?;
         let latents = diffusion::tile_to_batch(&latents, shape.images)?;
         let added = noise
             .next(latents.dims())?
