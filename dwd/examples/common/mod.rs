@@ -71,3 +71,17 @@ pub fn sdxl_time_ids(side: usize, batch: usize, device: &Device) -> candle_core:
     let row = [side, side, 0.0, 0.0, side, side];
     Tensor::from_vec(row.repeat(batch), (batch, row.len()), device)
 }
+
+/// Random weights can overflow; a step whose output did is no benchmark (checked after
+/// the timing).
+pub fn check_finite(output: &Tensor) -> anyhow::Result<()> {
+    let largest = output
+        .abs()?
+        .to_dtype(DType::F32)?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    if !largest.is_finite() {
+        bail!("the model's output is not finite (largest magnitude {largest})");
+    }
+    Ok(())
+}

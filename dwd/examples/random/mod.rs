@@ -61,3 +61,27 @@ pub fn randomize_unet(varmap: &VarMap) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The standard deviation of a transformer's weight matrices: small enough that a few
+/// blocks keep the activations finite and of order one.
+const TRANSFORMER_WEIGHT_STD: f32 = 0.02;
+
+/// A transformer's weight matrices normal with `TRANSFORMER_WEIGHT_STD`, biases zero,
+/// norm scales one.
+pub fn randomize_transformer(varmap: &VarMap) -> anyhow::Result<()> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
+    for (name, var) in vars.iter() {
+        let dims = var.dims();
+        let value = match (dims.len(), name.ends_with(".weight")) {
+            (1, true) => Tensor::ones(dims, var.dtype(), var.device())?,
+            (1, false) => Tensor::zeros(dims, var.dtype(), var.device())?,
+            _ => Tensor::randn(0f32, TRANSFORMER_WEIGHT_STD, dims, var.device())?
+                .to_dtype(var.dtype())?,
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
