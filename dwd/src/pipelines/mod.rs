@@ -14,6 +14,7 @@ pub mod components;
 pub mod diffusion;
 pub mod family;
 pub mod flux;
+pub mod lora;
 pub mod noise;
 pub mod ops;
 pub mod scheduler;

@@ -123,7 +123,7 @@ impl FileDtype {
 pub(crate) struct Entry {
     pub name: String,
     dtype: FileDtype,
-    shape: Vec<usize>,
+    pub shape: Vec<usize>,
     /// How many elements it has.
     pub elements: usize,
     /// Absolute position of the first byte in the file.
@@ -179,24 +179,8 @@ fn io_error(path: &Path, what: &str, source: std::io::Error) -> PipelineError {
 /// them is sequential. This is the one reader of safetensors headers: the loader and the
 /// memory estimate both use it.
 pub(crate) fn read_header(path: &Path) -> Result<(File, Vec<Entry>), PipelineError> {
-    let (file, _) = protocol::input::open_regular(path).map_err(|source| PipelineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let file_len = file
-        .metadata()
-        .map_err(|source| PipelineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
-    let header_len = header_len(&file, path, file_len)?;
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut header, 8)
-        .map_err(|e| io_error(path, "the header", e))?;
-    let metadata: Metadata = serde_json::from_slice(&header)
-        .map_err(|e| bad(path, format!("malformed safetensors header: {e}")))?;
-    let data_start = 8 + header_len;
+    let (file, metadata, file_len) = parse_header(path)?;
+    let data_start = 8 + header_len(&file, path, file_len)?;
     let mut entries = metadata
         .tensors()
         .into_iter()
@@ -215,6 +199,35 @@ pub(crate) fn read_header(path: &Path) -> Result<(File, Vec<Entry>), PipelineErr
         ));
     }
     Ok((file, entries))
+}
+
+/// The `__metadata__` text entries of a safetensors header (a LoRA's
+/// `lora_adapter_metadata`, `format`), empty when it has none.
+pub(crate) fn read_text_metadata(path: &Path) -> Result<HashMap<String, String>, PipelineError> {
+    let (_, metadata, _) = parse_header(path)?;
+    Ok(metadata.metadata().clone().unwrap_or_default())
+}
+
+/// Opens a safetensors file (a regular file only) and parses its header.
+fn parse_header(path: &Path) -> Result<(File, Metadata, u64), PipelineError> {
+    let (file, _) = protocol::input::open_regular(path).map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|source| PipelineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let header_len = header_len(&file, path, file_len)?;
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| io_error(path, "the header", e))?;
+    let metadata: Metadata = serde_json::from_slice(&header)
+        .map_err(|e| bad(path, format!("malformed safetensors header: {e}")))?;
+    Ok((file, metadata, file_len))
 }
 
 /// The header's length, read from the file's first 8 bytes and checked against its size.
