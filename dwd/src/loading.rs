@@ -16,7 +16,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use protocol::families::{self, ComponentSpec, FolderComponentError};
 use protocol::message::PlannedComponent;
-use protocol::workflow::{PipelineClass, PipelineStep, Position, Step, Workflow, WorkflowError};
+use protocol::workflow::{
+    LoraSpec, PipelineClass, PipelineStep, Position, Step, Workflow, WorkflowError,
+};
 
 use crate::budget::weights_bytes;
 use crate::cache::{ComponentCache, ComponentKey, Evicted, FileIdentity, Lookup};
@@ -37,6 +39,8 @@ pub struct PlannedLoad {
     pub key: ComponentKey,
     /// Bytes once loaded (from the safetensors headers).
     pub bytes: u64,
+    /// For a LoRA: the name it is loaded under and its weight.
+    pub adapter: Option<(String, f64)>,
 }
 
 /// Everything resolved for a step before loading.
@@ -113,7 +117,11 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
             let dir_dtype = |dir: &Path| implementation.component_dtype(component.name, dir, dtype);
             plan_component(context, component, &model_dir, &dir_dtype)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let components = components
+        .into_iter()
+        .chain(plan_loras(context, family)?)
+        .collect();
     Ok(StepPlan {
         model_dir,
         index,
@@ -206,7 +214,136 @@ fn plan_component(
         dtype,
         key,
         bytes,
+        adapter: None,
     })
+}
+
+/// What a LoRA is cached as: one component of its own, whatever pipeline uses it.
+static LORA: ComponentSpec = ComponentSpec::optional("lora", components::LORA_CLASS);
+
+/// The step's LoRAs, each a component keyed by its file: refused on a family without
+/// LoRAs, found as diffusers' `load_lora_weights` finds them.
+fn plan_loras(
+    context: &PlanContext<'_>,
+    family: &'static families::Family,
+) -> Result<Vec<PlannedLoad>, JobError> {
+    let loras = &context.spec.loras;
+    if let Some(first) = loras.first().filter(|_| !family.loras) {
+        return Err(refused_at(
+            context.workflow,
+            first.model_name_at,
+            families::loras_refusal(family),
+        ));
+    }
+    loras.iter().map(|lora| plan_lora(context, lora)).collect()
+}
+
+fn plan_lora(context: &PlanContext<'_>, lora: &LoraSpec) -> Result<PlannedLoad, JobError> {
+    let file = lora_file(context, lora)?;
+    let loader = components::loader(components::LORA_CLASS)
+        .ok_or_else(|| JobError::Internal("no loader for LoRAs".to_string()))?;
+    let identity = FileIdentity::of(&file).map_err(|e| {
+        JobError::NotFound(format!(
+            "LoRA `{}`: {}: {e}",
+            lora.adapter_name,
+            file.display()
+        ))
+    })?;
+    let failed = |e: PipelineError| JobError::refused(format!("LoRA `{}`: {e}", lora.adapter_name));
+    let bytes = weights_bytes(std::slice::from_ref(&file), DType::F32).map_err(failed)?;
+    let key = ComponentKey {
+        component_type: LORA.name,
+        class: LORA.class,
+        model: file.clone(),
+        dtype: "f32".to_string(),
+        device: "cpu".to_string(),
+        variant: None,
+        adapters: Vec::new(),
+        files: vec![identity],
+    };
+    Ok(PlannedLoad {
+        spec: &LORA,
+        loader,
+        dir: file,
+        dtype: DType::F32,
+        key,
+        bytes,
+        adapter: Some((lora.adapter_name.clone(), lora.scale)),
+    })
+}
+
+/// The LoRA's file: `model_name` a folder or hub id (then `subfolder` and `weight_name`,
+/// or the one `.safetensors` file there, preferring `pytorch_lora_weights.safetensors`, as
+/// diffusers guesses), or a `.safetensors` file itself.
+fn lora_file(context: &PlanContext<'_>, lora: &LoraSpec) -> Result<PathBuf, JobError> {
+    let (folder, named_file) = match (
+        &lora.weight_name,
+        lora.model_name.strip_suffix(".safetensors"),
+    ) {
+        (None, Some(_)) => {
+            let path = Path::new(&lora.model_name);
+            let parent = path.parent().map(|p| p.to_string_lossy().into_owned());
+            let parent = parent
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| ".".to_string());
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            (parent, name)
+        }
+        _ => (lora.model_name.clone(), lora.weight_name.clone()),
+    };
+    let root = resolve_at(context.workflow, &folder, lora.model_name_at)?;
+    let dir = match &lora.subfolder {
+        Some(sub) => root.join(sub),
+        None => root,
+    };
+    let refuse = |message: String| refused_at(context.workflow, lora.model_name_at, message);
+    let file = match named_file {
+        Some(name) => dir.join(name),
+        None => guess_lora_file(&dir).map_err(refuse)?,
+    };
+    if !file.is_file() {
+        return Err(JobError::NotFound(format!(
+            "LoRA `{}`: no file {}",
+            lora.adapter_name,
+            file.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// diffusers' guess of a LoRA's file when no `weight_name` is given: the folder's one
+/// `.safetensors` file (leaving out schedulers', optimizers' and checkpoints'), or
+/// `pytorch_lora_weights.safetensors` among several.
+fn guess_lora_file(dir: &Path) -> Result<PathBuf, String> {
+    const PREFERRED: &str = "pytorch_lora_weights.safetensors";
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list the LoRA folder {}: {e}", dir.display()))?;
+    let mut files: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".safetensors"))
+        .filter(|name| {
+            !["scheduler", "optimizer", "checkpoint"]
+                .iter()
+                .any(|x| name.contains(x))
+        })
+        .collect();
+    files.sort();
+    if files.iter().any(|name| name == PREFERRED) {
+        return Ok(dir.join(PREFERRED));
+    }
+    match files.as_slice() {
+        [one] => Ok(dir.join(one)),
+        [] => Err(format!(
+            "{} holds no .safetensors LoRA file; name it with `weight_name`",
+            dir.display()
+        )),
+        several => Err(format!(
+            "{} holds several .safetensors files ({}); name one with `weight_name`",
+            dir.display(),
+            several.join(", ")
+        )),
+    }
 }
 
 /// Where a component comes from (the model it belongs to) and its folder: a component
@@ -351,7 +488,12 @@ pub fn load_pipeline(
     for (i, load) in plan.components.iter().enumerate() {
         before_each(i, count)?;
         let component = take(cache, load, device, user, counts).map_err(failed)?;
-        parts.insert(load.spec.name, component);
+        match &load.adapter {
+            Some((name, weight)) => parts
+                .add_adapter(name, *weight, component)
+                .map_err(failed)?,
+            None => parts.insert(load.spec.name, component),
+        }
     }
     family.assemble(parts).map_err(failed)
 }

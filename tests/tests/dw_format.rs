@@ -239,14 +239,15 @@ fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
 
     let lora = validate(
         &daemon,
-        &r#"{"id": "l", "steps": [{"name": "s", "pipeline": {PIPELINE,
-          "loras": [{"model_name": "x"}], "arguments": {"prompt": "x"}}}]}"#
-            .replace("PIPELINE", PIPELINE),
+        r#"{"id": "l", "steps": [{"name": "s", "pipeline": {
+          "configuration": {"component_type": "FluxPipeline"},
+          "from_pretrained_arguments": {"model_name": "black-forest-labs/FLUX.1-dev"},
+          "loras": [{"model_name": "x"}], "arguments": {"prompt": "x"}}}]}"#,
     );
     lora.assert_code(2);
     assert!(
         lora.stderr
-            .contains("`loras` is not supported: LoRA adapters are not built yet"),
+            .contains("`loras` on a FLUX.1 pipeline is not built yet"),
         "{}",
         lora.stderr
     );

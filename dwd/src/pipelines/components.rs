@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::flux::FluxTransformer;
+use super::lora::LoraAdapter;
 use super::stable_diffusion_3::Sd3Transformer;
 use super::{
     weight_files_variant, ClipTokenizer, PipelineError, T5Encoder, T5Tokenizer, TextEncoder, Unet,
@@ -20,6 +21,9 @@ use super::{
 
 /// A loaded component, as the cache holds it.
 pub type Loaded = Arc<dyn Any + Send + Sync>;
+
+/// The class name LoRA adapters are cached under.
+pub const LORA_CLASS: &str = "lora";
 
 /// How one component class is found on disk and loaded.
 pub struct ComponentLoader {
@@ -102,6 +106,19 @@ pub static LOADERS: &[ComponentLoader] = &[
                 dir, variant, dtype, device,
             )?))
         },
+    },
+    // A LoRA file (the loader's "folder" is the file itself), read as f32 on the CPU and
+    // placed on the device by each run that uses it.
+    ComponentLoader {
+        class: LORA_CLASS,
+        weighted: false,
+        files: |file, _| {
+            Ok(ComponentFiles {
+                all: vec![file.to_path_buf()],
+                weights: vec![file.to_path_buf()],
+            })
+        },
+        load: |file, _, _, _| Ok(Arc::new(LoraAdapter::load(file)?)),
     },
     ComponentLoader {
         class: "AutoencoderKL",

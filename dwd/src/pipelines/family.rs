@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use protocol::families::ModelIndex;
 use protocol::workflow::{Arguments, PipelineClass, SchedulerSpec};
 
+use super::lora::{Adapter, LoraAdapter};
 use super::noise::NoiseSource;
 use super::PipelineError;
 
@@ -136,6 +137,8 @@ pub struct Parts {
     pub device: Device,
     pub dtype: DType,
     components: HashMap<&'static str, Arc<dyn Any + Send + Sync>>,
+    /// The step's LoRAs, in `loras` order.
+    pub adapters: Vec<Adapter>,
 }
 
 impl Parts {
@@ -146,7 +149,26 @@ impl Parts {
             device,
             dtype,
             components: HashMap::new(),
+            adapters: Vec::new(),
         }
+    }
+
+    /// A LoRA loaded for the step, under its adapter name and at its weight.
+    pub fn add_adapter(
+        &mut self,
+        name: &str,
+        weight: f64,
+        lora: Arc<dyn Any + Send + Sync>,
+    ) -> Result<(), PipelineError> {
+        let lora = lora
+            .downcast::<LoraAdapter>()
+            .map_err(|_| PipelineError::invalid(name, "was not loaded as a LoRA"))?;
+        self.adapters.push(Adapter {
+            name: name.to_string(),
+            weight,
+            lora,
+        });
+        Ok(())
     }
 
     pub fn insert(&mut self, name: &'static str, component: Arc<dyn Any + Send + Sync>) {

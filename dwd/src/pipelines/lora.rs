@@ -21,17 +21,210 @@
 //! or without a leading `text_model.`, as diffusers matches them. A tensor of a layout
 //! not read here (DoRA's magnitudes, the old `lora.down` names, LoRA biases) and a module
 //! the model does not have are errors naming the key.
+//!
+//! **How adapters run.** As PEFT runs them: a low-rank branch beside the layer,
+//! `base(x) + w * scale * B(A(x))`, never merged into the weights, so the base model stays
+//! loaded and untouched and another set of LoRAs, or other weights, costs nothing but the
+//! branches. A pipeline builds the [`ActiveAdapters`] of one component for one run and runs
+//! that component's forward passes inside [`with_adapters`]; the layers
+//! (`ops::Linear`, `ops::Conv2d`) ask [`add_branches`] for the branches of their module
+//! name. Outside `with_adapters` (every run without LoRAs) they find none.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use serde_json::Value;
 
 use super::weights::{load_tensors, read_header, read_text_metadata};
 use super::{InComponent, PipelineError};
 
 const COMPONENT: &str = "lora";
+
+/// A LoRA as a run uses it: its file, the name it was loaded under and its weight
+/// (`set_adapters`' `adapter_weights`).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub name: String,
+    pub weight: f64,
+    pub lora: Arc<LoraAdapter>,
+}
+
+/// One low-rank branch of a layer, in the model's dtype and on its device.
+#[derive(Debug, Clone)]
+struct Branch {
+    down: Tensor,
+    up: Tensor,
+    /// The adapter's weight times its `alpha / rank` times the call's scale.
+    factor: f64,
+}
+
+/// The branches of one component's layers for one run, by the model's module names.
+#[derive(Debug, Default)]
+pub struct ActiveAdapters {
+    branches: HashMap<String, Vec<Branch>>,
+}
+
+impl ActiveAdapters {
+    /// The branches `adapters` put on `component` (whose modules are `modules`), each at
+    /// its adapter's weight times `scale` (the call's `cross_attention_kwargs` scale);
+    /// `None` when none of them adapts it.
+    pub fn build(
+        component: &str,
+        modules: &BTreeMap<String, Vec<usize>>,
+        adapters: &[Adapter],
+        scale: f64,
+        (dtype, device): (DType, &Device),
+    ) -> Result<Option<Arc<Self>>, PipelineError> {
+        let mut branches: HashMap<String, Vec<Branch>> = HashMap::new();
+        for adapter in adapters {
+            for target in adapter.lora.targets(component, modules)? {
+                let place = |t: &Tensor| t.to_device(device).and_then(|t| t.to_dtype(dtype));
+                let branch = Branch {
+                    down: place(&target.entry.down).in_component(COMPONENT)?,
+                    up: place(&target.entry.up).in_component(COMPONENT)?,
+                    factor: adapter.weight * target.entry.scale * scale,
+                };
+                branches
+                    .entry(target.module.to_string())
+                    .or_default()
+                    .push(branch);
+            }
+        }
+        Ok((!branches.is_empty()).then(|| Arc::new(Self { branches })))
+    }
+
+    /// How many layers carry a branch.
+    pub fn layers(&self) -> usize {
+        self.branches.len()
+    }
+}
+
+thread_local! {
+    /// The adapters of the component whose forward pass runs on this thread.
+    static ACTIVE: RefCell<Option<Arc<ActiveAdapters>>> = const { RefCell::new(None) };
+    /// While a model is built inside [`adaptable_modules`], the layers that apply
+    /// branches, by module name.
+    static BUILT: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Builds a model with `build` and names the layers in it that apply LoRA branches: a LoRA
+/// is matched only against those, so one that targets a layer dw does not adapt (a norm,
+/// an embedding) is refused instead of silently doing nothing.
+pub fn adaptable_modules<T>(build: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let previous = BUILT.with(|built| built.replace(Some(Vec::new())));
+    let model = build();
+    let modules = BUILT
+        .with(|built| built.replace(previous))
+        .unwrap_or_default();
+    (model, modules)
+}
+
+/// Called by each adaptable layer as it is built.
+pub(crate) fn register_adaptable(module: &str) {
+    BUILT.with(|built| {
+        if let Some(modules) = built.borrow_mut().as_mut() {
+            modules.push(module.to_string());
+        }
+    });
+}
+
+/// The shapes of `files`' modules that are among `adaptable`: what LoRAs are matched
+/// against.
+pub fn adaptable_shapes(
+    files: &[PathBuf],
+    adaptable: &[String],
+) -> Result<LoraModules, PipelineError> {
+    let mut shapes = module_shapes(files)?;
+    shapes.retain(|module, _| adaptable.contains(module));
+    Ok(shapes)
+}
+
+/// Runs `f` (a component's forward passes) with `adapters` active on this thread, and
+/// restores what was active before, also when `f` panics.
+pub fn with_adapters<R>(adapters: Option<&Arc<ActiveAdapters>>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Arc<ActiveAdapters>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            ACTIVE.with(|active| *active.borrow_mut() = previous);
+        }
+    }
+    let previous = ACTIVE.with(|active| active.replace(adapters.cloned()));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// candle-nn's linear layer, with the branches of any LoRA active on it (for the models
+/// built on candle-nn's layers, such as the CLIP text encoder).
+#[derive(Debug, Clone)]
+pub struct AdaptableLinear {
+    layer: candle_nn::Linear,
+    module: Arc<str>,
+}
+
+impl AdaptableLinear {
+    /// Loads `weight` and `bias` from `vb`, as `candle_nn::linear` does.
+    pub fn load(
+        in_features: usize,
+        out_features: usize,
+        vb: candle_nn::VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let module: Arc<str> = vb.prefix().into();
+        register_adaptable(&module);
+        Ok(Self {
+            layer: candle_nn::linear(in_features, out_features, vb)?,
+            module,
+        })
+    }
+}
+
+impl Module for AdaptableLinear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let ys = self.layer.forward(xs)?;
+        add_branches(&self.module, LayerKind::Linear, xs, ys)
+    }
+}
+
+/// How a layer applies its input: the branch's first matrix runs the same way.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerKind {
+    Linear,
+    Conv2d { stride: usize, padding: usize },
+}
+
+/// `output` plus the active branches of `module` applied to `input`: the output as it is
+/// when no adapter targets the module (or none is active).
+pub fn add_branches(
+    module: &str,
+    kind: LayerKind,
+    input: &Tensor,
+    output: Tensor,
+) -> candle_core::Result<Tensor> {
+    ACTIVE.with(|active| {
+        let active = active.borrow();
+        let Some(branches) = active.as_ref().and_then(|a| a.branches.get(module)) else {
+            return Ok(output);
+        };
+        let mut output = output;
+        for branch in branches {
+            let low = match kind {
+                LayerKind::Linear => {
+                    let down = candle_nn::Linear::new(branch.down.clone(), None);
+                    let up = candle_nn::Linear::new(branch.up.clone(), None);
+                    up.forward(&down.forward(&input.contiguous()?)?)?
+                }
+                LayerKind::Conv2d { stride, padding } => input
+                    .conv2d(&branch.down, padding, stride, 1, 1)?
+                    .conv2d(&branch.up, 0, 1, 1, 1)?,
+            };
+            output = (output + (low * branch.factor)?)?;
+        }
+        Ok(output)
+    })
+}
 
 /// PEFT's component prefixes, the longest first.
 const PEFT_COMPONENTS: &[&str] = &["text_encoder_2", "text_encoder", "unet", "transformer"];
@@ -199,9 +392,12 @@ impl LoraAdapter {
     }
 }
 
+/// A component's modules by name, with their weights' shapes.
+pub type LoraModules = BTreeMap<String, Vec<usize>>;
+
 /// Every module of a component's weight files with a `.weight`, and that weight's shape:
 /// what a LoRA's names are matched against.
-pub fn module_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>, PipelineError> {
+pub fn module_shapes(files: &[PathBuf]) -> Result<LoraModules, PipelineError> {
     let mut modules = BTreeMap::new();
     for file in files {
         let (_, entries) = read_header(file)?;

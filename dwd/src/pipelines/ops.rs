@@ -7,8 +7,12 @@
 //! Everywhere else, and as the reference the fast paths are tested against, they run on
 //! candle's own operations.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
+
+use super::lora::{self, LayerKind};
 
 /// A 2-D convolution with a square kernel, as diffusers' `nn.Conv2d` layers are.
 #[derive(Debug, Clone)]
@@ -19,6 +23,8 @@ pub struct Conv2d {
     kernel: usize,
     stride: usize,
     padding: usize,
+    /// Its module name (`up_blocks.0.attentions.1.proj_in`), for LoRA branches.
+    module: Arc<str>,
 }
 
 impl Conv2d {
@@ -39,15 +45,22 @@ impl Conv2d {
             kernel,
             stride,
             padding,
+            module: adaptable(&vb),
         })
     }
 
-    /// (batch, in_channels, height, width) to (batch, out_channels, height', width').
+    /// (batch, in_channels, height, width) to (batch, out_channels, height', width'), with
+    /// the branches of any LoRA active on it.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if runs_on_kernels(xs) {
-            return self.forward_kernels(xs);
-        }
-        self.forward_reference(xs)
+        let ys = match runs_on_kernels(xs) {
+            true => self.forward_kernels(xs)?,
+            false => self.forward_reference(xs)?,
+        };
+        let kind = LayerKind::Conv2d {
+            stride: self.stride,
+            padding: self.padding,
+        };
+        lora::add_branches(&self.module, kind, xs, ys)
     }
 
     /// candle's own convolution.
@@ -71,6 +84,14 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Conv2d::forward(self, xs)
     }
+}
+
+/// The module name of a layer built from `vb`, registered as one that applies LoRA
+/// branches.
+fn adaptable(vb: &VarBuilder) -> Arc<str> {
+    let module = vb.prefix();
+    lora::register_adaptable(&module);
+    module.into()
 }
 
 /// Group normalisation over (batch, channels, ...) with a per-channel scale and shift.
@@ -198,6 +219,8 @@ pub struct Linear {
     /// (out_features, in_features), as PyTorch stores it.
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Its module name (`encoder.layers.0.self_attn.q_proj`), for LoRA branches.
+    module: Arc<str>,
 }
 
 impl Linear {
@@ -214,18 +237,26 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            module: adaptable(&vb),
+        })
     }
 
+    /// The layer, with the branches of any LoRA active on it.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if runs_on_kernels(xs) {
-            let xs = xs.contiguous()?;
-            return match &self.bias {
-                Some(bias) => xs.apply_op3_no_bwd(&self.weight, bias, &LinearOp),
-                None => xs.apply_op2_no_bwd(&self.weight, &LinearOp),
-            };
-        }
-        self.forward_reference(xs)
+        let ys = match runs_on_kernels(xs) {
+            true => {
+                let xs = xs.contiguous()?;
+                match &self.bias {
+                    Some(bias) => xs.apply_op3_no_bwd(&self.weight, bias, &LinearOp)?,
+                    None => xs.apply_op2_no_bwd(&self.weight, &LinearOp)?,
+                }
+            }
+            false => self.forward_reference(xs)?,
+        };
+        lora::add_branches(&self.module, LayerKind::Linear, xs, ys)
     }
 
     /// candle-nn's linear layer.

@@ -11,11 +11,14 @@
 //! `text_model.` key prefix.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::{load_component, ops, ConfigJson, InComponent, PipelineError};
+use super::lora::{adaptable_modules, adaptable_shapes, AdaptableLinear, LoraModules};
+
+use super::{load_component, ops, weight_files_variant, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "text encoder";
 
@@ -95,10 +98,10 @@ impl TextEncoderConfig {
 
 #[derive(Debug)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: AdaptableLinear,
+    k_proj: AdaptableLinear,
+    v_proj: AdaptableLinear,
+    out_proj: AdaptableLinear,
     num_heads: usize,
     head_dim: usize,
 }
@@ -107,10 +110,10 @@ impl SelfAttention {
     fn new(vb: VarBuilder, config: &TextEncoderConfig) -> candle_core::Result<Self> {
         let size = config.hidden_size;
         Ok(Self {
-            q_proj: linear(size, size, vb.pp("q_proj"))?,
-            k_proj: linear(size, size, vb.pp("k_proj"))?,
-            v_proj: linear(size, size, vb.pp("v_proj"))?,
-            out_proj: linear(size, size, vb.pp("out_proj"))?,
+            q_proj: AdaptableLinear::load(size, size, vb.pp("q_proj"))?,
+            k_proj: AdaptableLinear::load(size, size, vb.pp("k_proj"))?,
+            v_proj: AdaptableLinear::load(size, size, vb.pp("v_proj"))?,
+            out_proj: AdaptableLinear::load(size, size, vb.pp("out_proj"))?,
             num_heads: config.num_attention_heads,
             head_dim: size / config.num_attention_heads,
         })
@@ -146,8 +149,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: AdaptableLinear,
+    fc2: AdaptableLinear,
     activation: HiddenActivation,
 }
 
@@ -159,8 +162,8 @@ impl EncoderLayer {
             layer_norm1: layer_norm(size, eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), config)?,
             layer_norm2: layer_norm(size, eps, vb.pp("layer_norm2"))?,
-            fc1: linear(size, config.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(config.intermediate_size, size, vb.pp("mlp").pp("fc2"))?,
+            fc1: AdaptableLinear::load(size, config.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: AdaptableLinear::load(config.intermediate_size, size, vb.pp("mlp").pp("fc2"))?,
             activation: config.hidden_act,
         })
     }
@@ -207,6 +210,8 @@ pub struct TextEncoder {
     dtype: DType,
     device: Device,
     bytes: u64,
+    /// Its weights' module names and shapes, which LoRAs are matched against.
+    modules: Arc<LoraModules>,
 }
 
 impl TextEncoder {
@@ -222,14 +227,19 @@ impl TextEncoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (mut encoder, bytes) = load_component(
-            dir,
-            (variant, dtype, device),
-            COMPONENT,
-            TextEncoderConfig::load,
-            Self::new,
-        )?;
+        let (loaded, adaptable) = adaptable_modules(|| {
+            load_component(
+                dir,
+                (variant, dtype, device),
+                COMPONENT,
+                TextEncoderConfig::load,
+                Self::new,
+            )
+        });
+        let (mut encoder, bytes) = loaded?;
         encoder.bytes = bytes;
+        let files = weight_files_variant(dir, variant)?;
+        encoder.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
         Ok(encoder)
     }
 
@@ -268,11 +278,23 @@ impl TextEncoder {
             device: vb.device().clone(),
             config,
             bytes: 0,
+            modules: Arc::default(),
         })
     }
 
     pub fn config(&self) -> &TextEncoderConfig {
         &self.config
+    }
+
+    /// The dtype its weights are in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Its layers' module names and weight shapes (empty when built from a `VarBuilder`
+    /// rather than loaded from files).
+    pub fn lora_modules(&self) -> &LoraModules {
+        &self.modules
     }
 
     /// Size of the weights in bytes.

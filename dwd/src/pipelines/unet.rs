@@ -17,6 +17,7 @@ pub mod model;
 pub mod resnet;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -26,7 +27,8 @@ pub use model::{
     BlockConfig, TextTime, TextTimeConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
 };
 
-use super::{load_component, ConfigJson, InComponent, PipelineError};
+use super::lora::{adaptable_modules, adaptable_shapes, LoraModules};
+use super::{load_component, weight_files_variant, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "unet";
 const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
@@ -282,6 +284,8 @@ pub struct Unet {
     model: UNet2DConditionModel,
     config: UnetConfig,
     bytes: u64,
+    /// Its weights' module names and shapes, which LoRAs are matched against.
+    modules: Arc<LoraModules>,
 }
 
 impl Unet {
@@ -297,14 +301,19 @@ impl Unet {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (mut unet, bytes) = load_component(
-            dir,
-            (variant, dtype, device),
-            COMPONENT,
-            UnetConfig::load,
-            Self::new,
-        )?;
+        let (loaded, adaptable) = adaptable_modules(|| {
+            load_component(
+                dir,
+                (variant, dtype, device),
+                COMPONENT,
+                UnetConfig::load,
+                Self::new,
+            )
+        });
+        let (mut unet, bytes) = loaded?;
         unet.bytes = bytes;
+        let files = weight_files_variant(dir, variant)?;
+        unet.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
         Ok(unet)
     }
 
@@ -315,7 +324,14 @@ impl Unet {
             model,
             config,
             bytes: 0,
+            modules: Arc::default(),
         })
+    }
+
+    /// Its layers' module names and weight shapes (empty when built from a `VarBuilder`
+    /// rather than loaded from files).
+    pub fn lora_modules(&self) -> &LoraModules {
+        &self.modules
     }
 
     /// The noise (or v) prediction for `latents` (batch, in_channels, h, w) at `timestep`,

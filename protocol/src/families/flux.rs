@@ -122,4 +122,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::FLOW_SCHEDULERS,
+    loras: false,
 };

@@ -111,6 +111,8 @@ pub struct Family {
     pub components: &'static [ComponentSpec],
     /// Scheduler classes its pipelines run.
     pub schedulers: &'static [&'static str],
+    /// Whether its pipelines take `loras` (LoRA adapters) yet.
+    pub loras: bool,
 }
 
 impl Family {
@@ -321,6 +323,16 @@ pub fn omitted_components(
         .filter(|c| index.listed(c.name) == Some(None))
         .map(|c| c.name)
         .collect()
+}
+
+/// Why `family` does not take `loras` yet.
+pub fn loras_refusal(family: &Family) -> String {
+    let taking: Vec<&str> = families().filter(|f| f.loras).map(|f| f.title).collect();
+    format!(
+        "`loras` on a {} pipeline is not built yet; LoRAs run on {} pipelines",
+        family.title,
+        taking.join(", ")
+    )
 }
 
 /// Whether `family`'s pipelines can run without the component `name`, as a workflow asks

@@ -18,6 +18,11 @@ const COMMON: &[ArgSpec] = &[
     guidance_scale(7.5),
     NUM_IMAGES_PER_PROMPT,
     OUTPUT_TYPE,
+    ArgSpec::new(
+        "cross_attention_kwargs",
+        ArgType::AttentionScale,
+        ArgDefault::Unset,
+    ),
 ];
 
 /// Only text to image.
@@ -59,4 +64,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::NOISE_SCHEDULERS,
+    loras: true,
 };

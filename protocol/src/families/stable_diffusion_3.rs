@@ -120,4 +120,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::FLOW_SCHEDULERS,
+    loras: false,
 };

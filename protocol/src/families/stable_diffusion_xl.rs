@@ -87,4 +87,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::NOISE_SCHEDULERS,
+    loras: false,
 };

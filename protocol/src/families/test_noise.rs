@@ -42,4 +42,5 @@ pub static FAMILY: Family = Family {
     folder_classes: &["DwTestNoisePipeline"],
     components: &[],
     schedulers: &[],
+    loras: false,
 };

@@ -41,6 +41,9 @@ pub enum ArgType {
     /// A list of 1 to `max_len` whole numbers from `min` to `max` (SD 3's
     /// `skip_guidance_layers`).
     Integers { min: u64, max: u64, max_len: usize },
+    /// diffusers' `cross_attention_kwargs` / `joint_attention_kwargs` as workflows use
+    /// them: `{"scale": s}`, the factor on every active LoRA's weight, read as a number.
+    AttentionScale,
 }
 
 impl ArgType {
@@ -345,7 +348,25 @@ fn typed(spec: &ArgSpec, value: &Value) -> Result<ArgValue, ArgumentError> {
         ArgType::Integers { min, max, max_len } => {
             ArgValue::Integers(integers(name, value, (min, max), max_len)?)
         }
+        ArgType::AttentionScale => ArgValue::Number(attention_scale(name, value)?),
     })
+}
+
+/// `{"scale": s}`: the one key dw reads of diffusers' attention kwargs.
+fn attention_scale(name: &str, value: &Value) -> Result<f64, ArgumentError> {
+    let Value::Object(map) = value else {
+        return Err(err(
+            name,
+            format!("`{name}` must be an object such as {{\"scale\": 0.6}}, found {value}"),
+        ));
+    };
+    if let Some(other) = map.keys().find(|k| k.as_str() != "scale") {
+        return Err(err(name, format!("`{name}` key `{other}` is not read: dw reads only `scale`, the factor on the LoRAs' weights")));
+    }
+    match map.get("scale") {
+        Some(scale) => number(name, scale, f64::MIN, f64::MAX),
+        None => Ok(1.0),
+    }
 }
 
 /// An absent argument's default, or the error for a required one.

@@ -202,7 +202,26 @@ pub struct PipelineStep {
     pub components: Vec<ComponentSource>,
     /// Components `from_pretrained_arguments` sets to null, to run without.
     pub omitted_components: Vec<OmittedComponent>,
+    /// `loras`, in list order.
+    pub loras: Vec<LoraSpec>,
     pub options: PipelineOptions,
+}
+
+/// One LoRA of a pipeline's `loras` list, as diffusers-workflow's `load_loras` reads it:
+/// `load_lora_weights(model_name, adapter_name=..., weight_name=..., subfolder=...)`, then
+/// `set_adapters(names, adapter_weights=scales)` for the whole list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// A folder (relative to the workflow file), a `.safetensors` file, or a hub id.
+    pub model_name: String,
+    pub model_name_at: Position,
+    /// The file in that folder; diffusers' guess when absent.
+    pub weight_name: Option<String>,
+    pub subfolder: Option<String>,
+    /// `adapter_name`, else the LoRA's index in the list (`"0"`, `"1"`, ...).
+    pub adapter_name: String,
+    /// `scale` (the adapter's weight), default 1.0.
+    pub scale: f64,
 }
 
 /// A component a pipeline is loaded without (`"text_encoder_3": null` in its

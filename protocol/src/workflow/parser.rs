@@ -13,8 +13,8 @@ use super::results::{content_type_refusal, extension_for, ResultSpec};
 use super::schema::{self, Level, Remark};
 use super::variables::{self, type_name, Given};
 use super::{
-    sha256_hex, Action, ChildWorkflow, ComponentSource, Note, OmittedComponent, PipelineStep,
-    ReferenceStep, SchedulerSpec, Step, TaskStep, Workflow, WorkflowError,
+    sha256_hex, Action, ChildWorkflow, ComponentSource, LoraSpec, Note, OmittedComponent,
+    PipelineStep, ReferenceStep, SchedulerSpec, Step, TaskStep, Workflow, WorkflowError,
 };
 use crate::families::{self, PipelineClass};
 
@@ -489,6 +489,7 @@ impl<'a> Parser<'a> {
         .concat();
         let reused_components = self.reused(pipeline, configuration, pointer, earlier)?;
         let components = self.components(class, pipeline, pointer, &model.torch_dtype)?;
+        let loras = self.loras(pipeline.get("loras"), pointer, &component_type, class)?;
         Ok(PipelineStep {
             component_type,
             class,
@@ -504,6 +505,7 @@ impl<'a> Parser<'a> {
             reused_components,
             components,
             omitted_components,
+            loras,
             options,
         })
     }
@@ -720,6 +722,120 @@ impl<'a> Parser<'a> {
             torch_dtype,
             variant,
             subfolder,
+        })
+    }
+
+    /// The `loras` list: each LoRA's file, name and weight, as diffusers-workflow reads
+    /// them (`adapter_name` defaults to the index, `scale` to 1.0 and may be a number
+    /// written as text, as Python's `float()` takes it). A family without LoRAs yet is
+    /// refused here when the class is known, else once its folder says which it is.
+    fn loras(
+        &mut self,
+        value: Option<&Value>,
+        pointer: &str,
+        component_type: &str,
+        class: &PipelineClass,
+    ) -> Parsed<Vec<LoraSpec>> {
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        let at = format!("{pointer}/loras");
+        let Value::Array(items) = value else {
+            return Err(self.at_value(
+                &at,
+                format!(
+                    "`loras` must be a list of LoRAs, each {{\"model_name\": ...}}, found {}",
+                    type_name(value)
+                ),
+            ));
+        };
+        if items.len() > MAX_LORAS {
+            return Err(self.at_value(
+                &at,
+                format!(
+                    "`loras` lists {} LoRAs; at most {MAX_LORAS} run on one pipeline",
+                    items.len()
+                ),
+            ));
+        }
+        if !items.is_empty() && !families::is_auto_class(component_type) {
+            if let Some(family) = families::family(class.family).filter(|f| !f.loras) {
+                return Err(self.at_key(&at, families::loras_refusal(family)));
+            }
+        }
+        let mut loras: Vec<LoraSpec> = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let lora = self.lora(item, &format!("{at}/{index}"), index)?;
+            if let Some(first) = loras
+                .iter()
+                .position(|l| l.adapter_name == lora.adapter_name)
+            {
+                return Err(self.at_value(
+                    &format!("{at}/{index}/adapter_name"),
+                    format!("adapter name `{}` is already LoRA {first}'s; diffusers refuses a name twice", lora.adapter_name),
+                ));
+            }
+            loras.push(lora);
+        }
+        Ok(loras)
+    }
+
+    /// One entry of `loras`.
+    fn lora(&mut self, value: &Value, at: &str, index: usize) -> Parsed<LoraSpec> {
+        let object = self.object(value, at, "a LoRA")?;
+        self.check(&schema::LORA, object, at)?;
+        let model_name = self.required(
+            object,
+            at,
+            "model_name",
+            "it names the LoRA's folder, file or hub id",
+        )?;
+        let model_name = self.string(model_name, &format!("{at}/model_name"), "model_name")?;
+        let inner = |parser: &Self, key: &str| -> Parsed<Option<String>> {
+            match object.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() && !s.contains("..") && !s.starts_with('/') => Ok(Some(s.clone())),
+                Some(other) => Err(parser.at_value(&format!("{at}/{key}"), format!("`{key}` must name a file or folder inside the LoRA's folder, found {other}"))),
+            }
+        };
+        let weight_name = inner(self, "weight_name")?;
+        let subfolder = inner(self, "subfolder")?;
+        let adapter_name = match object.get("adapter_name") {
+            None | Some(Value::Null) => index.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(other) => {
+                return Err(self.at_value(
+                    &format!("{at}/adapter_name"),
+                    format!("`adapter_name` must be a non-empty string, found {other}"),
+                ))
+            }
+        };
+        let scale = match object.get("scale") {
+            None | Some(Value::Null) => 1.0,
+            Some(value) => self.lora_scale(value, &format!("{at}/scale"))?,
+        };
+        Ok(LoraSpec {
+            model_name,
+            model_name_at: self.positions.value(&format!("{at}/model_name")),
+            weight_name,
+            subfolder,
+            adapter_name,
+            scale,
+        })
+    }
+
+    /// A LoRA's `scale`: a finite number, or text Python's `float()` reads as one.
+    fn lora_scale(&self, value: &Value, at: &str) -> Parsed<f64> {
+        let number = match value {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        };
+        number.filter(|n| n.is_finite()).ok_or_else(|| {
+            self.at_value(
+                at,
+                format!("`scale` must be a finite number (or text of one), found {value}"),
+            )
         })
     }
 
@@ -1134,6 +1250,10 @@ impl<'a> Parser<'a> {
         Ok(spec)
     }
 }
+
+/// The most LoRAs one pipeline takes: each is a cached component and a branch on every
+/// layer it targets.
+const MAX_LORAS: usize = 16;
 
 /// What `from_pretrained_arguments` says about where and how to load.
 struct ModelSource {

@@ -161,10 +161,7 @@ pub const PIPELINE: Level = Level {
         done("feature_extractor"),
         done("prompt_enhancer_head"),
         refused("controlnet", "ControlNet models are not built"),
-        refused(
-            "loras",
-            "LoRA adapters are not built yet; run the workflow without them",
-        ),
+        done("loras"),
         refused("ip_adapter", "IP-Adapter image prompts are not built"),
         done("from_pretrained_arguments"),
         refused(
@@ -309,6 +306,22 @@ pub const FROM_PRETRAINED: Level = Level {
     closed: false,
 };
 
+pub const LORA: Level = Level {
+    path: "steps[].pipeline.loras[]",
+    keys: &[
+        done("model_name"),
+        done("weight_name"),
+        done("subfolder"),
+        done("adapter_name"),
+        done("scale"),
+        refused(
+            "revision",
+            "dw reads the snapshot the hub cache's refs/main names and never downloads",
+        ),
+    ],
+    closed: false,
+};
+
 pub const SCHEDULER: Level = Level {
     path: "steps[].pipeline.scheduler",
     keys: &[
@@ -380,6 +393,7 @@ pub const LEVELS: &[&Level] = &[
     &COMPONENT,
     &COMPONENT_CONFIGURATION,
     &FROM_PRETRAINED,
+    &LORA,
     &SCHEDULER,
     &SCHEDULER_CONFIGURATION,
     &RESULT,

@@ -455,6 +455,8 @@ const EVERY_KEY: &str = r#"{
        "from_pretrained_arguments": {"model_name": "m", "torch_dtype": "torch.float32",
          "variant": null, "use_safetensors": true, "safety_checker": null,
          "requires_safety_checker": false},
+       "loras": [{"model_name": "lora", "weight_name": "l.safetensors", "subfolder": "s",
+                  "adapter_name": "style", "scale": "0.5"}],
        "seed": 3,
        "arguments": {"prompt": "variable:p"}
      },
@@ -486,6 +488,7 @@ fn level_pointers(level: &schema::Level) -> &'static [&'static str] {
             "/steps/0/pipeline/from_pretrained_arguments",
             "/steps/0/pipeline/vae/from_pretrained_arguments",
         ],
+        "steps[].pipeline.loras[]" => &["/steps/0/pipeline/loras/0"],
         "steps[].pipeline.scheduler" => &["/steps/0/pipeline/scheduler"],
         "steps[].pipeline.scheduler.configuration" => {
             &["/steps/0/pipeline/scheduler/configuration"]
@@ -769,4 +772,72 @@ fn null_components_in_from_pretrained_arguments_are_left_out_or_refused_by_name(
     );
     let wf = parse(&flow("DiffusionPipeline", r#""text_encoder_3": null"#), &[]).unwrap();
     assert_eq!(wf.steps[0].pipeline().unwrap().omitted_components.len(), 1);
+}
+
+/// diffusers-workflow's `load_loras`: `adapter_name` defaults to the index, `scale` to 1.0
+/// and goes through `float()` (a `variable:` may give text); a name used twice, a scale
+/// that is no number and a family without LoRAs are refused by name.
+#[test]
+fn loras_are_read_as_diffusers_workflow_reads_them() {
+    let flow = |class: &str, loras: &str| {
+        format!(
+            r#"{{"id": "a", "variables": {{"s": "0.25"}}, "steps": [{{"name": "s", "pipeline": {{
+            "configuration": {{"component_type": "{class}"}},
+            "from_pretrained_arguments": {{"model_name": "m"}},
+            "loras": {loras},
+            "arguments": {{"prompt": "a"}}}}}}]}}"#
+        )
+    };
+    let wf = parse(
+        &flow(
+            "StableDiffusionPipeline",
+            r#"[{"model_name": "a/b"}, {"model_name": "c", "scale": "variable:s", "adapter_name": "x"}]"#,
+        ),
+        &[],
+    )
+    .unwrap();
+    let loras = &wf.steps[0].pipeline().unwrap().loras;
+    assert_eq!(loras.len(), 2);
+    assert_eq!((loras[0].adapter_name.as_str(), loras[0].scale), ("0", 1.0));
+    assert_eq!(
+        (loras[1].adapter_name.as_str(), loras[1].scale),
+        ("x", 0.25)
+    );
+    assert_eq!(loras[0].model_name_at.line, 4);
+
+    let e = error(
+        &flow(
+            "StableDiffusionPipeline",
+            r#"[{"model_name": "a", "adapter_name": "1"}, {"model_name": "b"}]"#,
+        ),
+        &[],
+    );
+    // The second one's name defaults to its index, "1": the first one's.
+    assert!(e.contains("adapter name `1` is already LoRA 0's"), "{e}");
+    let e = error(
+        &flow(
+            "StableDiffusionPipeline",
+            r#"[{"model_name": "a", "scale": "big"}]"#,
+        ),
+        &[],
+    );
+    assert!(e.contains("`scale` must be a finite number"), "{e}");
+    let e = error(
+        &flow("StableDiffusionPipeline", r#"[{"weight_name": "a"}]"#),
+        &[],
+    );
+    assert!(e.contains("missing `model_name`"), "{e}");
+    let e = error(
+        &flow("StableDiffusion3Pipeline", r#"[{"model_name": "a"}]"#),
+        &[],
+    );
+    assert!(
+        e.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion pipelines"),
+        "{e}"
+    );
+    let e = error(
+        &flow("StableDiffusionPipeline", r#"{"model_name": "a"}"#),
+        &[],
+    );
+    assert!(e.contains("`loras` must be a list of LoRAs"), "{e}");
 }

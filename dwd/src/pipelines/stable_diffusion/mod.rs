@@ -33,6 +33,7 @@ impl Family for StableDiffusion {
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
             device: parts.device.clone(),
             dtype: parts.dtype,
+            adapters: parts.adapters,
         }))
     }
 }
@@ -77,5 +78,6 @@ fn generate_args(request: &Request) -> GenerateArgs {
         output_latents: arguments.output_type() == OutputType::Latent,
         vae_slicing: request.vae_slicing,
         vae_tiling: request.vae_tiling,
+        lora_scale: request.number("cross_attention_kwargs", defaults.lora_scale),
     }
 }

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::pipelines::diffusion::{self, DecodeOptions, RunShape};
 use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
 use crate::pipelines::torch_rng::TorchCpuGenerator;
@@ -39,6 +40,8 @@ pub struct StableDiffusionPipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// LoRAs, run as branches beside the text encoder's and the UNet's layers.
+    pub adapters: Vec<Adapter>,
 }
 
 /// One text-to-image or image-to-image request.
@@ -76,6 +79,8 @@ pub struct GenerateArgs {
     pub vae_slicing: bool,
     /// Decode in overlapping tiles (diffusers' `enable_tiling`), so large images fit.
     pub vae_tiling: bool,
+    /// `cross_attention_kwargs={"scale": s}`: the factor on every LoRA's weight.
+    pub lora_scale: f64,
 }
 
 impl Default for GenerateArgs {
@@ -97,6 +102,7 @@ impl Default for GenerateArgs {
             output_latents: false,
             vae_slicing: false,
             vae_tiling: false,
+            lora_scale: 1.0,
         }
     }
 }
@@ -125,6 +131,7 @@ impl StableDiffusionPipeline {
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
             device: device.clone(),
             dtype,
+            adapters: Vec::new(),
         })
     }
 
@@ -238,7 +245,10 @@ impl StableDiffusionPipeline {
         };
         diffusion::report_phase(on_progress, Phase::Encoding)?;
         let guided = args.guidance_scale > 1.0;
-        let text_embeddings = self.encode_prompts(args, guided)?;
+        let adapters = self.active_adapters(args.lora_scale)?;
+        let text_embeddings = lora::with_adapters(adapters.text_encoder.as_ref(), || {
+            self.encode_prompts(args, guided)
+        })?;
         let latents = match (initial_latents, &args.init_image) {
             (Some(initial), _) => (initial * scheduler.init_noise_sigma())
                 .and_then(|latents| latents.to_device(&self.device))
@@ -259,6 +269,7 @@ impl StableDiffusionPipeline {
             first_step,
             text_embeddings: &text_embeddings,
             guidance_scale: args.guidance_scale,
+            adapters: adapters.unet.as_ref(),
         };
         let latents = self.denoise(denoising, latents, noise, on_progress)?;
         if args.output_latents {
@@ -300,11 +311,12 @@ impl StableDiffusionPipeline {
                 .scale_model_input(model_input, step_index)?
                 .to_dtype(self.dtype)
                 .in_component(COMPONENT)?;
-            let prediction = self
-                .unet
-                .forward(&model_input, timestep, run.text_embeddings)?
-                .to_dtype(DType::F32)
-                .in_component(COMPONENT)?;
+            let prediction = lora::with_adapters(run.adapters, || {
+                self.unet
+                    .forward(&model_input, timestep, run.text_embeddings)
+            })?
+            .to_dtype(DType::F32)
+            .in_component(COMPONENT)?;
             let prediction = match guided {
                 true => {
                     diffusion::apply_guidance(&prediction, run.guidance_scale)
@@ -405,6 +417,29 @@ impl StableDiffusionPipeline {
         scheduler.add_noise(&encoded, &added_noise, first_step)
     }
 
+    /// The LoRA branches of this run on the text encoder and on the UNet, each adapter at
+    /// its weight times `scale`.
+    fn active_adapters(&self, scale: f64) -> Result<SdAdapters, PipelineError> {
+        let place = (self.dtype, &self.device);
+        let text_encoder_dtype = (self.text_encoder.dtype(), &self.device);
+        Ok(SdAdapters {
+            text_encoder: ActiveAdapters::build(
+                "text_encoder",
+                self.text_encoder.lora_modules(),
+                &self.adapters,
+                scale,
+                text_encoder_dtype,
+            )?,
+            unet: ActiveAdapters::build(
+                "unet",
+                self.unet.lora_modules(),
+                &self.adapters,
+                scale,
+                place,
+            )?,
+        })
+    }
+
     /// Text embeddings in UNet batch order: with guidance, all negative rows first, then all
     /// prompt rows; each prompt repeated `num_images_per_prompt` times in a row.
     fn encode_prompts(&self, args: &GenerateArgs, guided: bool) -> Result<Tensor, PipelineError> {
@@ -432,6 +467,14 @@ struct Denoising<'a> {
     /// In UNet batch order: negative rows first when guided.
     text_embeddings: &'a Tensor,
     guidance_scale: f64,
+    /// The UNet's LoRA branches for this run.
+    adapters: Option<&'a Arc<ActiveAdapters>>,
+}
+
+/// A run's LoRA branches, per component.
+struct SdAdapters {
+    text_encoder: Option<Arc<ActiveAdapters>>,
+    unet: Option<Arc<ActiveAdapters>>,
 }
 
 /// f32 images (N, 3, H, W) in [0, 1] to 8-bit RGB, rounding as diffusers does

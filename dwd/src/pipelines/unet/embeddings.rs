@@ -3,7 +3,9 @@
 //! output every ResNet block adds to its features.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::pipelines::lora::AdaptableLinear;
 
 /// Sinusoidal features of a timestep: `channels / 2` frequencies from 1 down to 1/10000,
 /// as cosines then sines (`flip_sin_to_cos`) or sines then cosines.
@@ -61,15 +63,15 @@ impl Timesteps {
 /// take (4 × the first block's channels wide).
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: AdaptableLinear,
+    linear_2: AdaptableLinear,
 }
 
 impl TimestepEmbedding {
     pub fn load(vb: VarBuilder, in_channels: usize, embedding_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: linear(in_channels, embedding_dim, vb.pp("linear_1"))?,
-            linear_2: linear(embedding_dim, embedding_dim, vb.pp("linear_2"))?,
+            linear_1: AdaptableLinear::load(in_channels, embedding_dim, vb.pp("linear_1"))?,
+            linear_2: AdaptableLinear::load(embedding_dim, embedding_dim, vb.pp("linear_2"))?,
         })
     }
 

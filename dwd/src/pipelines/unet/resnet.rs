@@ -6,7 +6,9 @@
 //! ([`ResnetBlock2D::load_without_time_embedding`]).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::pipelines::lora::AdaptableLinear;
 
 use crate::pipelines::ops::{Conv2d, GroupNorm};
 
@@ -29,7 +31,7 @@ pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
     /// `None` in a block without a time embedding (the VAE's).
-    time_emb_proj: Option<Linear>,
+    time_emb_proj: Option<AdaptableLinear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -38,7 +40,7 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub fn load(vb: VarBuilder, config: ResnetConfig) -> Result<Self> {
-        let time_emb_proj = linear(
+        let time_emb_proj = AdaptableLinear::load(
             config.temb_channels,
             config.out_channels,
             vb.pp("time_emb_proj"),
@@ -56,7 +58,7 @@ impl ResnetBlock2D {
     fn load_with(
         vb: VarBuilder,
         config: ResnetConfig,
-        time_emb_proj: Option<Linear>,
+        time_emb_proj: Option<AdaptableLinear>,
     ) -> Result<Self> {
         let ResnetConfig {
             in_channels,
