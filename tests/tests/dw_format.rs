@@ -240,14 +240,14 @@ fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
     let lora = validate(
         &daemon,
         r#"{"id": "l", "steps": [{"name": "s", "pipeline": {
-          "configuration": {"component_type": "FluxPipeline"},
-          "from_pretrained_arguments": {"model_name": "black-forest-labs/FLUX.1-dev"},
+          "configuration": {"component_type": "StableDiffusion3Pipeline"},
+          "from_pretrained_arguments": {"model_name": "stabilityai/stable-diffusion-3.5-medium"},
           "loras": [{"model_name": "x"}], "arguments": {"prompt": "x"}}}]}"#,
     );
     lora.assert_code(2);
     assert!(
         lora.stderr
-            .contains("`loras` on a FLUX.1 pipeline is not built yet"),
+            .contains("`loras` on a Stable Diffusion 3 pipeline is not built yet"),
         "{}",
         lora.stderr
     );

@@ -3,8 +3,9 @@
 //! through `dwctl run` and the real daemon on `tests/fixtures/tiny-sd15-lora`: two
 //! adapters, one adapter at another weight, the kohya file and `cross_attention_kwargs`
 //! give diffusers' images within one level; a LoRA is a cached component of its own, so
-//! changing only weights loads nothing and the base image comes back bit for bit; a family
-//! without LoRAs yet refuses them by name.
+//! changing only weights loads nothing and the base image comes back bit for bit; the FLUX
+//! LoRA (`tests/fixtures/tiny-flux-lora`) likewise; a family without LoRAs yet refuses them
+//! by name.
 
 use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
 
@@ -160,25 +161,85 @@ fn lora_mistakes_are_refused_by_name() {
         "{text}"
     );
 
-    let flux = daemon.dwctl(&[
-        "validate",
-        repo_root()
-            .join("examples/tiny-flux-dev.json")
-            .to_str()
-            .unwrap(),
-    ]);
-    flux.assert_code(0);
-    let text = dw_tests::example_text("tiny-flux-dev.json").replace(
+    let text = dw_tests::example_text("tiny-sdxl-reference.json").replace(
         "\"from_pretrained_arguments\"",
         "\"loras\": [{\"model_name\": \"x\"}], \"from_pretrained_arguments\"",
     );
-    let workflow = daemon.dir.path().join("flux-lora.json");
+    let workflow = daemon.dir.path().join("sdxl-lora.json");
     std::fs::write(&workflow, text).unwrap();
     let refused = daemon.dwctl(&["validate", workflow.to_str().unwrap()]);
     assert_eq!(refused.code, 2);
     assert!(
-        refused.stderr.contains("`loras` on a FLUX.1 pipeline is not built yet; LoRAs run on Stable Diffusion pipelines"),
+        refused.stderr.contains("`loras` on a Stable Diffusion XL pipeline is not built yet; LoRAs run on Stable Diffusion, FLUX.1 pipelines"),
         "{}",
         refused.stderr
+    );
+}
+
+/// FLUX.1-dev-style workflow with a PEFT LoRA on the transformer: weight 1.0, then 0.5
+/// (nothing loads), then `joint_attention_kwargs` over 1.0, each diffusers' image.
+#[test]
+fn a_flux_lora_gives_diffusers_images_at_each_weight() {
+    let daemon = TestDaemon::new();
+    let text = dw_tests::example_text("tiny-flux-lora.json");
+    let workflow = daemon.dir.path().join("flux-lora.json");
+    std::fs::write(&workflow, &text).unwrap();
+    let out = daemon.output_dir();
+    let flux_run = |overrides: &[&str]| {
+        let mut args = vec![
+            "run",
+            workflow.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(overrides);
+        daemon.dwctl(&args)
+    };
+    let flux_fixture =
+        |case: &str| repo_root().join(format!("tests/fixtures/tiny-flux-lora/expected_{case}.png"));
+    let full = flux_run(&[]);
+    assert!(max_level_difference(&pixels(&full), &png_pixels(&flux_fixture("a")).2) <= 1);
+    // Six pipeline components and the LoRA.
+    assert_eq!(misses(&full), 7, "{}", full.stdout);
+    let half = flux_run(&["lora_scale=0.5"]);
+    assert!(max_level_difference(&pixels(&half), &png_pixels(&flux_fixture("a_scaled")).2) <= 1);
+    assert_eq!(misses(&half), 0);
+    std::fs::write(
+        &workflow,
+        text.replace(
+            "\"guidance_scale\": 3.5,",
+            "\"guidance_scale\": 3.5, \"joint_attention_kwargs\": {\"scale\": 0.5},",
+        ),
+    )
+    .unwrap();
+    let kwarg = flux_run(&[]);
+    assert!(max_level_difference(&pixels(&kwarg), &png_pixels(&flux_fixture("a_scaled")).2) <= 1);
+}
+
+/// An SD 1.5 LoRA on a FLUX pipeline: its UNet tensors would load and do nothing, so the
+/// run is refused naming the LoRA and the component.
+#[test]
+fn a_lora_for_another_family_is_refused_by_component() {
+    let daemon = TestDaemon::new();
+    let text = dw_tests::example_text("tiny-flux-lora.json")
+        .replace("tiny-flux-lora/peft", "tiny-sd15-lora/peft");
+    let workflow = daemon.dir.path().join("wrong-lora.json");
+    std::fs::write(&workflow, text).unwrap();
+    let out = daemon.output_dir();
+    let run = daemon.dwctl(&[
+        "run",
+        workflow.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("LoRA `style`")
+            && run
+                .stderr
+                .contains("adapts `unet`, which a FLUX.1 pipeline does not adapt"),
+        "{}",
+        run.stderr
     );
 }

@@ -52,6 +52,34 @@ pub struct Adapter {
     pub lora: Arc<LoraAdapter>,
 }
 
+/// Refuses an adapter with tensors for a component the pipeline does not adapt (`adapted`,
+/// by the pipeline's component names): they would load and do nothing.
+pub fn check_components(
+    adapters: &[Adapter],
+    adapted: &[&str],
+    pipeline: &str,
+) -> Result<(), PipelineError> {
+    for adapter in adapters {
+        if let Some(other) = adapter
+            .lora
+            .components()
+            .into_iter()
+            .find(|c| !adapted.contains(c))
+        {
+            return Err(PipelineError::invalid(
+                "loras",
+                format!(
+                    "LoRA `{}` ({}) adapts `{other}`, which a {pipeline} pipeline does not adapt; it adapts {}",
+                    adapter.name,
+                    adapter.lora.path.display(),
+                    adapted.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One low-rank branch of a layer, in the model's dtype and on its device.
 #[derive(Debug, Clone)]
 struct Branch {

@@ -22,6 +22,11 @@ pub const MAX_SEQUENCE_LENGTH: u64 = 512;
 const PROMPTS: &[ArgSpec] = &[
     PROMPT,
     ArgSpec::new("prompt_2", ArgType::Text, ArgDefault::Unset),
+    ArgSpec::new(
+        "joint_attention_kwargs",
+        ArgType::AttentionScale,
+        ArgDefault::Unset,
+    ),
 ];
 
 /// True classifier-free guidance (text to image and image to image).
@@ -122,5 +127,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::FLOW_SCHEDULERS,
-    loras: false,
+    loras: true,
 };

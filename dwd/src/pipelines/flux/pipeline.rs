@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use super::transformer::{FluxInputs, FluxTransformer};
 use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{
     calculate_shift, first_kept_step, linspace, FlowMatchEulerDiscreteScheduler, FlowSchedule,
@@ -52,6 +53,8 @@ pub struct FluxPipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// LoRAs, run as branches beside CLIP's and the transformer's layers.
+    pub adapters: Vec<Adapter>,
 }
 
 /// One request, with diffusers' defaults filled in by the caller.
@@ -84,6 +87,8 @@ pub struct FluxArgs {
     pub scheduler_overrides: Map<String, Value>,
     pub output_latents: bool,
     pub decode: DecodeOptions,
+    /// `joint_attention_kwargs={"scale": s}`: the factor on every LoRA's weight.
+    pub lora_scale: f64,
 }
 
 impl Default for FluxArgs {
@@ -108,6 +113,7 @@ impl Default for FluxArgs {
             scheduler_overrides: Map::new(),
             output_latents: false,
             decode: DecodeOptions::default(),
+            lora_scale: 1.0,
         }
     }
 }
@@ -225,10 +231,11 @@ impl FluxPipeline {
         let guidance = self.embedded_guidance(args, notice);
         let true_cfg = self.true_cfg(args, notice);
         diffusion::report_phase(on_progress, Phase::Encoding)?;
+        let adapters = self.active_adapters(args.lora_scale)?;
         let texts = (args.prompts.as_slice(), args.prompt_2.as_deref());
-        let positive = self.encode(texts, args, notice)?;
+        let positive = self.encode(texts, (args, &adapters), notice)?;
         let negative = match true_cfg {
-            true => Some(self.encode_negative(args, notice)?),
+            true => Some(self.encode_negative((args, &adapters), notice)?),
             false => None,
         };
         let (mut scheduler, first) = self.scheduler(args, shape)?;
@@ -250,6 +257,7 @@ impl FluxPipeline {
             condition: condition.as_ref(),
             txt_ids: vec![[0.0; 3]; args.max_sequence_length],
             img_ids: shape.image_ids(),
+            adapters: adapters.transformer.as_ref(),
         };
         let latents = self.denoise((&mut scheduler, first), &calls, latents, noise, on_progress)?;
         if args.output_latents {
@@ -392,7 +400,7 @@ impl FluxPipeline {
     fn encode(
         &self,
         (prompts, prompt_2): (&[String], Option<&str>),
-        args: &FluxArgs,
+        (args, adapters): (&FluxArgs, &FluxAdapters),
         notice: &mut dyn FnMut(String),
     ) -> Result<Conditioning, PipelineError> {
         self.notice_truncation(prompts, prompt_2, args, notice)?;
@@ -400,7 +408,10 @@ impl FluxPipeline {
             .iter()
             .map(|p| self.tokenizer.encode_padded(p, CLIP_MAX_LENGTH))
             .collect::<Result<Vec<_>, _>>()?;
-        let pooled = self.text_encoder.encode_all(&clip_ids)?.pooled;
+        let pooled = lora::with_adapters(adapters.text_encoder.as_ref(), || {
+            self.text_encoder.encode_all(&clip_ids)
+        })?
+        .pooled;
         let t5_ids = t5_prompts(prompts, prompt_2)
             .iter()
             .map(|p| self.tokenizer_2.encode_padded(p, args.max_sequence_length))
@@ -419,13 +430,34 @@ impl FluxPipeline {
     /// The negative prompt's conditioning, one per prompt as diffusers repeats it.
     fn encode_negative(
         &self,
-        args: &FluxArgs,
+        (args, adapters): (&FluxArgs, &FluxAdapters),
         notice: &mut dyn FnMut(String),
     ) -> Result<Conditioning, PipelineError> {
         let negative = args.negative_prompt.clone().unwrap_or_default();
         let negatives = vec![negative; args.prompts.len()];
         let texts = (negatives.as_slice(), args.negative_prompt_2.as_deref());
-        self.encode(texts, args, notice)
+        self.encode(texts, (args, adapters), notice)
+    }
+
+    /// The LoRA branches of this run on CLIP and on the transformer, each adapter at its
+    /// weight times `scale`.
+    fn active_adapters(&self, scale: f64) -> Result<FluxAdapters, PipelineError> {
+        Ok(FluxAdapters {
+            text_encoder: ActiveAdapters::build(
+                "text_encoder",
+                self.text_encoder.lora_modules(),
+                &self.adapters,
+                scale,
+                (self.text_encoder.dtype(), &self.device),
+            )?,
+            transformer: ActiveAdapters::build(
+                "transformer",
+                self.transformer.lora_modules(),
+                &self.adapters,
+                scale,
+                (self.dtype, &self.device),
+            )?,
+        })
     }
 
     /// diffusers warns when a prompt is longer than an encoder reads (77 CLIP tokens,
@@ -580,14 +612,16 @@ impl FluxPipeline {
             None => latents.clone(),
         };
         let call = |conditioning: &Conditioning| {
-            self.transformer.forward(&FluxInputs {
-                hidden_states: &hidden,
-                encoder_hidden_states: &conditioning.states,
-                pooled_projections: &conditioning.pooled,
-                timestep,
-                guidance: calls.guidance,
-                txt_ids: &calls.txt_ids,
-                img_ids: &calls.img_ids,
+            lora::with_adapters(calls.adapters, || {
+                self.transformer.forward(&FluxInputs {
+                    hidden_states: &hidden,
+                    encoder_hidden_states: &conditioning.states,
+                    pooled_projections: &conditioning.pooled,
+                    timestep,
+                    guidance: calls.guidance,
+                    txt_ids: &calls.txt_ids,
+                    img_ids: &calls.img_ids,
+                })
             })
         };
         let positive = call(calls.positive)?;
@@ -612,6 +646,14 @@ struct Calls<'a> {
     condition: Option<&'a Tensor>,
     txt_ids: Vec<[f32; 3]>,
     img_ids: Vec<[f32; 3]>,
+    /// The transformer's LoRA branches for this run.
+    adapters: Option<&'a Arc<ActiveAdapters>>,
+}
+
+/// A run's LoRA branches, per component.
+struct FluxAdapters {
+    text_encoder: Option<Arc<ActiveAdapters>>,
+    transformer: Option<Arc<ActiveAdapters>>,
 }
 
 /// What T5 reads: `prompt_2`, else the prompts (Python's `prompt_2 or prompt`, so an

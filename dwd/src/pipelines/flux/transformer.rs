@@ -8,15 +8,17 @@
 //! the image tokens come out as the predicted velocity, packed like the input.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{DoubleStreamBlock, OutputLayer, Rotary, SingleStreamBlock};
 use super::embeddings::{in_dtype, rotary_embedding, TimeTextEmbedding};
+use crate::pipelines::lora::{adaptable_modules, adaptable_shapes, LoraModules};
 use crate::pipelines::ops::Linear;
 use crate::pipelines::strict::load_component_strict;
-use crate::pipelines::{ConfigJson, InComponent, PipelineError};
+use crate::pipelines::{weight_files_variant, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "transformer";
 
@@ -113,6 +115,8 @@ pub struct FluxTransformer {
     dtype: DType,
     device: Device,
     bytes: u64,
+    /// Its weights' module names and shapes, which LoRAs are matched against.
+    modules: Arc<LoraModules>,
 }
 
 impl FluxTransformer {
@@ -127,14 +131,19 @@ impl FluxTransformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (mut model, bytes) = load_component_strict(
-            dir,
-            (variant, dtype, device),
-            COMPONENT,
-            FluxConfig::load,
-            Self::new,
-        )?;
+        let (loaded, adaptable) = adaptable_modules(|| {
+            load_component_strict(
+                dir,
+                (variant, dtype, device),
+                COMPONENT,
+                FluxConfig::load,
+                Self::new,
+            )
+        });
+        let (mut model, bytes) = loaded?;
         model.bytes = bytes;
+        let files = weight_files_variant(dir, variant)?;
+        model.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
         Ok(model)
     }
 
@@ -169,6 +178,7 @@ impl FluxTransformer {
             device: vb.device().clone(),
             config,
             bytes: 0,
+            modules: Arc::default(),
         })
     }
 
@@ -179,6 +189,12 @@ impl FluxTransformer {
     /// Whether the model embeds the guidance scale (FLUX.1-dev does, schnell does not).
     pub fn has_guidance(&self) -> bool {
         self.time_text_embed.has_guidance()
+    }
+
+    /// Its layers' module names and weight shapes (empty when built from a `VarBuilder`
+    /// rather than loaded from files).
+    pub fn lora_modules(&self) -> &LoraModules {
+        &self.modules
     }
 
     pub fn bytes(&self) -> u64 {

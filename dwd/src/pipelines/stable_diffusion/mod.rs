@@ -14,10 +14,13 @@ use protocol::workflow::OutputType;
 pub use pipeline::{images_to_rgb8, GenerateArgs, RgbImage, StableDiffusionPipeline, MAX_TOKENS};
 
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
-use super::{PipelineError, SchedulerConfig};
+use super::{lora, PipelineError, SchedulerConfig};
 
 /// The family, as the registry lists it.
 pub struct StableDiffusion;
+
+/// The components LoRAs adapt, as diffusers' `StableDiffusionLoraLoaderMixin` loads them.
+const ADAPTED: &[&str] = &["text_encoder", "unet"];
 
 impl Family for StableDiffusion {
     fn schema(&self) -> &'static protocol::families::Family {
@@ -25,6 +28,7 @@ impl Family for StableDiffusion {
     }
 
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
+        lora::check_components(&parts.adapters, ADAPTED, "Stable Diffusion")?;
         Ok(Arc::new(StableDiffusionPipeline {
             tokenizer: parts.take("tokenizer")?,
             text_encoder: parts.take("text_encoder")?,
