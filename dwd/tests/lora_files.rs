@@ -203,3 +203,72 @@ fn unread_layouts_are_refused_naming_the_tensor() {
     let e = LoraAdapter::load(&other).unwrap_err().to_string();
     assert!(e.contains("`vae.a` names no component dw adapts"), "{e}");
 }
+
+/// A 3x3 convolution's LoRA (LoCon, LCM-LoRA's ResNet convolutions): A is a convolution
+/// with the layer's kernel, stride and padding, B a 1x1 one; the branch equals the layer
+/// with `W + w * scale * B @ A` merged into its weight, as diffusers' `fuse_lora` computes.
+#[test]
+fn a_three_by_three_convolution_branch_equals_the_merged_weight() {
+    use candle_core::{DType, Device, Tensor};
+    use dwd::pipelines::lora::{with_adapters, ActiveAdapters, Adapter};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let device = Device::Cpu;
+    let (cin, cout, rank) = (6, 5, 2);
+    let weight = Tensor::randn(0f32, 0.3, (cout, cin, 3, 3), &device).unwrap();
+    let bias = Tensor::randn(0f32, 0.3, cout, &device).unwrap();
+    let layer_tensors = HashMap::from([
+        ("blk.conv1.weight".to_string(), weight.clone()),
+        ("blk.conv1.bias".to_string(), bias.clone()),
+    ]);
+    let vb = candle_nn::VarBuilder::from_tensors(layer_tensors, DType::F32, &device);
+    let conv =
+        dwd::pipelines::ops::Conv2d::load(vb.pp("blk").pp("conv1"), cin, cout, 3, 2, 1).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locon.safetensors");
+    let down = Tensor::randn(0f32, 0.5, (rank, cin, 3, 3), &device).unwrap();
+    let up = Tensor::randn(0f32, 0.5, (cout, rank, 1, 1), &device).unwrap();
+    let alpha = Tensor::new(1.0f32, &device).unwrap();
+    let file = HashMap::from([
+        ("lora_unet_blk_conv1.lora_down.weight".to_string(), down),
+        ("lora_unet_blk_conv1.lora_up.weight".to_string(), up),
+        ("lora_unet_blk_conv1.alpha".to_string(), alpha),
+    ]);
+    candle_core::safetensors::save(&file, &path).unwrap();
+    let lora = Arc::new(dwd::pipelines::lora::LoraAdapter::load(&path).unwrap());
+    let modules = BTreeMap::from([("blk.conv1".to_string(), vec![cout, cin, 3, 3])]);
+    let weight_of_adapter = -0.7;
+    let adapters = [Adapter {
+        name: "locon".to_string(),
+        weight: weight_of_adapter,
+        lora: Arc::clone(&lora),
+    }];
+    let active =
+        ActiveAdapters::build("unet", &modules, &adapters, 1.0, (DType::F32, &device)).unwrap();
+
+    let x = Tensor::randn(0f32, 1.0, (2, cin, 9, 9), &device).unwrap();
+    let branched = with_adapters(active.as_ref(), || conv.forward(&x)).unwrap();
+    let delta = lora.entries[0].delta().unwrap();
+    let conv_with = |w: &Tensor| {
+        x.conv2d(w, 1, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+            .unwrap()
+    };
+    let merged = (&weight + (delta * weight_of_adapter).unwrap()).unwrap();
+    assert_close(
+        "3x3 LoRA branch, stride 2",
+        &branched,
+        &conv_with(&merged),
+        1e-5,
+    );
+    // Outside `with_adapters` the layer is the base layer.
+    assert_close(
+        "without adapters",
+        &conv.forward(&x).unwrap(),
+        &conv_with(&weight),
+        1e-5,
+    );
+}
