@@ -12,4 +12,5 @@ echo "### full-size model, through dwd and in-process"; scripts/bench-full-size.
 echo "### one UNet step against PyTorch"; scripts/bench-unet-step.sh "32 64" 4
 echo "### one FLUX transformer step against PyTorch"; scripts/bench-transformer-step.sh flux "512 1024" 2
 echo "### one SD 3 transformer step against PyTorch"; scripts/bench-transformer-step.sh sd3 1024 2
+echo "### switching LoRAs on a warm model"; scripts/bench-lora-switch.sh 256 2 32
 echo "### resident memory over 200 warm runs"; scripts/memory-curve.sh 200
