@@ -134,15 +134,16 @@ thread_local! {
     /// The adapters of the component whose forward pass runs on this thread.
     static ACTIVE: RefCell<Option<Arc<ActiveAdapters>>> = const { RefCell::new(None) };
     /// While a model is built inside [`adaptable_modules`], the layers that apply
-    /// branches, by module name.
-    static BUILT: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    /// branches, by module name, with their weights' shapes.
+    static BUILT: RefCell<Option<LoraModules>> = const { RefCell::new(None) };
 }
 
-/// Builds a model with `build` and names the layers in it that apply LoRA branches: a LoRA
-/// is matched only against those, so one that targets a layer dw does not adapt (a norm,
-/// an embedding) is refused instead of silently doing nothing.
-pub fn adaptable_modules<T>(build: impl FnOnce() -> T) -> (T, Vec<String>) {
-    let previous = BUILT.with(|built| built.replace(Some(Vec::new())));
+/// Builds a model with `build` and gives, beside it, the layers in it that apply LoRA
+/// branches, with their weights' shapes: a LoRA is matched only against those, so one that
+/// targets a layer dw does not adapt (a norm, an embedding) is refused instead of silently
+/// doing nothing.
+pub fn adaptable_modules<T>(build: impl FnOnce() -> T) -> (T, LoraModules) {
+    let previous = BUILT.with(|built| built.replace(Some(LoraModules::new())));
     let model = build();
     let modules = BUILT
         .with(|built| built.replace(previous))
@@ -150,24 +151,13 @@ pub fn adaptable_modules<T>(build: impl FnOnce() -> T) -> (T, Vec<String>) {
     (model, modules)
 }
 
-/// Called by each adaptable layer as it is built.
-pub(crate) fn register_adaptable(module: &str) {
+/// Called by each adaptable layer as it is built, with its weight's shape.
+pub(crate) fn register_adaptable(module: &str, weight: &[usize]) {
     BUILT.with(|built| {
         if let Some(modules) = built.borrow_mut().as_mut() {
-            modules.push(module.to_string());
+            modules.insert(module.to_string(), weight.to_vec());
         }
     });
-}
-
-/// The shapes of `files`' modules that are among `adaptable`: what LoRAs are matched
-/// against.
-pub fn adaptable_shapes(
-    files: &[PathBuf],
-    adaptable: &[String],
-) -> Result<LoraModules, PipelineError> {
-    let mut shapes = module_shapes(files)?;
-    shapes.retain(|module, _| adaptable.contains(module));
-    Ok(shapes)
 }
 
 /// Runs `f` (a component's forward passes) with `adapters` active on this thread, and
@@ -201,11 +191,9 @@ impl AdaptableLinear {
         vb: candle_nn::VarBuilder,
     ) -> candle_core::Result<Self> {
         let module: Arc<str> = vb.prefix().into();
-        register_adaptable(&module);
-        Ok(Self {
-            layer: candle_nn::linear(in_features, out_features, vb)?,
-            module,
-        })
+        let layer = candle_nn::linear(in_features, out_features, vb)?;
+        register_adaptable(&module, layer.weight().dims());
+        Ok(Self { layer, module })
     }
 }
 

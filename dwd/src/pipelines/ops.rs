@@ -39,13 +39,14 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = vb.get(out_channels, "bias")?;
+        let module = adaptable(&vb, &weight);
         Ok(Self {
             weight,
             bias,
             kernel,
             stride,
             padding,
-            module: adaptable(&vb),
+            module,
         })
     }
 
@@ -86,11 +87,11 @@ impl Module for Conv2d {
     }
 }
 
-/// The module name of a layer built from `vb`, registered as one that applies LoRA
-/// branches.
-fn adaptable(vb: &VarBuilder) -> Arc<str> {
+/// The module name of a layer built from `vb` with `weight`, registered as one that
+/// applies LoRA branches.
+fn adaptable(vb: &VarBuilder, weight: &Tensor) -> Arc<str> {
     let module = vb.prefix();
-    lora::register_adaptable(&module);
+    lora::register_adaptable(&module, weight.dims());
     module.into()
 }
 
@@ -237,10 +238,11 @@ impl Linear {
         } else {
             None
         };
+        let module = adaptable(&vb, &weight);
         Ok(Self {
             weight,
             bias,
-            module: adaptable(&vb),
+            module,
         })
     }
 

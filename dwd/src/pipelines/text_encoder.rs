@@ -16,9 +16,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::lora::{adaptable_modules, adaptable_shapes, AdaptableLinear, LoraModules};
+use super::lora::{adaptable_modules, AdaptableLinear, LoraModules};
 
-use super::{load_component, ops, weight_files_variant, ConfigJson, InComponent, PipelineError};
+use super::{load_component, ops, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "text encoder";
 
@@ -227,7 +227,7 @@ impl TextEncoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (loaded, adaptable) = adaptable_modules(|| {
+        let (loaded, modules) = adaptable_modules(|| {
             load_component(
                 dir,
                 (variant, dtype, device),
@@ -238,8 +238,7 @@ impl TextEncoder {
         });
         let (mut encoder, bytes) = loaded?;
         encoder.bytes = bytes;
-        let files = weight_files_variant(dir, variant)?;
-        encoder.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
+        encoder.modules = Arc::new(modules);
         Ok(encoder)
     }
 

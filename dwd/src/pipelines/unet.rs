@@ -27,8 +27,8 @@ pub use model::{
     BlockConfig, TextTime, TextTimeConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
 };
 
-use super::lora::{adaptable_modules, adaptable_shapes, LoraModules};
-use super::{load_component, weight_files_variant, ConfigJson, InComponent, PipelineError};
+use super::lora::{adaptable_modules, LoraModules};
+use super::{load_component, ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "unet";
 const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
@@ -301,7 +301,7 @@ impl Unet {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (loaded, adaptable) = adaptable_modules(|| {
+        let (loaded, modules) = adaptable_modules(|| {
             load_component(
                 dir,
                 (variant, dtype, device),
@@ -312,8 +312,7 @@ impl Unet {
         });
         let (mut unet, bytes) = loaded?;
         unet.bytes = bytes;
-        let files = weight_files_variant(dir, variant)?;
-        unet.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
+        unet.modules = Arc::new(modules);
         Ok(unet)
     }
 

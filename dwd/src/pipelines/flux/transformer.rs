@@ -15,10 +15,10 @@ use candle_nn::VarBuilder;
 
 use super::blocks::{DoubleStreamBlock, OutputLayer, Rotary, SingleStreamBlock};
 use super::embeddings::{in_dtype, rotary_embedding, TimeTextEmbedding};
-use crate::pipelines::lora::{adaptable_modules, adaptable_shapes, LoraModules};
+use crate::pipelines::lora::{adaptable_modules, LoraModules};
 use crate::pipelines::ops::Linear;
 use crate::pipelines::strict::load_component_strict;
-use crate::pipelines::{weight_files_variant, ConfigJson, InComponent, PipelineError};
+use crate::pipelines::{ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "transformer";
 
@@ -131,7 +131,7 @@ impl FluxTransformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (loaded, adaptable) = adaptable_modules(|| {
+        let (loaded, modules) = adaptable_modules(|| {
             load_component_strict(
                 dir,
                 (variant, dtype, device),
@@ -142,8 +142,7 @@ impl FluxTransformer {
         });
         let (mut model, bytes) = loaded?;
         model.bytes = bytes;
-        let files = weight_files_variant(dir, variant)?;
-        model.modules = Arc::new(adaptable_shapes(&files, &adaptable)?);
+        model.modules = Arc::new(modules);
         Ok(model)
     }
 
