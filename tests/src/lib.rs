@@ -207,6 +207,14 @@ impl TestDaemon {
             .expect("spawn dwctl")
     }
 
+    /// `dwctl run` of `examples/NAME` (its fixture paths made absolute by `example_text`)
+    /// as `edit` leaves it, written into this test's folder, outputs there, as JSON.
+    pub fn run_edited_example(&self, name: &str, edit: impl Fn(String) -> String) -> Run {
+        let workflow = self.dir.path().join(name);
+        std::fs::write(&workflow, edit(example_text(name))).expect("write the workflow");
+        self.run_json(&workflow, &[])
+    }
+
     /// `dwctl run` of the example with outputs in this test's folder, as JSON.
     pub fn run_example(&self, extra: &[&str]) -> Run {
         self.run_json(&example_workflow(), extra)

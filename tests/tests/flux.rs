@@ -12,26 +12,10 @@ fn fixture(path: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(path)
 }
 
-/// Runs an example workflow (its fixture paths made absolute by `example_text`), edited by
-/// `edit`, and gives the run.
-fn run_example(daemon: &TestDaemon, name: &str, edit: impl Fn(String) -> String) -> dw_tests::Run {
-    let text = dw_tests::example_text(name);
-    let workflow = daemon.dir.path().join(name);
-    std::fs::write(&workflow, edit(text)).unwrap();
-    let out = daemon.output_dir();
-    daemon.dwctl(&[
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ])
-}
-
 #[test]
 fn the_flux_dev_workflow_reproduces_diffusers_image() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-flux-dev.json", |text| text);
+    let run = daemon.run_edited_example("tiny-flux-dev.json", |text| text);
     run.assert_code(0);
     let summary = run.json();
     let ours = summary["outputs"][0]["path"].as_str().unwrap();
@@ -50,7 +34,7 @@ fn the_flux_dev_workflow_reproduces_diffusers_image() {
 #[test]
 fn a_seed_alone_gives_diffusers_flux_images_for_a_batch_of_prompts() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-flux-seeded.json", |text| text);
+    let run = daemon.run_edited_example("tiny-flux-seeded.json", |text| text);
     run.assert_code(0);
     let out = daemon.output_dir();
     for k in 0..4 {
@@ -67,7 +51,7 @@ fn a_seed_alone_gives_diffusers_flux_images_for_a_batch_of_prompts() {
 #[test]
 fn an_argument_flux_does_not_take_is_refused_by_name() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-flux-dev.json", |text| {
+    let run = daemon.run_edited_example("tiny-flux-dev.json", |text| {
         text.replace(
             "\"max_sequence_length\": 32,",
             "\"max_sequence_length\": 32, \"eta\": 0.5,",
@@ -89,7 +73,7 @@ fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
     let daemon = TestDaemon::new();
     let mut images = Vec::new();
     for _ in 0..2 {
-        let run = run_example(&daemon, "tiny-flux-img2img.json", |text| text);
+        let run = daemon.run_edited_example("tiny-flux-img2img.json", |text| text);
         run.assert_code(0);
         let summary = run.json();
         let path = summary["outputs"][0]["path"].as_str().unwrap().to_string();
@@ -107,7 +91,7 @@ fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
 #[test]
 fn an_img2img_input_of_another_size_is_refused_with_the_size_wanted() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-flux-img2img.json", |text| {
+    let run = daemon.run_edited_example("tiny-flux-img2img.json", |text| {
         text.replace("\"width\": 128,", "\"width\": 256,")
     });
     assert_ne!(run.code, 0);

@@ -12,22 +12,6 @@ fn fixture(path: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(path)
 }
 
-/// Runs an example workflow (its fixture paths made absolute by `example_text`), edited by
-/// `edit`, and gives the run.
-fn run_example(daemon: &TestDaemon, name: &str, edit: impl Fn(String) -> String) -> dw_tests::Run {
-    let text = dw_tests::example_text(name);
-    let workflow = daemon.dir.path().join(name);
-    std::fs::write(&workflow, edit(text)).unwrap();
-    let out = daemon.output_dir();
-    daemon.dwctl(&[
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ])
-}
-
 fn output_paths(run: &dw_tests::Run) -> Vec<String> {
     let summary = run.json();
     summary["outputs"]
@@ -41,7 +25,7 @@ fn output_paths(run: &dw_tests::Run) -> Vec<String> {
 #[test]
 fn the_sd3_workflow_reproduces_diffusers_image() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-sd3.json", |text| text);
+    let run = daemon.run_edited_example("tiny-sd3.json", |text| text);
     run.assert_code(0);
     let summary = run.json();
     let ours = &output_paths(&run)[0];
@@ -59,10 +43,10 @@ fn the_sd3_workflow_reproduces_diffusers_image() {
 #[test]
 fn without_text_encoder_3_the_run_loads_no_t5_and_is_deterministic() {
     let daemon = TestDaemon::new();
-    let first = run_example(&daemon, "tiny-sd3-no-t5.json", |text| text);
+    let first = daemon.run_edited_example("tiny-sd3-no-t5.json", |text| text);
     first.assert_code(0);
     assert_eq!(first.json()["cache"]["misses"], 6, "{}", first.stdout);
-    let second = run_example(&daemon, "tiny-sd3-no-t5.json", |text| text);
+    let second = daemon.run_edited_example("tiny-sd3-no-t5.json", |text| text);
     second.assert_code(0);
     assert_eq!(second.json()["cache"]["misses"], 0, "{}", second.stdout);
     let pixels = |run: &dw_tests::Run| -> Vec<Vec<u8>> {
@@ -76,7 +60,7 @@ fn without_text_encoder_3_the_run_loads_no_t5_and_is_deterministic() {
     assert_eq!(a, b, "same seed, same images");
     assert_ne!(a[0], a[1], "two draws, two images");
 
-    let with_t5 = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+    let with_t5 = daemon.run_edited_example("tiny-sd3-no-t5.json", |text| {
         text.replace(
             "\"text_encoder_3\": null,\n          \"tokenizer_3\": null",
             "\"use_safetensors\": true",
@@ -91,7 +75,7 @@ fn without_text_encoder_3_the_run_loads_no_t5_and_is_deterministic() {
 #[test]
 fn nulling_a_component_sd3_needs_is_refused_by_name() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+    let run = daemon.run_edited_example("tiny-sd3-no-t5.json", |text| {
         text.replace("\"text_encoder_3\": null", "\"text_encoder_2\": null")
     });
     assert_ne!(run.code, 0);
@@ -108,7 +92,7 @@ fn nulling_a_component_sd3_needs_is_refused_by_name() {
 #[test]
 fn a_component_in_from_pretrained_arguments_must_be_null() {
     let daemon = TestDaemon::new();
-    let run = run_example(&daemon, "tiny-sd3-no-t5.json", |text| {
+    let run = daemon.run_edited_example("tiny-sd3-no-t5.json", |text| {
         text.replace("\"text_encoder_3\": null", "\"text_encoder_3\": \"t5\"")
     });
     assert_ne!(run.code, 0);
@@ -128,7 +112,7 @@ fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
     let daemon = TestDaemon::new();
     let mut images = Vec::new();
     for _ in 0..2 {
-        let run = run_example(&daemon, "tiny-sd3-img2img.json", |text| text);
+        let run = daemon.run_edited_example("tiny-sd3-img2img.json", |text| text);
         run.assert_code(0);
         let (width, height, pixels) = png_pixels(std::path::Path::new(&output_paths(&run)[0]));
         assert_eq!((width, height), (128, 128));
