@@ -8,10 +8,11 @@
 use crate::stdout::outln;
 use std::path::Path;
 
-use protocol::families;
+use protocol::families::{self, schedule};
 use protocol::models::{hub_cache_dir, resolve_model};
 use protocol::workflow::{
-    Action, Given, PipelineStep, Position, PreviousResult, Step, Workflow, WorkflowError,
+    Action, Arguments, Given, PipelineClass, PipelineStep, Position, PreviousResult, Step,
+    Workflow, WorkflowError,
 };
 use serde_json::Value;
 
@@ -117,12 +118,43 @@ fn check_resolved_class(
             problems.errors.push(located(workflow, at, m));
         }
     }
-    if let Err(e) = class.check(&pipeline.arguments_json) {
-        let message = format!(
-            "`{}` resolves to {} here: {}",
-            pipeline.component_type, class.name, e.message
-        );
-        problems.errors.push(located(workflow, at, message));
+    match class.check(&pipeline.arguments_json) {
+        Ok(arguments) => check_schedule(workflow, pipeline, class, &arguments, dir, problems),
+        Err(e) => {
+            let message = format!(
+                "`{}` resolves to {} here: {}",
+                pipeline.component_type, class.name, e.message
+            );
+            problems.errors.push(located(workflow, at, message));
+        }
+    }
+}
+
+/// The step count against the scheduler the step runs, built from the model folder's
+/// `scheduler_config.json` as the daemon builds it, with the same check the daemon makes
+/// before loading.
+fn check_schedule(
+    workflow: &Workflow,
+    pipeline: &PipelineStep,
+    class: &PipelineClass,
+    arguments: &Arguments,
+    dir: &Path,
+    problems: &mut Problems,
+) {
+    let at = pipeline.model_name_at;
+    let shipped = match schedule::read_scheduler_config(dir) {
+        Ok(Some(shipped)) => shipped,
+        Ok(None) => return,
+        Err(e) => return problems.errors.push(located(workflow, at, e)),
+    };
+    let (Some(scheduler), config) = schedule::step_scheduler(shipped, pipeline.scheduler.as_ref())
+    else {
+        return;
+    };
+    if let Some(steps) = schedule::requested_steps(class, arguments) {
+        if let Err(e) = schedule::check_steps(&scheduler, &config, steps) {
+            problems.errors.push(located(workflow, at, e));
+        }
     }
 }
 

@@ -92,3 +92,35 @@ fn a_huge_prompt_still_writes_its_image_with_bounded_metadata() {
     assert!(parameters.len() < 20_000, "{}", parameters.len());
     assert!(parameters.contains("more bytes)"));
 }
+
+// SD 1.5's scheduler config adds `steps_offset` 1 to "leading" timesteps, so 1000 steps
+// reach timestep 1000, past the schedule (diffusers fails on it with an index error).
+// `validate` used to accept it and the run to refuse it only after loading every weight;
+// both now make the same check from the model folder's scheduler config.
+#[test]
+fn a_step_count_past_the_schedule_is_refused_by_validate_and_before_loading() {
+    let daemon = TestDaemon::new();
+    let flow = example_workflow();
+    let flow = flow.to_str().unwrap();
+    let validate = daemon.dwctl(&["validate", flow, "num_inference_steps=1000"]);
+    validate.assert_code(2);
+    for expected in [
+        "`num_inference_steps` 1000 is too many for DDIMScheduler",
+        "`steps_offset` 1",
+        "use at most 999 steps",
+    ] {
+        assert!(validate.stderr.contains(expected), "{}", validate.stderr);
+    }
+    daemon
+        .dwctl(&["validate", flow, "num_inference_steps=999"])
+        .assert_code(0);
+
+    let run = daemon.dwctl(&["run", flow, "num_inference_steps=1000"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("use at most 999 steps"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(daemon.status()["loaded"].as_array().unwrap().len(), 0);
+}

@@ -263,7 +263,7 @@ impl Engine {
         }
         match &step.action {
             Action::Pipeline(spec) => {
-                let prepared = self.prepare(context, spec, counters)?;
+                let prepared = self.prepare(context, spec, &runs, counters)?;
                 let no_generator = spec.options.no_generator;
                 let items =
                     self.run_pipeline(context, &prepared, &runs, spec.seed, no_generator)?;

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use protocol::families::schedule;
 use protocol::message::{LogLevel, Phase};
 use protocol::workflow::{ArgDefault, ArgType, PipelineClass, PipelineStep, SchedulerSpec};
 
@@ -46,12 +47,14 @@ pub(super) struct PreparedPipeline {
 }
 
 impl Engine {
-    /// Resolves the step's model, makes room for what is missing (or refuses before
-    /// loading anything), and takes each component from the cache.
+    /// Resolves the step's model, checks every run's arguments against the class it
+    /// resolves to, makes room for what is missing (or refuses before loading anything),
+    /// and takes each component from the cache.
     pub(super) fn prepare(
         &self,
         context: &StepContext<'_>,
         spec: &PipelineStep,
+        runs: &[Run],
         counters: &mut RunCounters,
     ) -> Result<PreparedPipeline, JobError> {
         let plan = plan_step(&PlanContext {
@@ -62,6 +65,7 @@ impl Engine {
             device_name: &self.device_name,
             model_dirs: &counters.model_dirs,
         })?;
+        check_runs(context, spec, &plan, runs)?;
         let notices = placement_notices(spec, &self.device_name);
         for notice in plan.dtype_notice.iter().chain(&notices) {
             context.log(LogLevel::Warn, notice.clone());
@@ -368,6 +372,31 @@ impl Engine {
                 .within(&format!("step `{}`", context.step.name)),
         }
     }
+}
+
+/// Refuses, before anything loads, a run whose arguments its class does not take or whose
+/// step count the step's scheduler cannot take: the checks `dwctl validate` makes.
+fn check_runs(
+    context: &StepContext<'_>,
+    spec: &PipelineStep,
+    plan: &StepPlan,
+    runs: &[Run],
+) -> Result<(), JobError> {
+    let shipped =
+        schedule::read_scheduler_config(&plan.model_dir).map_err(|e| context.refused(e))?;
+    let scheduler =
+        shipped.map(|shipped| schedule::step_scheduler(shipped, spec.scheduler.as_ref()));
+    for run in runs {
+        let arguments = plan
+            .class
+            .check(&run.arguments)
+            .map_err(|e| context.refused(format!("`{}`: {}", e.key, e.message)))?;
+        let steps = schedule::requested_steps(plan.class, &arguments);
+        if let (Some((Some(class), config)), Some(steps)) = (&scheduler, steps) {
+            schedule::check_steps(class, config, steps).map_err(|e| context.refused(e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Notices for placement options the CPU (or this build) gives no effect.

@@ -30,6 +30,7 @@ use serde_json::{Map, Value};
 
 use super::noise::NoiseSource;
 use super::{read_text, InComponent, PipelineError};
+use protocol::families::schedule::{parse_scheduler_config, SCHEDULER_CONFIG};
 
 pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
@@ -97,20 +98,14 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Reads `scheduler_config.json` from a `scheduler` folder.
     pub fn load(dir: &Path) -> Result<Self, PipelineError> {
-        let file = dir.join("scheduler_config.json");
+        let file = dir.join(SCHEDULER_CONFIG);
         let text = read_text(&file)?;
-        match serde_json::from_str(&text) {
-            Ok(config) => Ok(config),
-            // Python's json module writes `-inf` (DPM-Solver's default `lambda_min_clipped`)
-            // as the bare word `-Infinity`, which is not JSON. A key holding it is read as
-            // absent, which gives that same default.
-            Err(error) => serde_json::from_str(&without_negative_infinity(&text)).map_err(|_| {
-                PipelineError::BadConfig {
-                    file,
-                    problem: error.to_string(),
-                }
-            }),
-        }
+        let problem = |problem: String| PipelineError::BadConfig {
+            file: file.clone(),
+            problem,
+        };
+        let map = parse_scheduler_config(&text).map_err(problem)?;
+        serde_json::from_value(Value::Object(map)).map_err(|e| problem(e.to_string()))
     }
 
     /// This config with `overrides` applied key by key (diffusers-workflow's
@@ -751,34 +746,6 @@ pub(crate) fn compute<T>(
     operation().in_component(COMPONENT)
 }
 
-/// Replaces bare `-Infinity` values (not JSON, but written by Python) with `null`.
-fn without_negative_infinity(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(character) = rest.chars().next() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if character == '\\' {
-                escaped = true;
-            } else if character == '"' {
-                in_string = false;
-            }
-        } else if character == '"' {
-            in_string = true;
-        } else if rest.starts_with("-Infinity") {
-            out.push_str("null");
-            rest = &rest["-Infinity".len()..];
-            continue;
-        }
-        out.push(character);
-        rest = &rest[character.len_utf8()..];
-    }
-    out
-}
-
 /// The betas of a named schedule, computed in f32 like diffusers (torch float32).
 fn beta_schedule(
     name: &str,
@@ -869,6 +836,7 @@ fn rescale_zero_terminal_snr(alphas_cumprod: &[f64]) -> Vec<f64> {
 }
 
 #[cfg(test)]
+#[cfg(test)]
 mod tests {
     use serde_json::json;
 
@@ -877,10 +845,54 @@ mod tests {
     #[test]
     fn negative_infinity_reads_as_absent() {
         let text = r#"{"lambda_min_clipped": -Infinity, "note": "-Infinity stays"}"#;
-        let config: SchedulerConfig =
-            serde_json::from_str(&without_negative_infinity(text)).unwrap();
+        let map = parse_scheduler_config(text).unwrap();
+        let config: SchedulerConfig = serde_json::from_value(Value::Object(map)).unwrap();
         assert_eq!(config.other.get("lambda_min_clipped"), Some(&Value::Null));
         assert_eq!(config.other.get("note"), Some(&json!("-Infinity stays")));
+    }
+
+    /// `dwctl validate` and the daemon's pre-load check refuse a step count with
+    /// `protocol::families::schedule::check_steps`; the schedulers themselves refuse with
+    /// their own arithmetic. Over every scheduler, spacing, offset and the step counts at
+    /// both ends, the two must agree, or a workflow would pass validation and fail after
+    /// its weights load.
+    #[test]
+    fn the_shared_step_count_check_agrees_with_every_scheduler() {
+        use protocol::families::schedule::check_steps;
+        let spacings = [None, Some("leading"), Some("linspace"), Some("trailing")];
+        for train in [1000usize, 37] {
+            let counts: Vec<usize> = (1..=24).chain(train - 24..=train + 1).collect();
+            for class in SUPPORTED_SCHEDULERS {
+                for spacing in spacings {
+                    for offset in [0usize, 1, 3] {
+                        for karras in [false, true] {
+                            let mut config = json!({"num_train_timesteps": train,
+                                "steps_offset": offset, "use_karras_sigmas": karras,
+                                "original_inference_steps": 20});
+                            if let Some(spacing) = spacing {
+                                config["timestep_spacing"] = json!(spacing);
+                            }
+                            let map = match &config {
+                                Value::Object(map) => map.clone(),
+                                _ => unreachable!(),
+                            };
+                            let typed: SchedulerConfig = serde_json::from_value(config).unwrap();
+                            let Ok(mut scheduler) = build_scheduler(class, &typed) else {
+                                continue;
+                            };
+                            for &steps in &counts {
+                                let real = scheduler.set_timesteps(steps).is_ok();
+                                let shared = check_steps(class, &map, steps).is_ok();
+                                assert_eq!(
+                                    real, shared,
+                                    "{class} {spacing:?} offset {offset} karras {karras}, {steps} of {train} steps"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 mod common;
 pub mod flux;
+pub mod schedule;
 pub mod stable_diffusion;
 pub mod stable_diffusion_3;
 pub mod stable_diffusion_xl;
