@@ -512,3 +512,268 @@ impl Sd3Transformer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! SD 3.5's additions to the joint block, `qk_norm: "rms_norm"` and
+    //! `dual_attention_layers`, have no recorded fixture. This test writes diffusers'
+    //! `JointTransformerBlock.forward` (with `SD35AdaLayerNormZeroX`,
+    //! `JointAttnProcessor2_0` and, for `attn2`, `AttnProcessor2_0`) out of plain tensor
+    //! operations, step by step as the Python reads, and holds the block to it.
+
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor, D};
+    use candle_nn::VarBuilder;
+
+    use super::{JointBlock, Sd3Config};
+
+    const DIM: usize = 8;
+    const HEADS: usize = 2;
+    const HEAD_DIM: usize = 4;
+    const EPS: f64 = 1e-6;
+
+    /// Deterministic values in [-0.5, 0.5) (a 32-bit LCG), different for each `seed`.
+    fn values(shape: &[usize], seed: u32) -> Tensor {
+        let count: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let data: Vec<f32> = (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("values")
+    }
+
+    fn config() -> Sd3Config {
+        Sd3Config {
+            sample_size: 8,
+            patch_size: 2,
+            in_channels: 4,
+            out_channels: 4,
+            num_layers: 2,
+            attention_head_dim: HEAD_DIM,
+            num_attention_heads: HEADS,
+            joint_attention_dim: DIM,
+            caption_projection_dim: DIM,
+            pooled_projection_dim: DIM,
+            pos_embed_max_size: 4,
+            dual_attention_layers: vec![0],
+            qk_norm: true,
+        }
+    }
+
+    /// Every weight of a block with both additions, under diffusers' names.
+    fn weights() -> HashMap<String, Tensor> {
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("norm1.linear".into(), vec![9 * DIM, DIM]),
+            ("norm1_context.linear".into(), vec![6 * DIM, DIM]),
+            ("ff.net.0.proj".into(), vec![4 * DIM, DIM]),
+            ("ff.net.2".into(), vec![DIM, 4 * DIM]),
+            ("ff_context.net.0.proj".into(), vec![4 * DIM, DIM]),
+            ("ff_context.net.2".into(), vec![DIM, 4 * DIM]),
+            ("attn.to_add_out".into(), vec![DIM, DIM]),
+        ];
+        for name in [
+            "attn.to_q",
+            "attn.to_k",
+            "attn.to_v",
+            "attn.to_out.0",
+            "attn.add_q_proj",
+            "attn.add_k_proj",
+            "attn.add_v_proj",
+            "attn2.to_q",
+            "attn2.to_k",
+            "attn2.to_v",
+            "attn2.to_out.0",
+        ] {
+            shapes.push((name.into(), vec![DIM, DIM]));
+        }
+        let mut weights = HashMap::new();
+        for (seed, (name, shape)) in shapes.into_iter().enumerate() {
+            let bias = values(&[shape[0]], 1000 + seed as u32);
+            weights.insert(format!("{name}.weight"), values(&shape, seed as u32));
+            weights.insert(format!("{name}.bias"), bias);
+        }
+        for (seed, name) in [
+            "attn.norm_q",
+            "attn.norm_k",
+            "attn.norm_added_q",
+            "attn.norm_added_k",
+            "attn2.norm_q",
+            "attn2.norm_k",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // Norm weights around 1, each different, so a swapped norm shows.
+            let weight = (values(&[HEAD_DIM], 2000 + seed as u32) + 1.0).expect("norm weight");
+            weights.insert(format!("{name}.weight"), weight);
+        }
+        weights
+    }
+
+    /// Straight from the Python, one operation at a time.
+    struct Reference(HashMap<String, Tensor>);
+
+    impl Reference {
+        fn linear(&self, name: &str, x: &Tensor) -> Tensor {
+            let w = &self.0[&format!("{name}.weight")];
+            let b = &self.0[&format!("{name}.bias")];
+            x.broadcast_matmul(&w.t().unwrap())
+                .and_then(|y| y.broadcast_add(b))
+                .expect("linear")
+        }
+
+        /// `nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)`.
+        fn layer_norm(x: &Tensor) -> Tensor {
+            let mean = x.mean_keepdim(D::Minus1).unwrap();
+            let centred = x.broadcast_sub(&mean).unwrap();
+            let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            centred
+                .broadcast_div(&(var + EPS).unwrap().sqrt().unwrap())
+                .unwrap()
+        }
+
+        /// `x * (1 + scale[:, None]) + shift[:, None]`.
+        fn affine(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
+            x.broadcast_mul(&(scale + 1.0).unwrap().unsqueeze(1).unwrap())
+                .and_then(|y| y.broadcast_add(&shift.unsqueeze(1)?))
+                .unwrap()
+        }
+
+        /// `RMSNorm(head_dim, eps=1e-6)` on (batch, heads, tokens, head_dim).
+        fn rms(&self, name: &str, x: &Tensor) -> Tensor {
+            let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(var + EPS).unwrap().sqrt().unwrap())
+                .and_then(|y| y.broadcast_mul(&self.0[&format!("{name}.weight")]))
+                .unwrap()
+        }
+
+        /// `.view(batch, -1, heads, head_dim).transpose(1, 2)`.
+        fn heads(x: &Tensor) -> Tensor {
+            let (b, t, _) = x.dims3().unwrap();
+            x.reshape((b, t, HEADS, HEAD_DIM))
+                .and_then(|y| y.transpose(1, 2))
+                .and_then(|y| y.contiguous())
+                .unwrap()
+        }
+
+        /// `F.scaled_dot_product_attention`, then `.transpose(1, 2).reshape(b, -1, dim)`.
+        fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() / (HEAD_DIM as f64).sqrt()).unwrap();
+            let weights = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let out = weights.matmul(v).unwrap();
+            let (b, _, t, _) = out.dims4().unwrap();
+            out.transpose(1, 2)
+                .and_then(|y| y.reshape((b, t, DIM)))
+                .unwrap()
+        }
+
+        fn feed_forward(&self, name: &str, x: &Tensor) -> Tensor {
+            let hidden = self
+                .linear(&format!("{name}.net.0.proj"), x)
+                .gelu()
+                .unwrap();
+            self.linear(&format!("{name}.net.2"), &hidden)
+        }
+
+        fn gated(gate: &Tensor, x: &Tensor) -> Tensor {
+            x.broadcast_mul(&gate.unsqueeze(1).unwrap()).unwrap()
+        }
+
+        /// `JointTransformerBlock.forward` with `use_dual_attention` and `qk_norm`.
+        fn block(&self, hidden: &Tensor, context: &Tensor, temb: &Tensor) -> (Tensor, Tensor) {
+            // SD35AdaLayerNormZeroX
+            let emb = self.linear("norm1.linear", &candle_nn::ops::silu(temb).unwrap());
+            let c = emb.chunk(9, 1).unwrap();
+            let (shift_msa, scale_msa, gate_msa) = (&c[0], &c[1], &c[2]);
+            let (shift_mlp, scale_mlp, gate_mlp) = (&c[3], &c[4], &c[5]);
+            let (shift_msa2, scale_msa2, gate_msa2) = (&c[6], &c[7], &c[8]);
+            let normed = Self::layer_norm(hidden);
+            let norm_hidden = Self::affine(&normed, shift_msa, scale_msa);
+            let norm_hidden2 = Self::affine(&normed, shift_msa2, scale_msa2);
+            // AdaLayerNormZero of the context
+            let emb = self.linear("norm1_context.linear", &candle_nn::ops::silu(temb).unwrap());
+            let e = emb.chunk(6, 1).unwrap();
+            let norm_context = Self::affine(&Self::layer_norm(context), &e[0], &e[1]);
+            // JointAttnProcessor2_0: image tokens first, then the context's.
+            let q = self.rms(
+                "attn.norm_q",
+                &Self::heads(&self.linear("attn.to_q", &norm_hidden)),
+            );
+            let k = self.rms(
+                "attn.norm_k",
+                &Self::heads(&self.linear("attn.to_k", &norm_hidden)),
+            );
+            let v = Self::heads(&self.linear("attn.to_v", &norm_hidden));
+            let cq = self.rms(
+                "attn.norm_added_q",
+                &Self::heads(&self.linear("attn.add_q_proj", &norm_context)),
+            );
+            let ck = self.rms(
+                "attn.norm_added_k",
+                &Self::heads(&self.linear("attn.add_k_proj", &norm_context)),
+            );
+            let cv = Self::heads(&self.linear("attn.add_v_proj", &norm_context));
+            let cat = |a: Tensor, b: Tensor| Tensor::cat(&[a, b], 2).unwrap();
+            let joint = Self::attend(&cat(q, cq), &cat(k, ck), &cat(v, cv));
+            let image_len = hidden.dim(1).unwrap();
+            let text_len = context.dim(1).unwrap();
+            let attn_output = self.linear("attn.to_out.0", &joint.narrow(1, 0, image_len).unwrap());
+            let context_attn_output = self.linear(
+                "attn.to_add_out",
+                &joint.narrow(1, image_len, text_len).unwrap(),
+            );
+            let mut hidden = (hidden + Self::gated(gate_msa, &attn_output)).unwrap();
+            // attn2: AttnProcessor2_0 on norm_hidden_states2 alone.
+            let q = self.rms(
+                "attn2.norm_q",
+                &Self::heads(&self.linear("attn2.to_q", &norm_hidden2)),
+            );
+            let k = self.rms(
+                "attn2.norm_k",
+                &Self::heads(&self.linear("attn2.to_k", &norm_hidden2)),
+            );
+            let v = Self::heads(&self.linear("attn2.to_v", &norm_hidden2));
+            let attn_output2 = self.linear("attn2.to_out.0", &Self::attend(&q, &k, &v));
+            hidden = (hidden + Self::gated(gate_msa2, &attn_output2)).unwrap();
+            let norm_hidden = Self::affine(&Self::layer_norm(&hidden), shift_mlp, scale_mlp);
+            hidden =
+                (&hidden + Self::gated(gate_mlp, &self.feed_forward("ff", &norm_hidden))).unwrap();
+            let context = (context + Self::gated(&e[2], &context_attn_output)).unwrap();
+            let norm_context = Self::affine(&Self::layer_norm(&context), &e[3], &e[4]);
+            let context_ff = self.feed_forward("ff_context", &norm_context);
+            let context = (&context + Self::gated(&e[5], &context_ff)).unwrap();
+            (context, hidden)
+        }
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference")
+    }
+
+    #[test]
+    fn a_dual_attention_block_with_rms_normed_queries_follows_diffusers_formulas() {
+        let weights = weights();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+        let block = JointBlock::load(vb, &config(), false, true).expect("block");
+        let hidden = values(&[2, 5, DIM], 7001);
+        let context = values(&[2, 3, DIM], 7002);
+        let temb = values(&[2, DIM], 7003);
+        let (text, image) = block.forward(&hidden, &context, &temb).expect("forward");
+        let (want_text, want_image) = Reference(weights).block(&hidden, &context, &temb);
+        let image_error = max_difference(&image, &want_image);
+        let text_error = max_difference(&text.expect("a full block keeps its text"), &want_text);
+        assert!(image_error < 1e-5, "image stream off by {image_error}");
+        assert!(text_error < 1e-5, "text stream off by {text_error}");
+        let moved = max_difference(&image, &hidden);
+        assert!(moved > 1e-2, "the block left the image as it was ({moved})");
+    }
+}
