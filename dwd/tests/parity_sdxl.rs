@@ -160,7 +160,7 @@ fn encode_prompt_concatenates_both_encoders_and_pools_the_second() {
     };
     let encoded = pipeline("model")
         .text_encoders
-        .encode(&texts, 1, true, true)
+        .encode(&texts, 1, true, true, &Default::default())
         .unwrap();
     assert_close(
         "prompt_embeds",
@@ -424,7 +424,7 @@ fn empty_second_prompts_fall_back_to_the_first_as_in_diffusers() {
     };
     let encoded = pipeline("model")
         .text_encoders
-        .encode(&texts, 1, true, true)
+        .encode(&texts, 1, true, true, &Default::default())
         .unwrap();
     assert_close(
         "prompt_embeds with empty second prompts",

@@ -161,16 +161,16 @@ fn lora_mistakes_are_refused_by_name() {
         "{text}"
     );
 
-    let text = dw_tests::example_text("tiny-sdxl-reference.json").replace(
+    let text = dw_tests::example_text("tiny-sd3.json").replace(
         "\"from_pretrained_arguments\"",
         "\"loras\": [{\"model_name\": \"x\"}], \"from_pretrained_arguments\"",
     );
-    let workflow = daemon.dir.path().join("sdxl-lora.json");
+    let workflow = daemon.dir.path().join("sd3-lora.json");
     std::fs::write(&workflow, text).unwrap();
     let refused = daemon.dwctl(&["validate", workflow.to_str().unwrap()]);
     assert_eq!(refused.code, 2);
     assert!(
-        refused.stderr.contains("`loras` on a Stable Diffusion XL pipeline is not built yet; LoRAs run on Stable Diffusion, FLUX.1 pipelines"),
+        refused.stderr.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion, Stable Diffusion XL, FLUX.1 pipelines"),
         "{}",
         refused.stderr
     );

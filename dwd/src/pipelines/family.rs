@@ -181,6 +181,11 @@ impl Parts {
             .ok_or_else(|| PipelineError::invalid(name, "this pipeline's component was not loaded"))
     }
 
+    /// Whether the component `name` was loaded (and not yet taken).
+    pub fn has(&self, name: &str) -> bool {
+        self.components.contains_key(name)
+    }
+
     /// An optional component: `None` when the folder goes without it.
     pub fn take_optional<T: Any + Send + Sync>(
         &mut self,

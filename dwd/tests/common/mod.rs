@@ -89,3 +89,17 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
 pub fn no_progress() -> impl FnMut(Progress) -> Result<(), PipelineError> {
     |_| Ok(())
 }
+
+/// Copies a folder tree (a model folder to edit in a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}

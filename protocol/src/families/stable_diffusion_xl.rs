@@ -37,6 +37,11 @@ const COMMON: &[ArgSpec] = &[
     ArgSpec::new("negative_original_size", SIZE, ArgDefault::Unset),
     ArgSpec::new("negative_crops_coords_top_left", CROP, ArgDefault::Unset),
     ArgSpec::new("negative_target_size", SIZE, ArgDefault::Unset),
+    ArgSpec::new(
+        "cross_attention_kwargs",
+        ArgType::AttentionScale,
+        ArgDefault::Unset,
+    ),
 ];
 
 /// Only text to image.
@@ -87,5 +92,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::NOISE_SCHEDULERS,
-    loras: false,
+    loras: true,
 };

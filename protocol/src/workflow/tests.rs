@@ -832,7 +832,7 @@ fn loras_are_read_as_diffusers_workflow_reads_them() {
         &[],
     );
     assert!(
-        e.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion, FLUX.1 pipelines"),
+        e.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion, Stable Diffusion XL, FLUX.1 pipelines"),
         "{e}"
     );
     let e = error(

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::super::diffusion::repeat_rows;
+use super::super::lora::{self, ActiveAdapters};
 use super::super::{ClipTokenizer, InComponent, PipelineError, TextEncoder, TextTimeConfig};
 
 /// Token sequence length of both CLIP encoders.
@@ -56,6 +57,13 @@ pub struct TextConditioning {
     pub pooled: Tensor,
 }
 
+/// The LoRA branches each text encoder runs with.
+#[derive(Debug, Default)]
+pub struct EncoderAdapters {
+    pub first: Option<Arc<ActiveAdapters>>,
+    pub second: Option<Arc<ActiveAdapters>>,
+}
+
 impl TextEncoders {
     /// The width of `text_encoder_2`'s projection (the pooled embedding).
     pub fn projection_dim(&self) -> Result<usize, PipelineError> {
@@ -73,6 +81,7 @@ impl TextEncoders {
         images_per_prompt: usize,
         guided: bool,
         force_zeros_for_empty_prompt: bool,
+        adapters: &EncoderAdapters,
     ) -> Result<TextConditioning, PipelineError> {
         let count = texts.prompts.len();
         // diffusers: `prompt_2 = prompt_2 or prompt`, so an empty one falls back too.
@@ -80,7 +89,7 @@ impl TextEncoders {
             Some(prompt_2) => vec![prompt_2.to_string(); count],
             None => texts.prompts.clone(),
         };
-        let positive = self.encode_texts(&texts.prompts, &second)?;
+        let positive = self.encode_texts(&texts.prompts, &second, adapters)?;
         let (hidden, pooled) = if !guided {
             (positive.hidden, positive.pooled)
         } else {
@@ -93,7 +102,7 @@ impl TextEncoders {
                     let negative = negative.clone().unwrap_or_default();
                     let negative_2 = non_empty(&texts.negative_prompt_2)
                         .map_or_else(|| negative.clone(), str::to_string);
-                    self.encode_texts(&vec![negative; count], &vec![negative_2; count])?
+                    self.encode_texts(&vec![negative; count], &vec![negative_2; count], adapters)?
                 }
             };
             let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0).in_component(COMPONENT);
@@ -115,6 +124,7 @@ impl TextEncoders {
         &self,
         first: &[String],
         second: &[String],
+        adapters: &EncoderAdapters,
     ) -> Result<TextConditioning, PipelineError> {
         let ids = |tokenizer: &ClipTokenizer, texts: &[String]| {
             texts
@@ -124,13 +134,15 @@ impl TextEncoders {
         };
         let mut states = Vec::with_capacity(2);
         if let Some(pair) = &self.first {
-            let output = pair.encoder.encode_all(&ids(&pair.tokenizer, first)?)?;
+            let ids = ids(&pair.tokenizer, first)?;
+            let output =
+                lora::with_adapters(adapters.first.as_ref(), || pair.encoder.encode_all(&ids))?;
             states.push(output.penultimate);
         }
-        let output = self
-            .second
-            .encoder
-            .encode_all(&ids(&self.second.tokenizer, second)?)?;
+        let ids = ids(&self.second.tokenizer, second)?;
+        let output = lora::with_adapters(adapters.second.as_ref(), || {
+            self.second.encoder.encode_all(&ids)
+        })?;
         states.push(output.penultimate);
         let pooled = output.text_embeds.ok_or_else(no_projection)?;
         Ok(TextConditioning {

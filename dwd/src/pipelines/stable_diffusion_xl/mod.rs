@@ -22,7 +22,9 @@ pub use pipeline::{FolderOptions, StableDiffusionXlPipeline, StartImage, XlArgs}
 
 use super::diffusion::DecodeOptions;
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
-use super::{ClipTokenizer, PipelineError, SchedulerConfig, TextEncoder, Unet, Vae, VaeConfig};
+use super::{
+    lora, ClipTokenizer, PipelineError, SchedulerConfig, TextEncoder, Unet, Vae, VaeConfig,
+};
 
 /// The family, as the registry lists it.
 pub struct StableDiffusionXl;
@@ -33,6 +35,11 @@ impl Family for StableDiffusionXl {
     }
 
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
+        let adapted: &[&str] = match parts.has("text_encoder") {
+            true => &["text_encoder", "text_encoder_2", "unet"],
+            false => &["text_encoder_2", "unet"],
+        };
+        lora::check_components(&parts.adapters, adapted, "Stable Diffusion XL")?;
         let first = match (
             parts.take_optional("tokenizer")?,
             parts.take_optional("text_encoder")?,
@@ -58,6 +65,7 @@ impl Family for StableDiffusionXl {
             folder: folder_options(&parts.index),
             device: parts.device.clone(),
             dtype: parts.dtype,
+            adapters: parts.adapters,
         }))
     }
 
@@ -99,6 +107,7 @@ impl StableDiffusionXlPipeline {
             folder: folder_options(&ModelIndex::read(model_dir)),
             device: device.clone(),
             dtype,
+            adapters: Vec::new(),
         })
     }
 }
@@ -169,6 +178,7 @@ fn xl_args(request: &Request) -> XlArgs {
             slicing: request.vae_slicing,
             tiling: request.vae_tiling,
         },
+        lora_scale: request.number("cross_attention_kwargs", defaults.lora_scale),
     }
 }
 

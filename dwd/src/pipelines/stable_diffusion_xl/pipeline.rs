@@ -16,11 +16,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
 use super::conditioning::{
-    time_id_rows, time_ids, MicroConditioning, PromptTexts, TextConditioning, TextEncoders,
-    TimeIdLayout,
+    time_id_rows, time_ids, EncoderAdapters, MicroConditioning, PromptTexts, TextConditioning,
+    TextEncoders, TimeIdLayout,
 };
 use crate::pipelines::diffusion::{self, DecodeOptions, RunShape};
 use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{Scheduler, SchedulerConfig};
 use crate::pipelines::{InComponent, PipelineError, TextTime, TextTimeConfig, Unet, Vae};
@@ -56,6 +57,8 @@ pub struct StableDiffusionXlPipeline {
     pub folder: FolderOptions,
     pub device: Device,
     pub dtype: DType,
+    /// The LoRAs this pipeline was assembled with (`loras`), in list order.
+    pub adapters: Vec<Adapter>,
 }
 
 /// What image to image starts from.
@@ -92,6 +95,8 @@ pub struct XlArgs {
     pub scheduler_overrides: Map<String, Value>,
     pub output_latents: bool,
     pub decode: DecodeOptions,
+    /// `cross_attention_kwargs={"scale": s}`: every LoRA's weight times this.
+    pub lora_scale: f64,
 }
 
 impl Default for XlArgs {
@@ -118,6 +123,7 @@ impl Default for XlArgs {
             scheduler_overrides: Map::new(),
             output_latents: false,
             decode: DecodeOptions::default(),
+            lora_scale: 1.0,
         }
     }
 }
@@ -216,11 +222,13 @@ impl StableDiffusionXlPipeline {
         };
         diffusion::report_phase(on_progress, Phase::Encoding)?;
         let guided = args.guidance_scale > 1.0;
+        let adapters = self.active_adapters(args.lora_scale)?;
         let texts = self.text_encoders.encode(
             &args.texts,
             args.num_images_per_prompt,
             guided,
             self.folder.force_zeros_for_empty_prompt,
+            &adapters.text_encoders,
         )?;
         let time_ids = self.time_ids(args, shape, guided)?;
         let latents = match (initial, &args.image) {
@@ -235,6 +243,7 @@ impl StableDiffusionXlPipeline {
             time_ids: &time_ids,
             guidance_scale: args.guidance_scale,
             guidance_rescale: args.guidance_rescale,
+            adapters: adapters.unet.as_ref(),
         };
         let latents = self.denoise(&mut schedule, &conditions, latents, noise, on_progress)?;
         if args.output_latents {
@@ -293,6 +302,37 @@ impl StableDiffusionXlPipeline {
             scheduler,
             first,
             end,
+        })
+    }
+
+    /// The LoRA branches of this run on each text encoder and on the UNet, each adapter at
+    /// its weight times `scale`.
+    fn active_adapters(&self, scale: f64) -> Result<XlAdapters, PipelineError> {
+        let encoders = &self.text_encoders;
+        let build = |component: &str, modules, dtype| {
+            ActiveAdapters::build(
+                component,
+                modules,
+                &self.adapters,
+                scale,
+                (dtype, &self.device),
+            )
+        };
+        let first = match &encoders.first {
+            Some(pair) => build(
+                "text_encoder",
+                pair.encoder.lora_modules(),
+                pair.encoder.dtype(),
+            )?,
+            None => None,
+        };
+        let second = &encoders.second.encoder;
+        Ok(XlAdapters {
+            text_encoders: EncoderAdapters {
+                first,
+                second: build("text_encoder_2", second.lora_modules(), second.dtype())?,
+            },
+            unet: build("unet", self.unet.lora_modules(), self.dtype)?,
         })
     }
 
@@ -415,11 +455,12 @@ impl StableDiffusionXlPipeline {
             text_embeds: &text_embeds,
             time_ids: conditions.time_ids,
         };
-        let prediction = self
-            .unet
-            .forward_with(&model_input, timestep, &hidden, Some(added))?
-            .to_dtype(DType::F32)
-            .in_component(COMPONENT)?;
+        let prediction = lora::with_adapters(conditions.adapters, || {
+            self.unet
+                .forward_with(&model_input, timestep, &hidden, Some(added))
+        })?
+        .to_dtype(DType::F32)
+        .in_component(COMPONENT)?;
         if !guided {
             return Ok(prediction);
         }
@@ -443,6 +484,14 @@ struct Conditions<'a> {
     time_ids: &'a Tensor,
     guidance_scale: f64,
     guidance_rescale: f64,
+    /// The UNet's LoRA branches for this run.
+    adapters: Option<&'a Arc<ActiveAdapters>>,
+}
+
+/// The LoRA branches of one run, by component.
+struct XlAdapters {
+    text_encoders: EncoderAdapters,
+    unet: Option<Arc<ActiveAdapters>>,
 }
 
 /// A side in latent pixels, refused unless a positive multiple of the VAE's scale.

@@ -12,7 +12,8 @@
 //!   `lora_te1_` and `lora_te2_`) with `.lora_down.weight`, `.lora_up.weight` and a 0-dim
 //!   `.alpha`; the module path is written with `_` for `.`, which is ambiguous
 //!   (`to_out_0`), so a name is resolved against the model's own module names written the
-//!   same way, never by string rules.
+//!   same way, never by string rules. kohya's SDXL files name the UNet after Stability's
+//!   own model (`input_blocks_4_1_...`); [`sgm`] reads those as diffusers does.
 //!
 //! For a layer with weight W (a Linear, out x in, or a convolution, out x in x kh x kw) an
 //! adapter at weight w adds `w * scale * B @ A` with `scale = alpha / rank`
@@ -37,6 +38,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use serde_json::Value;
+
+mod sgm;
 
 use super::weights::{load_tensors, read_header, read_text_metadata};
 use super::{InComponent, PipelineError};
@@ -361,21 +364,62 @@ impl LoraAdapter {
         modules: &'a BTreeMap<String, Vec<usize>>,
     ) -> Result<Vec<LoraTarget<'a>>, PipelineError> {
         let index = ModuleIndex::new(modules, self.layout);
+        let sgm = self.sgm_unet(component, modules)?;
         self.entries
             .iter()
             .filter(|entry| entry.component == component)
             .map(|entry| {
-                let module = index.find(&entry.name).ok_or_else(|| {
+                let name = match sgm {
+                    Some(layers) if sgm::is_sgm(&entry.name) => {
+                        sgm::to_diffusers(&entry.name, layers).ok_or_else(|| {
+                            self.bad(format!(
+                                "`{}` is an SDXL (sgm) UNet name of no layer a LoRA adapts",
+                                entry.name
+                            ))
+                        })?
+                    }
+                    _ => entry.name.clone(),
+                };
+                let module = index.find(&name).ok_or_else(|| {
                     self.bad(format!(
                         "`{}` names no layer of the {component}: {}",
                         entry.name,
-                        index.hint(&entry.name)
+                        index.hint(&name)
                     ))
                 })?;
                 self.check_fits(entry, module, &modules[module])?;
                 Ok(LoraTarget { module, entry })
             })
             .collect()
+    }
+
+    /// For a kohya file on an SDXL UNet (one with the added text-time embedding, whose
+    /// LoRAs kohya names after Stability's sgm UNet), the UNet's layers per block, which the
+    /// sgm names are read with; `None` where names are diffusers' own. A file naming the
+    /// UNet both ways is refused: diffusers would silently drop its sgm half.
+    fn sgm_unet(
+        &self,
+        component: &str,
+        modules: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<Option<usize>, PipelineError> {
+        let sdxl = modules.keys().any(|m| m.starts_with("add_embedding."));
+        if self.layout != LoraLayout::Kohya || component != "unet" || !sdxl {
+            return Ok(None);
+        }
+        let names = || self.entries.iter().filter(|e| e.component == component);
+        let sgm = names().find(|e| sgm::is_sgm(&e.name));
+        let diffusers = names().find(|e| sgm::is_diffusers(&e.name));
+        if let (Some(sgm), Some(diffusers)) = (sgm, diffusers) {
+            return Err(self.bad(format!(
+                "names the UNet both after Stability's sgm model (`{}`) and after diffusers' (`{}`); diffusers would drop the sgm names without a word, so give a file of one naming",
+                sgm.name, diffusers.name
+            )));
+        }
+        let layers: std::collections::BTreeSet<&str> = modules
+            .keys()
+            .filter_map(|m| m.strip_prefix("down_blocks.0.resnets.")?.split('.').next())
+            .collect();
+        Ok(sgm.map(|_| layers.len()))
     }
 
     /// A (rank, in [, kh, kw]) and B (out, rank [, 1, 1]) against the layer's weight.
