@@ -40,7 +40,6 @@ impl Family for Flux {
     }
 
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
-        check_lora_layouts(&parts.adapters)?;
         lora::check_components(&parts.adapters, ADAPTED, "FLUX.1")?;
         Ok(Arc::new(FluxPipeline {
             tokenizer: parts.take("tokenizer")?,
@@ -106,30 +105,6 @@ impl Pipeline for FluxPipeline {
     }
 }
 
-/// FLUX LoRAs in the layouts of Black Forest Labs' and kohya's trainers name FLUX's
-/// original modules (`double_blocks.0.img_attn.qkv`, fused q/k/v), which diffusers
-/// converts; dw does not read them yet and says so instead of failing on a name.
-fn check_lora_layouts(adapters: &[lora::Adapter]) -> Result<(), PipelineError> {
-    for adapter in adapters {
-        let original =
-            adapter.lora.entries.iter().find(|e| {
-                e.name.starts_with("double_blocks") || e.name.starts_with("single_blocks")
-            });
-        if let Some(entry) = original {
-            return Err(PipelineError::invalid(
-                "loras",
-                format!(
-                    "LoRA `{}` ({}) is in the Black Forest Labs / kohya FLUX layout (`{}`), which is not read yet; a diffusers-layout LoRA (`transformer.transformer_blocks.*`) runs",
-                    adapter.name,
-                    adapter.lora.path.display(),
-                    entry.name
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The loop's arguments from a request, with diffusers' defaults.
 fn flux_args(request: &Request) -> FluxArgs {
     let arguments = &request.arguments;
@@ -159,43 +134,5 @@ fn flux_args(request: &Request) -> FluxArgs {
             tiling: request.vae_tiling,
         },
         lora_scale: request.number("joint_attention_kwargs", defaults.lora_scale),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use candle_core::Tensor;
-
-    use super::*;
-    use crate::pipelines::lora::{Adapter, LoraAdapter};
-
-    /// kohya's FLUX names (`lora_unet_double_blocks_0_img_attn_qkv`) are refused as the
-    /// layout they are, not as a component FLUX lacks.
-    #[test]
-    fn a_kohya_flux_lora_is_refused_as_a_layout_not_read_yet() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kohya_flux.safetensors");
-        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
-        let stem = "lora_unet_double_blocks_0_img_attn_qkv";
-        let tensors = HashMap::from([
-            (format!("{stem}.lora_down.weight"), zeros(&[2, 8])),
-            (format!("{stem}.lora_up.weight"), zeros(&[24, 2])),
-        ]);
-        candle_core::safetensors::save(&tensors, &path).unwrap();
-        let adapter = Adapter {
-            name: "kohya".to_string(),
-            weight: 1.0,
-            lora: Arc::new(LoraAdapter::load(&path).unwrap()),
-        };
-        let e = check_lora_layouts(&[adapter]).unwrap_err().to_string();
-        assert!(
-            e.contains("LoRA `kohya`")
-                && e.contains(
-                    "Black Forest Labs / kohya FLUX layout (`double_blocks_0_img_attn_qkv`)"
-                ),
-            "{e}"
-        );
     }
 }

@@ -14,6 +14,9 @@
 //!   (`to_out_0`), so a name is resolved against the model's own module names written the
 //!   same way, never by string rules. kohya's SDXL files name the UNet after Stability's
 //!   own model (`input_blocks_4_1_...`); [`sgm`] reads those as diffusers does.
+//! - FLUX.1 files of either layout may name Black Forest Labs' original modules
+//!   (`double_blocks_0_img_attn_qkv`, `double_blocks.0.img_attn.qkv`); [`flux_names`]
+//!   splits their fused layers into diffusers' as diffusers converts them.
 //!
 //! For a layer with weight W (a Linear, out x in, or a convolution, out x in x kh x kw) an
 //! adapter at weight w adds `w * scale * B @ A` with `scale = alpha / rank`
@@ -39,6 +42,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use serde_json::Value;
 
+mod flux_names;
 mod sgm;
 
 use super::weights::{load_tensors, read_header, read_text_metadata};
@@ -328,6 +332,7 @@ impl LoraAdapter {
             }
             LoraLayout::Kohya => kohya_entries(path, tensors)?,
         };
+        let entries = with_flux_layers_split(entries).map_err(|e| bad(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             layout,
@@ -661,6 +666,9 @@ fn peft_component<'a>(
     path: &Path,
     stem: &'a str,
 ) -> Result<(&'static str, &'a str), PipelineError> {
+    if let Some(module) = bfl_module(stem) {
+        return Ok((flux_names::TRANSFORMER, module));
+    }
     PEFT_COMPONENTS
         .iter()
         .find_map(|c| Some((*c, stem.strip_prefix(c)?.strip_prefix('.')?)))
@@ -673,6 +681,29 @@ fn peft_component<'a>(
                 ),
             )
         })
+}
+
+/// A FLUX module under BFL's names, bare or under `transformer.` or `diffusion_model.`
+/// (ComfyUI's prefix, which diffusers reads as kohya's `lora_unet_`).
+fn bfl_module(stem: &str) -> Option<&str> {
+    let module = ["transformer.", "diffusion_model.", ""]
+        .iter()
+        .find_map(|prefix| stem.strip_prefix(prefix))?;
+    flux_names::is_bfl(module).then_some(module)
+}
+
+/// Entries naming FLUX's original modules (kohya's `lora_unet_double_blocks_*`, BFL's
+/// `double_blocks.*`), fused ones split, as entries of diffusers' transformer layers.
+fn with_flux_layers_split(entries: Vec<LoraEntry>) -> Result<Vec<LoraEntry>, String> {
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let original = matches!(entry.component, "unet" | "transformer");
+        match original && flux_names::is_bfl(&entry.name) {
+            true => out.extend(flux_names::to_diffusers(entry)?),
+            false => out.push(entry),
+        }
+    }
+    Ok(out)
 }
 
 /// The pairs of a kohya file, with their scales.
@@ -690,9 +721,13 @@ fn kohya_entries(
             }
             return Err(unread_key(path, name));
         };
-        let (component, module) = KOHYA_COMPONENTS
-            .iter()
-            .find_map(|(prefix, c)| Some((*c, stem.strip_prefix(prefix)?)))
+        let (component, module) = bfl_module(stem)
+            .map(|module| (flux_names::TRANSFORMER, module))
+            .or_else(|| {
+                KOHYA_COMPONENTS
+                    .iter()
+                    .find_map(|(prefix, c)| Some((*c, stem.strip_prefix(prefix)?)))
+            })
             .ok_or_else(|| {
                 let prefixes: Vec<&str> = KOHYA_COMPONENTS.iter().map(|(p, _)| *p).collect();
                 bad(
