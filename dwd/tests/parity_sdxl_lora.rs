@@ -10,17 +10,16 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::merge::{merged_model, random_lora, save, save_peft, LoraLayer, ALPHA};
 use common::{assert_close, Fixture};
-use dwd::pipelines::lora::{Adapter, LoraAdapter, LoraModules};
+use dwd::pipelines::lora::{Adapter, LoraAdapter};
 use dwd::pipelines::stable_diffusion_xl::PromptTexts;
 use dwd::pipelines::{ReplayNoise, StableDiffusionXlPipeline, XlArgs};
 
-const RANK: usize = 2;
-const ALPHA: f32 = 3.0;
 /// Images in [0, 1]; merged weights round differently from the branch, far below a level.
 const IMAGE_TOLERANCE: f32 = 1e-4;
 
@@ -37,24 +36,6 @@ fn model_dir() -> std::path::PathBuf {
 
 fn pipeline(dir: &Path) -> StableDiffusionXlPipeline {
     StableDiffusionXlPipeline::load(dir, DType::F32, &Device::Cpu).unwrap()
-}
-
-/// A (rank, in...) and B (out, rank, 1...) for a weight of `shape`, small and seeded by
-/// the module's position.
-fn pair(shape: &[usize], seed: usize) -> (Tensor, Tensor) {
-    let device = Device::Cpu;
-    let mut down_shape = vec![RANK];
-    down_shape.extend_from_slice(&shape[1..]);
-    let mut up_shape = vec![shape[0], RANK];
-    up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
-    let values = |shape: &[usize], salt: usize| {
-        let count: usize = shape.iter().product();
-        let data: Vec<f32> = (0..count)
-            .map(|i| (((i * 7 + seed * 13 + salt) % 17) as f32 - 8.0) / 40.0)
-            .collect();
-        Tensor::from_vec(data, shape, &device).unwrap()
-    };
-    (values(&down_shape, 1), values(&up_shape, 5))
 }
 
 /// kohya's sgm name for a diffusers UNet module (underscored), for `layers` per block:
@@ -116,104 +97,44 @@ fn sgm_name(module: &str, layers: usize) -> String {
     }
 }
 
-/// The LoRA on every adaptable layer of the three components: the PEFT file, the kohya
-/// file with sgm UNet names, and the deltas (`alpha / rank * B @ A`) by component and
-/// module.
-struct Made {
-    peft: HashMap<String, Tensor>,
-    kohya: HashMap<String, Tensor>,
-    deltas: Vec<(&'static str, String, Tensor)>,
-}
-
-fn make_lora(base: &StableDiffusionXlPipeline) -> Made {
+/// A LoRA on every adaptable layer of both text encoders and the UNet.
+fn make_lora(base: &StableDiffusionXlPipeline) -> Vec<LoraLayer> {
     let first = &base.text_encoders.first.as_ref().unwrap().encoder;
-    let components: [(&str, &str, &LoraModules); 3] = [
-        ("unet", "lora_unet_", base.unet.lora_modules()),
-        ("text_encoder", "lora_te1_", first.lora_modules()),
+    random_lora(&[
+        ("unet", base.unet.lora_modules()),
+        ("text_encoder", first.lora_modules()),
         (
             "text_encoder_2",
-            "lora_te2_",
             base.text_encoders.second.encoder.lora_modules(),
         ),
-    ];
-    let layers = 2;
-    let mut made = Made {
-        peft: HashMap::new(),
-        kohya: HashMap::new(),
-        deltas: Vec::new(),
-    };
+    ])
+}
+
+/// The same LoRA as kohya's SDXL trainer writes it: the UNet under sgm names,
+/// `lora_te1_`/`lora_te2_`, `.alpha`.
+fn save_kohya(layers: &[LoraLayer], path: &Path) {
     let alpha = Tensor::new(ALPHA, &Device::Cpu).unwrap();
-    for (seed, (component, prefix, module, shape)) in components
-        .iter()
-        .flat_map(|(c, p, modules)| modules.iter().map(move |(m, s)| (*c, *p, m, s)))
-        .enumerate()
-    {
-        let (down, up) = pair(shape, seed);
-        made.peft
-            .insert(format!("{component}.{module}.lora_A.weight"), down.clone());
-        made.peft
-            .insert(format!("{component}.{module}.lora_B.weight"), up.clone());
-        let kohya = match component {
-            "unet" => sgm_name(module, layers),
-            _ => module.replace('.', "_"),
+    let mut tensors = HashMap::new();
+    for layer in layers {
+        let stem = match layer.component {
+            "unet" => format!("lora_unet_{}", sgm_name(&layer.module, 2)),
+            "text_encoder" => format!("lora_te1_{}", layer.module.replace('.', "_")),
+            _ => format!("lora_te2_{}", layer.module.replace('.', "_")),
         };
-        made.kohya
-            .insert(format!("{prefix}{kohya}.lora_down.weight"), down.clone());
-        made.kohya
-            .insert(format!("{prefix}{kohya}.lora_up.weight"), up.clone());
-        made.kohya
-            .insert(format!("{prefix}{kohya}.alpha"), alpha.clone());
-        let product = up
-            .reshape((shape[0], RANK))
-            .unwrap()
-            .matmul(&down.reshape((RANK, ())).unwrap())
-            .unwrap();
-        let delta =
-            (product.reshape(shape.as_slice()).unwrap() * (ALPHA as f64 / RANK as f64)).unwrap();
-        made.deltas.push((component, module.clone(), delta));
+        tensors.insert(format!("{stem}.lora_down.weight"), layer.down.clone());
+        tensors.insert(format!("{stem}.lora_up.weight"), layer.up.clone());
+        tensors.insert(format!("{stem}.alpha"), alpha.clone());
     }
-    made
+    save(&tensors, path, None);
 }
 
-/// PEFT's config for the file: rank and alpha per component.
-fn peft_metadata() -> HashMap<String, String> {
-    let config: serde_json::Map<String, serde_json::Value> =
-        ["unet", "text_encoder", "text_encoder_2"]
-            .iter()
-            .flat_map(|c| {
-                [
-                    (format!("{c}.r"), serde_json::json!(RANK)),
-                    (format!("{c}.lora_alpha"), serde_json::json!(ALPHA)),
-                ]
-            })
-            .collect();
-    HashMap::from([(
-        "lora_adapter_metadata".to_string(),
-        serde_json::Value::Object(config).to_string(),
-    )])
-}
-
-fn save(tensors: &HashMap<String, Tensor>, path: &Path, metadata: Option<HashMap<String, String>>) {
-    let views: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    safetensors::serialize_to_file(views, metadata, path).unwrap();
-}
-
-/// A copy of the model folder with `weight * delta` merged into each adapted weight.
-fn merged_model(deltas: &[(&'static str, String, Tensor)], weight: f64, into: &Path) {
-    common::copy_dir(&model_dir(), into);
-    for (component, file) in FILES {
-        let path = into.join(file);
-        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        for (_, module, delta) in deltas.iter().filter(|(c, _, _)| *c == component) {
-            let name = format!("{module}.weight");
-            let base = tensors[&name].to_dtype(DType::F32).unwrap();
-            tensors.insert(name, (base + (delta * weight).unwrap()).unwrap());
-        }
-        save(&tensors, &path, None);
-    }
+/// The files of `make_lora`'s LoRA: PEFT and kohya.
+fn lora_files(base: &StableDiffusionXlPipeline, dir: &Path) -> (Vec<LoraLayer>, PathBuf, PathBuf) {
+    let layers = make_lora(base);
+    let (peft, kohya) = (dir.join("peft.safetensors"), dir.join("kohya.safetensors"));
+    save_peft(&layers, &peft);
+    save_kohya(&layers, &kohya);
+    (layers, peft, kohya)
 }
 
 fn args(base: &StableDiffusionXlPipeline) -> XlArgs {
@@ -259,22 +180,16 @@ fn with_lora(
 #[test]
 fn a_lora_on_both_text_encoders_and_the_unet_equals_its_merged_weights_in_either_layout() {
     let base = pipeline(&model_dir());
-    let made = make_lora(&base);
     let unet_layers = base.unet.lora_modules().len();
     assert!(unet_layers > 50, "only {unet_layers} UNet layers");
     let dir = tempfile::tempdir().unwrap();
-    let (peft, kohya) = (
-        dir.path().join("peft.safetensors"),
-        dir.path().join("kohya.safetensors"),
-    );
-    save(&made.peft, &peft, Some(peft_metadata()));
-    save(&made.kohya, &kohya, None);
+    let (layers, peft, kohya) = lora_files(&base, dir.path());
     let args = args(&base);
     let base_image = image(&base, &args);
 
     let weight = 0.8;
     let merged_dir = dir.path().join("merged");
-    merged_model(&made.deltas, weight, &merged_dir);
+    merged_model(&model_dir(), &FILES, &layers, weight, &merged_dir);
     let merged = image(&pipeline(&merged_dir), &args);
     let with_peft = with_lora(base, &peft, weight);
     let peft_image = image(&with_peft, &args);
@@ -306,10 +221,8 @@ fn a_lora_on_both_text_encoders_and_the_unet_equals_its_merged_weights_in_either
 #[test]
 fn cross_attention_kwargs_scale_is_the_adapters_weight() {
     let base = pipeline(&model_dir());
-    let made = make_lora(&base);
     let dir = tempfile::tempdir().unwrap();
-    let peft = dir.path().join("peft.safetensors");
-    save(&made.peft, &peft, Some(peft_metadata()));
+    let (_, peft, _) = lora_files(&base, dir.path());
     let args = args(&base);
     let at_half = image(&with_lora(pipeline(&model_dir()), &peft, 0.5), &args);
     let scaled = XlArgs {
@@ -323,17 +236,20 @@ fn cross_attention_kwargs_scale_is_the_adapters_weight() {
 #[test]
 fn a_file_naming_the_unet_both_ways_is_refused() {
     let base = pipeline(&model_dir());
-    let made = make_lora(&base);
-    let mut mixed = made.kohya.clone();
-    for (name, tensor) in made.kohya.iter() {
-        if let Some(rest) = name.strip_prefix("lora_unet_input_blocks_1_0_in_layers_2") {
-            mixed.insert(
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, kohya) = lora_files(&base, dir.path());
+    let mut mixed = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();
+    let renamed: Vec<(String, Tensor)> = mixed
+        .iter()
+        .filter_map(|(name, tensor)| {
+            let rest = name.strip_prefix("lora_unet_input_blocks_1_0_in_layers_2")?;
+            Some((
                 format!("lora_unet_down_blocks_0_resnets_0_conv1{rest}"),
                 tensor.clone(),
-            );
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
+            ))
+        })
+        .collect();
+    mixed.extend(renamed);
     let path = dir.path().join("mixed.safetensors");
     save(&mixed, &path, None);
     let with = with_lora(base, &path, 1.0);

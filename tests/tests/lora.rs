@@ -4,8 +4,7 @@
 //! adapters, one adapter at another weight, the kohya file and `cross_attention_kwargs`
 //! give diffusers' images within one level; a LoRA is a cached component of its own, so
 //! changing only weights loads nothing and the base image comes back bit for bit; the FLUX
-//! LoRA (`tests/fixtures/tiny-flux-lora`) likewise; a family without LoRAs yet refuses them
-//! by name.
+//! LoRA (`tests/fixtures/tiny-flux-lora`) likewise.
 
 use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
 
@@ -159,20 +158,6 @@ fn lora_mistakes_are_refused_by_name() {
     assert!(
         text.contains("`cross_attention_kwargs` key `ip` is not read"),
         "{text}"
-    );
-
-    let text = dw_tests::example_text("tiny-sd3.json").replace(
-        "\"from_pretrained_arguments\"",
-        "\"loras\": [{\"model_name\": \"x\"}], \"from_pretrained_arguments\"",
-    );
-    let workflow = daemon.dir.path().join("sd3-lora.json");
-    std::fs::write(&workflow, text).unwrap();
-    let refused = daemon.dwctl(&["validate", workflow.to_str().unwrap()]);
-    assert_eq!(refused.code, 2);
-    assert!(
-        refused.stderr.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion, Stable Diffusion XL, FLUX.1 pipelines"),
-        "{}",
-        refused.stderr
     );
 }
 

@@ -4,6 +4,8 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod merge;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

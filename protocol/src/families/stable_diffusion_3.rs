@@ -45,6 +45,11 @@ const COMMON: &[ArgSpec] = &[
         ArgType::Integer { min: 1, max: 512 },
         ArgDefault::Integer(256),
     ),
+    ArgSpec::new(
+        "joint_attention_kwargs",
+        ArgType::AttentionScale,
+        ArgDefault::Unset,
+    ),
 ];
 
 /// Only text to image: the size and skip-layer guidance (SD 3.5 medium's).
@@ -120,5 +125,5 @@ pub static FAMILY: Family = Family {
         ComponentSpec::required("vae", "AutoencoderKL"),
     ],
     schedulers: super::FLOW_SCHEDULERS,
-    loras: false,
+    loras: true,
 };

@@ -828,11 +828,11 @@ fn loras_are_read_as_diffusers_workflow_reads_them() {
     );
     assert!(e.contains("missing `model_name`"), "{e}");
     let e = error(
-        &flow("StableDiffusion3Pipeline", r#"[{"model_name": "a"}]"#),
+        &flow("DwTestNoisePipeline", r#"[{"model_name": "a"}]"#),
         &[],
     );
     assert!(
-        e.contains("`loras` on a Stable Diffusion 3 pipeline is not built yet; LoRAs run on Stable Diffusion, Stable Diffusion XL, FLUX.1 pipelines"),
+        e.contains("`loras` on a test noise pipeline is not built yet; LoRAs run on Stable Diffusion, Stable Diffusion XL, FLUX.1, Stable Diffusion 3 pipelines"),
         "{e}"
     );
     let e = error(

@@ -24,8 +24,12 @@ pub use transformer::{Sd3Config, Sd3Inputs, Sd3Transformer};
 use super::diffusion::DecodeOptions;
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
 use super::{
-    ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
+    lora, ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
 };
+
+/// The components a LoRA adapts, as diffusers' `SD3LoraLoaderMixin` loads them (T5 takes
+/// none).
+const ADAPTED: &[&str] = &["text_encoder", "text_encoder_2", "transformer"];
 
 /// The family, as the registry lists it.
 pub struct StableDiffusion3;
@@ -36,6 +40,7 @@ impl Family for StableDiffusion3 {
     }
 
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
+        lora::check_components(&parts.adapters, ADAPTED, "Stable Diffusion 3")?;
         let t5 = match (
             parts.take_optional("tokenizer_3")?,
             parts.take_optional("text_encoder_3")?,
@@ -66,6 +71,7 @@ impl Family for StableDiffusion3 {
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
             device: parts.device.clone(),
             dtype: parts.dtype,
+            adapters: parts.adapters,
         }))
     }
 }
@@ -104,6 +110,7 @@ impl StableDiffusion3Pipeline {
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
             device: device.clone(),
             dtype,
+            adapters: Vec::new(),
         })
     }
 }
@@ -167,5 +174,6 @@ fn sd3_args(request: &Request) -> Sd3Args {
             slicing: request.vae_slicing,
             tiling: request.vae_tiling,
         },
+        lora_scale: request.number("joint_attention_kwargs", defaults.lora_scale),
     }
 }

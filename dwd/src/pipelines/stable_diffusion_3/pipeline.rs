@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use super::transformer::{Sd3Inputs, Sd3Transformer};
 use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
+use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
 use crate::pipelines::scheduler::{
     calculate_shift, first_kept_step, FlowMatchEulerDiscreteScheduler, FlowSchedule,
@@ -61,6 +62,8 @@ pub struct StableDiffusion3Pipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// The LoRAs this pipeline was assembled with (`loras`), in list order.
+    pub adapters: Vec<Adapter>,
 }
 
 /// The three prompts (and the three negatives) of one request.
@@ -103,6 +106,8 @@ pub struct Sd3Args {
     pub scheduler_overrides: Map<String, Value>,
     pub output_latents: bool,
     pub decode: DecodeOptions,
+    /// `joint_attention_kwargs={"scale": s}`: every LoRA's weight times this.
+    pub lora_scale: f64,
 }
 
 impl Default for Sd3Args {
@@ -123,6 +128,7 @@ impl Default for Sd3Args {
             scheduler_overrides: Map::new(),
             output_latents: false,
             decode: DecodeOptions::default(),
+            lora_scale: 1.0,
         }
     }
 }
@@ -239,11 +245,13 @@ impl StableDiffusion3Pipeline {
                 .to_device(&self.device)
                 .in_component(COMPONENT)?,
         };
+        let adapters = self.adapters_on("transformer", args.lora_scale)?;
         let run = Run {
             positive: &positive,
             guided: conditioning.as_ref(),
             guidance_scale: args.guidance_scale,
             skip: args.skip_layer_guidance.as_ref(),
+            adapters: adapters.as_ref(),
         };
         let latents = self.denoise((&mut scheduler, first), &run, latents, noise, on_progress)?;
         if args.output_latents {
@@ -266,14 +274,16 @@ impl StableDiffusion3Pipeline {
         args: &Sd3Args,
     ) -> Result<Sd3Conditioning, PipelineError> {
         let clip = |clip: &Clip, index: usize| -> Result<(Tensor, Tensor), PipelineError> {
+            let component = ["text_encoder", "text_encoder_2"][index];
             let ids = texts
                 .iter()
                 .map(|t| clip.tokenizer.encode_padded(&t[index], CLIP_MAX_LENGTH))
                 .collect::<Result<Vec<_>, _>>()?;
-            let output = clip.encoder.encode_all(&ids)?;
+            let adapters = self.adapters_on(component, args.lora_scale)?;
+            let output = lora::with_adapters(adapters.as_ref(), || clip.encoder.encode_all(&ids))?;
             let pooled = output.text_embeds.ok_or_else(|| {
                 PipelineError::invalid(
-                    ["text_encoder", "text_encoder_2"][index],
+                    component,
                     "has no text_projection: SD 3 needs CLIPTextModelWithProjection",
                 )
             })?;
@@ -297,6 +307,33 @@ impl StableDiffusion3Pipeline {
             prompt_embeds,
             pooled_prompt_embeds,
         })
+    }
+
+    /// The LoRA branches of one component (`text_encoder`, `text_encoder_2` or
+    /// `transformer`) for a run, each adapter at its weight times `scale`.
+    fn adapters_on(
+        &self,
+        component: &str,
+        scale: f64,
+    ) -> Result<Option<Arc<ActiveAdapters>>, PipelineError> {
+        let (modules, dtype) = match component {
+            "text_encoder" => (
+                self.clip_l.encoder.lora_modules(),
+                self.clip_l.encoder.dtype(),
+            ),
+            "text_encoder_2" => (
+                self.clip_g.encoder.lora_modules(),
+                self.clip_g.encoder.dtype(),
+            ),
+            _ => (self.transformer.lora_modules(), self.transformer.dtype()),
+        };
+        ActiveAdapters::build(
+            component,
+            modules,
+            &self.adapters,
+            scale,
+            (dtype, &self.device),
+        )
     }
 
     /// T5's states of each row's third text, or zeros of T5's shape without a T5.
@@ -415,12 +452,14 @@ impl StableDiffusion3Pipeline {
     ) -> Result<Tensor, PipelineError> {
         let call = |conditioning: &Sd3Conditioning, latents: &Tensor, skip: &[usize]| {
             let rows = latents.dim(0).in_component(COMPONENT)?;
-            self.transformer.forward(&Sd3Inputs {
-                hidden_states: latents,
-                encoder_hidden_states: &conditioning.prompt_embeds,
-                pooled_projections: &conditioning.pooled_prompt_embeds,
-                timesteps: &vec![timestep; rows],
-                skip_layers: skip,
+            lora::with_adapters(run.adapters, || {
+                self.transformer.forward(&Sd3Inputs {
+                    hidden_states: latents,
+                    encoder_hidden_states: &conditioning.prompt_embeds,
+                    pooled_projections: &conditioning.pooled_prompt_embeds,
+                    timesteps: &vec![timestep; rows],
+                    skip_layers: skip,
+                })
             })
         };
         let Some(guided) = run.guided else {
@@ -451,6 +490,8 @@ struct Run<'a> {
     guided: Option<&'a Sd3Conditioning>,
     guidance_scale: f64,
     skip: Option<&'a SkipLayerGuidance>,
+    /// The transformer's LoRA branches for this run.
+    adapters: Option<&'a Arc<ActiveAdapters>>,
 }
 
 /// The negative rows, then the positive ones, as diffusers batches them.

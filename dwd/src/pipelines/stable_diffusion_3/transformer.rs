@@ -13,12 +13,14 @@
 //! FLUX's, which has the same ones.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::pipelines::flux::blocks::{clamp_half, continuous_norm, FeedForward, OutputLayer};
 use crate::pipelines::flux::embeddings::{modulate, Modulation, RmsNorm, TimeTextEmbedding};
+use crate::pipelines::lora::{adaptable_modules, LoraModules};
 use crate::pipelines::ops::{self, Conv2d, Linear};
 use crate::pipelines::strict::load_component_strict;
 use crate::pipelines::{ConfigJson, InComponent, PipelineError};
@@ -358,6 +360,8 @@ pub struct Sd3Transformer {
     dtype: DType,
     device: Device,
     bytes: u64,
+    /// The layers that take LoRA branches, with their weights' shapes.
+    modules: Arc<LoraModules>,
 }
 
 impl Sd3Transformer {
@@ -372,14 +376,18 @@ impl Sd3Transformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, PipelineError> {
-        let (mut model, bytes) = load_component_strict(
-            dir,
-            (variant, dtype, device),
-            COMPONENT,
-            Sd3Config::load,
-            Self::new,
-        )?;
+        let (loaded, modules) = adaptable_modules(|| {
+            load_component_strict(
+                dir,
+                (variant, dtype, device),
+                COMPONENT,
+                Sd3Config::load,
+                Self::new,
+            )
+        });
+        let (mut model, bytes) = loaded?;
         model.bytes = bytes;
+        model.modules = Arc::new(modules);
         Ok(model)
     }
 
@@ -414,6 +422,7 @@ impl Sd3Transformer {
             device: vb.device().clone(),
             config,
             bytes: 0,
+            modules: Arc::default(),
         })
     }
 
@@ -427,6 +436,11 @@ impl Sd3Transformer {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The layers a LoRA can adapt (every Linear and convolution), by diffusers' names.
+    pub fn lora_modules(&self) -> &LoraModules {
+        &self.modules
     }
 
     /// The predicted velocity (batch, out_channels, h, w), in f32.
