@@ -2,7 +2,9 @@
 # Checks dwd on a CUDA GPU, in two parts:
 # 1. the tiny reference pipeline on cuda:0 in float32 and float16, compared with diffusers'
 #    images, cold and warm, with device memory before any load, after, and after `clear`;
-#    SDXL's reference run in float32 and float16 and its base-then-refiner workflow; and
+#    SDXL's reference run in float32 and float16 and its base-then-refiner workflow; the
+#    tiny FLUX.1-dev run in bf16 with `offload: "model"` and without (images, placements,
+#    device memory); and
 #    dwd's computation of torch's CUDA generator (examples/torch_randn) against torch;
 # 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
 #    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
@@ -89,6 +91,23 @@ done
 sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sdxl-refiner.json > "$dir/refiner.json"
 "$bin/dwctl" run "$dir/refiner.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
 python3 -c "import json; s=json.load(open('$dir/run.json')); print('SDXL base then refiner, f16: misses', s['cache']['misses'], 'hits', s['cache']['hits'])"
+echo "== FLUX model offload: the tiny FLUX.1-dev run in bf16 with offload \"model\", then without"
+for offload in model none; do
+  python3 - "$PWD" "$dir/flux.json" "$offload" <<'PY'
+import json, sys
+root, out, offload = sys.argv[1:]
+text = open(f"{root}/examples/tiny-flux-dev.json").read().replace("../tests/fixtures", f"{root}/tests/fixtures")
+flow = json.loads(text)
+config = flow["steps"][0]["pipeline"]["configuration"]
+if offload == "none":
+    config.pop("offload", None)
+json.dump(flow, open(out, "w"))
+PY
+  "$bin/dwctl" clear > /dev/null
+  "$bin/dwctl" run "$dir/flux.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
+  echo "offload $offload: $(compare "$dir/out/tiny_flux_dev-txt2img.0-0.0.png" tests/fixtures/tiny-flux/expected_flux.png)"
+  echo "placements logged so far: $(grep -c 'dwd::placement' "$dir/dwd.log")"; memory
+done
 echo "== torch's CUDA generator: dwd's host computation against torch on this GPU"
 geometry=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.multi_processor_count}x{p.max_threads_per_multi_processor}')")
 for case in "42 10 1" "1234567890 65536 2" "7 1000000 2"; do

@@ -63,6 +63,9 @@ pub struct ComponentKey {
     /// Adapters fused into its weights, in order (none yet).
     pub adapters: Vec<String>,
     pub files: Vec<FileIdentity>,
+    /// Held in host memory for model offload while the device is another (a GPU): it
+    /// takes none of the device's budget, and unloading it frees none.
+    pub host: bool,
 }
 
 impl ComponentKey {
@@ -270,11 +273,16 @@ impl ComponentCache {
         keep: &[ComponentKey],
     ) -> Result<Vec<Evicted>, OverBudget> {
         let state = self.lock();
-        let loaded: u64 = state.entries.values().map(|e| e.bytes).sum();
+        let loaded: u64 = state
+            .entries
+            .iter()
+            .filter(|(k, _)| !k.host)
+            .map(|(_, e)| e.bytes)
+            .sum();
         let mut candidates: Vec<(&ComponentKey, &Entry)> = state
             .entries
             .iter()
-            .filter(|(k, e)| !e.in_use() && !keep.contains(k))
+            .filter(|(k, e)| !k.host && !e.in_use() && !keep.contains(k))
             .collect();
         candidates.sort_by_key(|(_, e)| e.last_used);
         let mut evict = Vec::new();
@@ -292,9 +300,9 @@ impl ComponentCache {
         if after.saturating_add(needed) > state.budget {
             let in_use = state
                 .entries
-                .values()
-                .filter(|e| e.in_use())
-                .map(|e| e.bytes)
+                .iter()
+                .filter(|(k, e)| !k.host && e.in_use())
+                .map(|(_, e)| e.bytes)
                 .sum();
             return Err(OverBudget {
                 needed,
@@ -448,6 +456,7 @@ mod tests {
             dtype: "f32".into(),
             device: "cpu".into(),
             files,
+            host: false,
         }
     }
 
@@ -554,6 +563,32 @@ mod tests {
         cache.make_room(150, &[]).unwrap();
         assert_eq!(cache.len(), 1);
         assert!(cache.contains(&typed("unet", "/new")));
+    }
+
+    /// Model offload keeps components in host memory while the device is a GPU: they take
+    /// none of the device's budget, and unloading them would free none of it.
+    #[test]
+    fn offloaded_components_in_host_memory_are_outside_the_device_budget() {
+        let cache = ComponentCache::with_budget(300);
+        let host = ComponentKey {
+            host: true,
+            ..typed("transformer", "/flux")
+        };
+        cache
+            .get_or_load(host.clone(), "u", || Ok::<_, ()>((0u8, 250)))
+            .unwrap();
+        assert!(cache.plan_room(300, &[]).unwrap().is_empty());
+        cache
+            .get_or_load(typed("vae", "/flux"), "u", || Ok::<_, ()>((0u8, 200)))
+            .unwrap();
+        let evicted = cache.make_room(150, &[]).unwrap();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(
+            evicted[0].key,
+            typed("vae", "/flux"),
+            "not the host-held one"
+        );
+        assert!(cache.contains(&host));
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct PlannedLoad {
     pub bytes: u64,
     /// For a LoRA: the name it is loaded under and its weight.
     pub adapter: Option<(String, f64)>,
+    /// Loaded to host memory for model offload, placed on the device while it runs.
+    pub offloaded: bool,
 }
 
 /// Everything resolved for a step before loading.
@@ -107,6 +109,7 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         }
     })?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
+    let offload = spec.options.offload.as_deref() == Some("model") && implementation.offloads();
     let mut omitted = families::omitted_components(family, &index, &supplied);
     omitted.extend(asked_omitted(context, family, &supplied)?);
     let components = family
@@ -115,7 +118,7 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         .filter(|component| !omitted.contains(&component.name))
         .map(|component| {
             let dir_dtype = |dir: &Path| implementation.component_dtype(component.name, dir, dtype);
-            plan_component(context, component, &model_dir, &dir_dtype)
+            plan_component(context, component, &model_dir, &dir_dtype, offload)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let components = components
@@ -162,6 +165,7 @@ fn plan_component(
     component: &'static ComponentSpec,
     model_dir: &Path,
     dtype_in: &dyn Fn(&Path) -> DType,
+    offload: bool,
 ) -> Result<PlannedLoad, JobError> {
     let loader = components::loader(component.class).ok_or_else(|| {
         JobError::Internal(format!(
@@ -194,6 +198,11 @@ fn plan_component(
         .map(|p| FileIdentity::of(p).map_err(|e| failed(format!("{}: {e}", p.display()))))
         .collect::<Result<Vec<_>, _>>()?;
     let bytes = weights_bytes(&files.weights, dtype).map_err(|e| failed(e.to_string()))?;
+    let offloaded = offload && loader.offload.is_some();
+    let device = match offloaded {
+        true => format!("cpu (offloaded; runs on {})", context.device_name),
+        false => context.device_name.to_string(),
+    };
     let key = ComponentKey {
         component_type: component.name,
         class: component.class,
@@ -202,10 +211,11 @@ fn plan_component(
             true => format!("{dtype:?}").to_lowercase(),
             false => "-".to_string(),
         },
-        device: context.device_name.to_string(),
+        device,
         variant: variant.filter(|_| loader.weighted).map(str::to_string),
         adapters: Vec::new(),
         files: identities,
+        host: offloaded && !context.device.is_cpu(),
     };
     Ok(PlannedLoad {
         spec: component,
@@ -215,6 +225,7 @@ fn plan_component(
         key,
         bytes,
         adapter: None,
+        offloaded,
     })
 }
 
@@ -260,6 +271,7 @@ fn plan_lora(context: &PlanContext<'_>, lora: &LoraSpec) -> Result<PlannedLoad, 
         variant: None,
         adapters: Vec::new(),
         files: vec![identity],
+        host: false,
     };
     Ok(PlannedLoad {
         spec: &LORA,
@@ -269,6 +281,7 @@ fn plan_lora(context: &PlanContext<'_>, lora: &LoraSpec) -> Result<PlannedLoad, 
         key,
         bytes,
         adapter: Some((lora.adapter_name.clone(), lora.scale)),
+        offloaded: false,
     })
 }
 
@@ -410,7 +423,9 @@ pub fn missing(plans: &[&StepPlan], cache: &ComponentCache) -> (Vec<ComponentKey
     for load in plans.iter().flat_map(|p| &p.components) {
         if !cache.contains(&load.key) && !keys.contains(&load.key) {
             keys.push(load.key.clone());
-            needed += load.bytes;
+            if !load.key.host {
+                needed += load.bytes;
+            }
         }
     }
     (keys, needed)
@@ -509,7 +524,11 @@ fn take(
     let started = Instant::now();
     let variant = load.key.variant.as_deref();
     let (value, lookup) = cache.get_or_load_any(load.key.clone(), user, || {
-        (load.loader.load)(&load.dir, variant, load.dtype, device).map(|v| (v, load.bytes))
+        let loaded = match (load.offloaded, load.loader.offload) {
+            (true, Some(to_host)) => to_host(&load.dir, variant, load.dtype),
+            _ => (load.loader.load)(&load.dir, variant, load.dtype, device),
+        };
+        loaded.map(|v| (v, load.bytes))
     })?;
     match lookup {
         Lookup::Hit => counts.hits += 1,

@@ -67,7 +67,7 @@ fn image(pipeline: &FluxPipeline, args: &FluxArgs) -> Tensor {
 fn the_lora_targets_the_layers_diffusers_adapted() {
     let pipeline = pipeline();
     let lora = style(1.0).lora;
-    let modules = pipeline.transformer.lora_modules();
+    let modules = pipeline.transformer.model().lora_modules();
     let got: BTreeSet<String> = lora
         .targets("transformer", modules)
         .unwrap()
@@ -108,10 +108,10 @@ fn the_transformer_alone_matches_at_each_weight() {
     for (case, weight) in [("base", None), ("a", Some(1.0)), ("a_scaled", Some(0.5))] {
         let adapters: Vec<Adapter> = weight.map(style).into_iter().collect();
         let place = (DType::F32, &Device::Cpu);
-        let modules = pipeline.transformer.lora_modules();
+        let modules = pipeline.transformer.model().lora_modules();
         let active = ActiveAdapters::build("transformer", modules, &adapters, 1.0, place).unwrap();
         let out = with_adapters(active.as_ref(), || {
-            pipeline.transformer.forward(&FluxInputs {
+            pipeline.transformer.model().forward(&FluxInputs {
                 hidden_states: &reference["tr_x"],
                 encoder_hidden_states: &reference["tr_ehs"],
                 pooled_projections: &reference["tr_pooled"],

@@ -79,6 +79,23 @@ fn the_encoder_matches_transformers_without_a_mask() {
     );
 }
 
+/// Under model offload T5 is built again from its host copy's tensors where it runs;
+/// built so (here on the CPU), it still matches transformers.
+#[test]
+fn the_encoder_rebuilt_from_its_offloaded_tensors_matches_transformers() {
+    let reference = fixture().tensors("expected.safetensors");
+    let host = T5Encoder::load_host(&encoder_dir(), None, DType::F32).unwrap();
+    let encoder = host.rebuilt_on(&Device::Cpu).unwrap();
+    assert!(encoder.bytes() > 0);
+    let out = encoder.encode(&token_rows(&reference["t5_ids"])).unwrap();
+    assert_close(
+        "rebuilt T5 last_hidden_state",
+        &out,
+        &reference["t5_out"],
+        TEXT_TOLERANCE,
+    );
+}
+
 #[test]
 fn a_batch_encodes_each_row_as_alone_and_bad_ids_are_errors() {
     let encoder = T5Encoder::load(&encoder_dir(), DType::F32, &Device::Cpu).unwrap();

@@ -242,12 +242,13 @@ fn what_dw_does_not_build_is_refused_by_name_and_runtime_keys_are_noted() {
         r#"{"id": "l", "steps": [{"name": "s", "pipeline": {
           "configuration": {"component_type": "StableDiffusion3Pipeline"},
           "from_pretrained_arguments": {"model_name": "stabilityai/stable-diffusion-3.5-medium"},
-          "loras": [{"model_name": "x"}], "arguments": {"prompt": "x"}}}]}"#,
+          "loras": [{"model_name": "x", "revision": "main"}], "arguments": {"prompt": "x"}}}]}"#,
     );
     lora.assert_code(2);
     assert!(
-        lora.stderr
-            .contains("`loras` on a Stable Diffusion 3 pipeline is not built yet"),
+        lora.stderr.contains(
+            "check.json:4:41: `revision` is not supported: dw reads the snapshot the hub cache's refs/main names and never downloads"
+        ),
         "{}",
         lora.stderr
     );

@@ -303,3 +303,89 @@ fn a_schnell_workflow_runs_and_ignores_guidance_with_a_notice() {
     let (_, five_pixels) = run_with("5.0", "five");
     assert_eq!(zero_pixels, five_pixels, "guidance is ignored");
 }
+
+/// The placements the daemon logged, in order: `(placed?, component)`.
+fn placements(log: &str) -> Vec<(bool, String)> {
+    log.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("dwd::placement")?;
+            let placed = rest.contains("placed ");
+            let word = if placed { "placed " } else { "released " };
+            let name = rest.split_once(word)?.1.split_whitespace().next()?;
+            Some((placed, name.to_string()))
+        })
+        .collect()
+}
+
+/// `offload: "model"` (the example has it): T5 and the transformer are loaded to host
+/// memory and placed on the device one at a time, T5 for the prompts, then the
+/// transformer for the steps, as diffusers' `enable_model_cpu_offload` moves them; the
+/// image is the one of a run without offload, bit for bit. On the CPU the placements
+/// save nothing (host and device memory are one) and the run says so, but they run, and
+/// are logged, in the order a GPU would see them.
+#[test]
+fn model_offload_places_t5_then_the_transformer_one_at_a_time_and_changes_no_pixel() {
+    let daemon = TestDaemon::new();
+    let run = |daemon: &TestDaemon, edit: &dyn Fn(String) -> String| {
+        let workflow = daemon.dir.path().join("flux-dev.json");
+        std::fs::write(
+            &workflow,
+            edit(dw_tests::example_text("tiny-flux-dev.json")),
+        )
+        .unwrap();
+        let out = daemon.output_dir();
+        let run = daemon.dwctl(&[
+            "run",
+            workflow.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        run.assert_code(0);
+        let (_, _, pixels) = png_pixels(&out.join("tiny_flux_dev-txt2img.0-0.0.png"));
+        (run, pixels)
+    };
+    let (offloaded, offloaded_pixels) = run(&daemon, &|text| text);
+    assert!(
+        offloaded
+            .stderr
+            .contains("`offload: \"model\"` saves no memory on cpu"),
+        "{}",
+        offloaded.stderr
+    );
+    let log = daemon.log();
+    let order = placements(&log);
+    let expected: Vec<(bool, String)> = [
+        (true, "text_encoder_2"),
+        (false, "text_encoder_2"),
+        (true, "transformer"),
+        (false, "transformer"),
+    ]
+    .iter()
+    .map(|(placed, name)| (*placed, name.to_string()))
+    .collect();
+    assert_eq!(order, expected, "{log}");
+    let status = daemon.status();
+    let loaded = status["loaded"].as_array().unwrap();
+    let device_of = |component: &str| {
+        loaded
+            .iter()
+            .find(|c| c["component_type"] == component)
+            .map(|c| c["device"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        device_of("transformer"),
+        "cpu (offloaded; runs on cpu)",
+        "{status}"
+    );
+    assert_eq!(device_of("text_encoder_2"), "cpu (offloaded; runs on cpu)");
+    assert_eq!(device_of("vae"), "cpu");
+
+    let fresh = TestDaemon::new();
+    let (resident, resident_pixels) = run(&fresh, &|text| {
+        text.replace(",\n          \"offload\": \"model\"", "")
+    });
+    assert!(!resident.stderr.contains("offload"), "{}", resident.stderr);
+    assert!(placements(&fresh.log()).is_empty());
+    assert_eq!(offloaded_pixels, resident_pixels);
+}

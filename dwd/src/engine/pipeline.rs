@@ -66,7 +66,8 @@ impl Engine {
             model_dirs: &counters.model_dirs,
         })?;
         check_runs(context, spec, &plan, runs)?;
-        let notices = placement_notices(spec, &self.device_name);
+        let offloads = pipelines::family(plan.class.family).is_some_and(|f| f.offloads());
+        let notices = placement_notices(spec, &self.device_name, offloads);
         for notice in plan.dtype_notice.iter().chain(&notices) {
             context.log(LogLevel::Warn, notice.clone());
         }
@@ -399,12 +400,27 @@ fn check_runs(
     Ok(())
 }
 
-/// Notices for placement options the CPU (or this build) gives no effect.
-fn placement_notices(spec: &PipelineStep, device_name: &str) -> Vec<String> {
+/// Notices for placement options the CPU (or this build) gives no effect. Model offload
+/// runs where the family builds it (`offloads`), and saves nothing on the CPU, whose
+/// memory is the host's.
+fn placement_notices(spec: &PipelineStep, device_name: &str, offloads: bool) -> Vec<String> {
     let options = &spec.options;
     let mut notices = Vec::new();
-    if let Some(offload) = &options.offload {
-        notices.push(format!("`offload: \"{offload}\"` has no effect on {device_name}: every component stays where the pipeline runs"));
+    let cpu = device_name.starts_with("cpu");
+    match (options.offload.as_deref(), offloads, cpu) {
+        (Some("model"), true, true) => notices.push(format!(
+            "`offload: \"model\"` saves no memory on {device_name}, whose memory is the host's: the large components are still placed one at a time"
+        )),
+        (Some("model"), true, false) | (None, _, _) => {}
+        (Some(offload), _, true) => notices.push(format!(
+            "`offload: \"{offload}\"` has no effect on {device_name}, which is no accelerator: every component stays where the pipeline runs"
+        )),
+        (Some("model"), false, false) => notices.push(format!(
+            "`offload: \"model\"` is built for FLUX.1 pipelines; this pipeline's components stay on {device_name}"
+        )),
+        (Some(offload), _, false) => notices.push(format!(
+            "`offload: \"{offload}\"` (block by block) is not built yet; every component stays on {device_name}"
+        )),
     }
     if options.group_offload {
         notices.push(format!("`group_offload` has no effect on {device_name}: every component stays where the pipeline runs"));

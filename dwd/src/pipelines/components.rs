@@ -22,6 +22,9 @@ use super::{
 /// A loaded component, as the cache holds it.
 pub type Loaded = Arc<dyn Any + Send + Sync>;
 
+/// Loads a component to host memory for model offload: its folder, variant and dtype.
+pub type LoadToHost = fn(&Path, Option<&str>, DType) -> Result<Loaded, PipelineError>;
+
 /// The class name LoRA adapters are cached under.
 pub const LORA_CLASS: &str = "lora";
 
@@ -33,6 +36,9 @@ pub struct ComponentLoader {
     /// The files it is read from (its identity) and, of those, its weight files.
     pub files: fn(&Path, Option<&str>) -> Result<ComponentFiles, PipelineError>,
     pub load: fn(&Path, Option<&str>, DType, &Device) -> Result<Loaded, PipelineError>,
+    /// For the large components model offload moves (`offload: "model"`): loads it to
+    /// host memory as a [`super::placement::HostWeights`], placed on the device only while it runs.
+    pub offload: Option<LoadToHost>,
 }
 
 /// What a component is read from.
@@ -49,12 +55,14 @@ pub static LOADERS: &[ComponentLoader] = &[
         weighted: false,
         files: tokenizer_files,
         load: |dir, _, _, _| Ok(Arc::new(ClipTokenizer::load(dir)?)),
+        offload: None,
     },
     ComponentLoader {
         class: "transformers.CLIPTextModel",
         weighted: true,
         files: model_files,
         load: text_encoder,
+        offload: None,
     },
     // The same encoder, with the `text_projection` its weights hold.
     ComponentLoader {
@@ -62,12 +70,14 @@ pub static LOADERS: &[ComponentLoader] = &[
         weighted: true,
         files: model_files,
         load: text_encoder,
+        offload: None,
     },
     ComponentLoader {
         class: "transformers.T5TokenizerFast",
         weighted: false,
         files: t5_tokenizer_files,
         load: |dir, _, _, _| Ok(Arc::new(T5Tokenizer::load(dir)?)),
+        offload: None,
     },
     ComponentLoader {
         class: "transformers.T5EncoderModel",
@@ -78,6 +88,9 @@ pub static LOADERS: &[ComponentLoader] = &[
                 dir, variant, dtype, device,
             )?))
         },
+        offload: Some(|dir, variant, dtype| {
+            Ok(Arc::new(T5Encoder::load_host(dir, variant, dtype)?))
+        }),
     },
     ComponentLoader {
         class: "UNet2DConditionModel",
@@ -86,6 +99,7 @@ pub static LOADERS: &[ComponentLoader] = &[
         load: |dir, variant, dtype, device| {
             Ok(Arc::new(Unet::load_variant(dir, variant, dtype, device)?))
         },
+        offload: None,
     },
     ComponentLoader {
         class: "FluxTransformer2DModel",
@@ -96,6 +110,9 @@ pub static LOADERS: &[ComponentLoader] = &[
                 dir, variant, dtype, device,
             )?))
         },
+        offload: Some(|dir, variant, dtype| {
+            Ok(Arc::new(FluxTransformer::load_host(dir, variant, dtype)?))
+        }),
     },
     ComponentLoader {
         class: "SD3Transformer2DModel",
@@ -106,6 +123,7 @@ pub static LOADERS: &[ComponentLoader] = &[
                 dir, variant, dtype, device,
             )?))
         },
+        offload: None,
     },
     // A LoRA file (the loader's "folder" is the file itself), read as f32 on the CPU and
     // placed on the device by each run that uses it.
@@ -119,6 +137,7 @@ pub static LOADERS: &[ComponentLoader] = &[
             })
         },
         load: |file, _, _, _| Ok(Arc::new(LoraAdapter::load(file)?)),
+        offload: None,
     },
     ComponentLoader {
         class: "AutoencoderKL",
@@ -127,6 +146,7 @@ pub static LOADERS: &[ComponentLoader] = &[
         load: |dir, variant, dtype, device| {
             Ok(Arc::new(Vae::load_variant(dir, variant, dtype, device)?))
         },
+        offload: None,
     },
 ];
 

@@ -17,6 +17,7 @@ use protocol::workflow::{Arguments, PipelineClass, SchedulerSpec};
 
 use super::lora::{Adapter, LoraAdapter};
 use super::noise::NoiseSource;
+use super::placement::{HostWeights, Movable, Placed};
 use super::PipelineError;
 
 /// One family's implementation.
@@ -32,6 +33,12 @@ pub trait Family: Send + Sync {
     fn component_dtype(&self, name: &str, dir: &std::path::Path, dtype: DType) -> DType {
         let _ = (name, dir);
         dtype
+    }
+
+    /// Whether its pipelines run with model offload (`offload: "model"`): take their large
+    /// components as [`Placed`] and place each on the device only while it runs.
+    fn offloads(&self) -> bool {
+        false
     }
 }
 
@@ -184,6 +191,24 @@ impl Parts {
     /// Whether the component `name` was loaded (and not yet taken).
     pub fn has(&self, name: &str) -> bool {
         self.components.contains_key(name)
+    }
+
+    /// A component that model offload may have left in host memory: resident, or
+    /// offloaded.
+    pub fn take_placed<T: Movable>(&mut self, name: &str) -> Result<Placed<T>, PipelineError> {
+        let component = self.components.remove(name).ok_or_else(|| {
+            PipelineError::invalid(name, "this pipeline's component was not loaded")
+        })?;
+        let component = match component.downcast::<T>() {
+            Ok(resident) => return Ok(Placed::Resident(resident)),
+            Err(other) => other,
+        };
+        component
+            .downcast::<HostWeights<T>>()
+            .map(Placed::Offloaded)
+            .map_err(|_| {
+                PipelineError::invalid(name, "loaded as another class than this family expects")
+            })
     }
 
     /// An optional component: `None` when the folder goes without it.

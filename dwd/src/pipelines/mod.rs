@@ -17,6 +17,7 @@ pub mod flux;
 pub mod lora;
 pub mod noise;
 pub mod ops;
+pub mod placement;
 pub mod scheduler;
 pub mod stable_diffusion;
 pub mod stable_diffusion_3;

@@ -78,14 +78,29 @@ impl SimpleBackend for Tracked {
 /// build left any tensor of its files unused. Returns the model and its weights' size.
 pub(crate) fn load_component_strict<C, T>(
     dir: &Path,
-    (variant, dtype, device): (Option<&str>, DType, &Device),
+    place: (Option<&str>, DType, &Device),
     component: &'static str,
     read_config: fn(&Path) -> Result<C, PipelineError>,
     build: fn(VarBuilder<'static>, C) -> candle_core::Result<T>,
 ) -> Result<(T, u64), PipelineError> {
+    load_component_strict_keeping(dir, place, component, read_config, build)
+        .map(|(model, bytes, _)| (model, bytes))
+}
+
+/// Like [`load_component_strict`], also giving back the tensors the model was built
+/// from, by name (sharing their memory with the model), so that it can be built again
+/// elsewhere ([`super::placement`]).
+pub(crate) fn load_component_strict_keeping<C, T>(
+    dir: &Path,
+    (variant, dtype, device): (Option<&str>, DType, &Device),
+    component: &'static str,
+    read_config: fn(&Path) -> Result<C, PipelineError>,
+    build: fn(VarBuilder<'static>, C) -> candle_core::Result<T>,
+) -> Result<(T, u64, HashMap<String, Tensor>), PipelineError> {
     let config = read_config(dir)?;
     let files = weight_files_variant(dir, variant)?;
     let tensors = weights::load_tensors(&files, dtype, device, component)?;
+    let kept = tensors.clone();
     let element_size = dtype.size_in_bytes() as u64;
     let bytes = tensors
         .values()
@@ -114,5 +129,5 @@ pub(crate) fn load_component_strict<C, T>(
             ),
         });
     }
-    Ok((built, bytes))
+    Ok((built, bytes, kept))
 }

@@ -22,13 +22,15 @@
 //! `shared.weight` or `encoder.embed_tokens.weight` (tied copies; checkpoints hold either
 //! or both).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::ops::{self, Linear};
-use super::strict::load_component_strict;
+use super::placement::{HostWeights, Movable};
+use super::strict::{load_component_strict, load_component_strict_keeping};
 use super::{ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "T5 text encoder";
@@ -331,6 +333,24 @@ impl T5Encoder {
         Ok(encoder)
     }
 
+    /// Loads it to the CPU for offload, keeping its tensors to build it on the device
+    /// when it runs.
+    pub fn load_host(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+    ) -> Result<HostWeights<Self>, PipelineError> {
+        let (mut encoder, bytes, tensors) = load_component_strict_keeping(
+            dir,
+            (variant, dtype, &Device::Cpu),
+            COMPONENT,
+            T5Config::load,
+            Self::new,
+        )?;
+        encoder.bytes = bytes;
+        Ok(HostWeights::new(encoder, tensors))
+    }
+
     /// Builds the encoder from weights named as transformers names them.
     pub fn new(vb: VarBuilder, config: T5Config) -> candle_core::Result<Self> {
         let embedding = Embedding::new(tied_embedding(&vb, &config)?, config.d_model);
@@ -462,6 +482,23 @@ fn tied_embedding(vb: &VarBuilder, config: &T5Config) -> candle_core::Result<Ten
         encoder_copy.get(shape, "weight")?;
     }
     vb.pp("shared").get(shape, "weight")
+}
+
+impl Movable for T5Encoder {
+    fn rebuilt(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut encoder = Self::new(vb, self.config.clone())?;
+        encoder.bytes = self.bytes;
+        Ok(encoder)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
 
 use super::diffusion::DecodeOptions;
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
+use super::placement::Placed;
 use super::{
     lora, ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
 };
@@ -39,14 +40,20 @@ impl Family for Flux {
         &protocol::families::flux::FAMILY
     }
 
+    /// T5 and the transformer, FLUX's large components, go to host memory under model
+    /// offload and onto the device one at a time.
+    fn offloads(&self) -> bool {
+        true
+    }
+
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
         lora::check_components(&parts.adapters, ADAPTED, "FLUX.1")?;
         Ok(Arc::new(FluxPipeline {
             tokenizer: parts.take("tokenizer")?,
             text_encoder: parts.take("text_encoder")?,
             tokenizer_2: parts.take("tokenizer_2")?,
-            text_encoder_2: parts.take("text_encoder_2")?,
-            transformer: parts.take("transformer")?,
+            text_encoder_2: parts.take_placed("text_encoder_2")?,
+            transformer: parts.take_placed("transformer")?,
             vae: parts.take("vae")?,
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
             device: parts.device.clone(),
@@ -67,16 +74,16 @@ impl FluxPipeline {
                 device,
             )?),
             tokenizer_2: Arc::new(T5Tokenizer::load(&model_dir.join("tokenizer_2"))?),
-            text_encoder_2: Arc::new(T5Encoder::load(
+            text_encoder_2: Placed::Resident(Arc::new(T5Encoder::load(
                 &model_dir.join("text_encoder_2"),
                 dtype,
                 device,
-            )?),
-            transformer: Arc::new(FluxTransformer::load(
+            )?)),
+            transformer: Placed::Resident(Arc::new(FluxTransformer::load(
                 &model_dir.join("transformer"),
                 dtype,
                 device,
-            )?),
+            )?)),
             vae: Arc::new(Vae::load(&model_dir.join("vae"), dtype, device)?),
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
             device: device.clone(),

@@ -24,6 +24,7 @@ use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
+use crate::pipelines::placement::Placed;
 use crate::pipelines::scheduler::{
     calculate_shift, first_kept_step, linspace, FlowMatchEulerDiscreteScheduler, FlowSchedule,
     SchedulerConfig,
@@ -46,8 +47,10 @@ pub struct FluxPipeline {
     pub tokenizer: Arc<ClipTokenizer>,
     pub text_encoder: Arc<TextEncoder>,
     pub tokenizer_2: Arc<T5Tokenizer>,
-    pub text_encoder_2: Arc<T5Encoder>,
-    pub transformer: Arc<FluxTransformer>,
+    /// T5, resident or (model offload) placed on the device only while it encodes.
+    pub text_encoder_2: Placed<T5Encoder>,
+    /// Resident or (model offload) placed on the device only while it denoises.
+    pub transformer: Placed<FluxTransformer>,
     pub vae: Arc<Vae>,
     /// The checkpoint's scheduler config.
     pub scheduler: SchedulerConfig,
@@ -152,8 +155,8 @@ impl FluxPipeline {
     /// Total size of the loaded weights in bytes.
     pub fn bytes(&self) -> u64 {
         self.text_encoder.bytes()
-            + self.text_encoder_2.bytes()
-            + self.transformer.bytes()
+            + self.text_encoder_2.model().bytes()
+            + self.transformer.model().bytes()
             + self.vae.bytes()
     }
 
@@ -187,7 +190,7 @@ impl FluxPipeline {
     /// per row) and the decode.
     pub fn activation_bytes(&self, args: &FluxArgs) -> Result<u64, PipelineError> {
         let shape = self.latent_shape(args)?;
-        let config = self.transformer.config();
+        let config = self.transformer.model().config();
         let element = match self.device.is_cpu() {
             true => 4,
             false => self.dtype.size_in_bytes() as u64,
@@ -212,7 +215,15 @@ impl FluxPipeline {
                 )
             }
         };
-        Ok(step.max(decode))
+        // Under model offload on a GPU, one of T5 and the transformer joins them there.
+        let placed = match self.device.is_cpu() {
+            true => 0,
+            false => self
+                .text_encoder_2
+                .placed_bytes()
+                .max(self.transformer.placed_bytes()),
+        };
+        Ok(step.max(decode) + placed)
     }
 
     /// Runs the whole pipeline: f32 images (N, 3, H, W) in [0, 1] on the CPU, each prompt's
@@ -233,11 +244,14 @@ impl FluxPipeline {
         diffusion::report_phase(on_progress, Phase::Encoding)?;
         let adapters = self.active_adapters(args.lora_scale)?;
         let texts = (args.prompts.as_slice(), args.prompt_2.as_deref());
-        let positive = self.encode(texts, (args, &adapters), notice)?;
+        // Under model offload T5, then the transformer, is on the device, never both.
+        let t5 = self.text_encoder_2.on(&self.device, "text_encoder_2")?;
+        let positive = self.encode(texts, (args, &adapters, &t5), notice)?;
         let negative = match true_cfg {
-            true => Some(self.encode_negative((args, &adapters), notice)?),
+            true => Some(self.encode_negative((args, &adapters, &t5), notice)?),
             false => None,
         };
+        drop(t5);
         let (mut scheduler, first) = self.scheduler(args, shape)?;
         let latents = match &args.image {
             Some(image) if args.latents.is_none() => {
@@ -249,7 +263,9 @@ impl FluxPipeline {
             (Some(image), Some(mask)) => Some(self.fill_condition(image, mask, shape, noise)?),
             _ => None,
         };
+        let transformer = self.transformer.on(&self.device, "transformer")?;
         let calls = Calls {
+            transformer: &transformer,
             positive: &positive,
             negative: negative.as_ref(),
             guidance,
@@ -260,6 +276,7 @@ impl FluxPipeline {
             adapters: adapters.transformer.as_ref(),
         };
         let latents = self.denoise((&mut scheduler, first), &calls, latents, noise, on_progress)?;
+        drop(transformer);
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
@@ -302,7 +319,7 @@ impl FluxPipeline {
             true => 2 * packed + 4 * scale * scale,
             false => packed,
         };
-        let has = self.transformer.config().in_channels;
+        let has = self.transformer.model().config().in_channels;
         if has == wanted {
             return Ok(());
         }
@@ -359,7 +376,7 @@ impl FluxPipeline {
     /// The guidance the model embeds: FLUX.1-dev's `guidance_scale`; none for a model
     /// without a guidance embedder, which ignores the argument.
     fn embedded_guidance(&self, args: &FluxArgs, notice: &mut dyn FnMut(String)) -> Option<f32> {
-        if self.transformer.has_guidance() {
+        if self.transformer.model().has_guidance() {
             return Some(args.guidance_scale as f32);
         }
         if args.guidance_scale != FluxArgs::default().guidance_scale {
@@ -400,7 +417,7 @@ impl FluxPipeline {
     fn encode(
         &self,
         (prompts, prompt_2): (&[String], Option<&str>),
-        (args, adapters): (&FluxArgs, &FluxAdapters),
+        (args, adapters, t5): (&FluxArgs, &FluxAdapters, &T5Encoder),
         notice: &mut dyn FnMut(String),
     ) -> Result<Conditioning, PipelineError> {
         self.notice_truncation(prompts, prompt_2, args, notice)?;
@@ -416,7 +433,7 @@ impl FluxPipeline {
             .iter()
             .map(|p| self.tokenizer_2.encode_padded(p, args.max_sequence_length))
             .collect::<Result<Vec<_>, _>>()?;
-        let states = self.text_encoder_2.encode(&t5_ids)?;
+        let states = t5.encode(&t5_ids)?;
         let repeat = |xs: &Tensor| {
             diffusion::repeat_rows(xs, args.num_images_per_prompt)
                 .and_then(|xs| xs.to_dtype(self.dtype))
@@ -430,13 +447,13 @@ impl FluxPipeline {
     /// The negative prompt's conditioning, one per prompt as diffusers repeats it.
     fn encode_negative(
         &self,
-        (args, adapters): (&FluxArgs, &FluxAdapters),
+        (args, adapters, t5): (&FluxArgs, &FluxAdapters, &T5Encoder),
         notice: &mut dyn FnMut(String),
     ) -> Result<Conditioning, PipelineError> {
         let negative = args.negative_prompt.clone().unwrap_or_default();
         let negatives = vec![negative; args.prompts.len()];
         let texts = (negatives.as_slice(), args.negative_prompt_2.as_deref());
-        self.encode(texts, (args, adapters), notice)
+        self.encode(texts, (args, adapters, t5), notice)
     }
 
     /// The LoRA branches of this run on CLIP and on the transformer, each adapter at its
@@ -452,7 +469,7 @@ impl FluxPipeline {
             )?,
             transformer: ActiveAdapters::build(
                 "transformer",
-                self.transformer.lora_modules(),
+                self.transformer.model().lora_modules(),
                 &self.adapters,
                 scale,
                 (self.dtype, &self.device),
@@ -613,7 +630,7 @@ impl FluxPipeline {
         };
         let call = |conditioning: &Conditioning| {
             lora::with_adapters(calls.adapters, || {
-                self.transformer.forward(&FluxInputs {
+                calls.transformer.forward(&FluxInputs {
                     hidden_states: &hidden,
                     encoder_hidden_states: &conditioning.states,
                     pooled_projections: &conditioning.pooled,
@@ -638,6 +655,8 @@ impl FluxPipeline {
 
 /// What every transformer call of a run shares.
 struct Calls<'a> {
+    /// The transformer, on the device for the run's steps.
+    transformer: &'a FluxTransformer,
     positive: &'a Conditioning,
     negative: Option<&'a Conditioning>,
     guidance: Option<f32>,

@@ -7,6 +7,7 @@
 //! through the double-stream blocks side by side and the single-stream blocks joined, and
 //! the image tokens come out as the predicted velocity, packed like the input.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ use super::blocks::{DoubleStreamBlock, OutputLayer, Rotary, SingleStreamBlock};
 use super::embeddings::{in_dtype, rotary_embedding, TimeTextEmbedding};
 use crate::pipelines::lora::{adaptable_modules, LoraModules};
 use crate::pipelines::ops::Linear;
-use crate::pipelines::strict::load_component_strict;
+use crate::pipelines::placement::{HostWeights, Movable};
+use crate::pipelines::strict::{load_component_strict, load_component_strict_keeping};
 use crate::pipelines::{ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "transformer";
@@ -144,6 +146,28 @@ impl FluxTransformer {
         model.bytes = bytes;
         model.modules = Arc::new(modules);
         Ok(model)
+    }
+
+    /// Loads it to the CPU for offload, keeping its tensors to build it on the device
+    /// when it runs.
+    pub fn load_host(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+    ) -> Result<HostWeights<Self>, PipelineError> {
+        let (loaded, modules) = adaptable_modules(|| {
+            load_component_strict_keeping(
+                dir,
+                (variant, dtype, &Device::Cpu),
+                COMPONENT,
+                FluxConfig::load,
+                Self::new,
+            )
+        });
+        let (mut model, bytes, tensors) = loaded?;
+        model.bytes = bytes;
+        model.modules = Arc::new(modules);
+        Ok(HostWeights::new(model, tensors))
     }
 
     /// Builds the model from weights under diffusers' names.
@@ -294,5 +318,23 @@ impl FluxTransformer {
             format!("[{}, {}]", hidden[0], config.pooled_projection_dim),
             pooled,
         )
+    }
+}
+
+impl Movable for FluxTransformer {
+    fn rebuilt(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut model = Self::new(vb, self.config.clone())?;
+        model.bytes = self.bytes;
+        model.modules = Arc::clone(&self.modules);
+        Ok(model)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.bytes
     }
 }

@@ -1,0 +1,169 @@
+//! Model offload, diffusers-workflow's `offload: "model"` (diffusers'
+//! `enable_model_cpu_offload`): a large component lives in host memory and is on the
+//! device only while it runs.
+//!
+//! An offloaded component is loaded to the CPU with its tensors kept by name
+//! ([`HostWeights`]); placing it on the device builds the same model from those tensors
+//! there (each copied once), and dropping the placed model frees the device's copy. A
+//! pipeline places each large component for its phase — the text encoders, then the
+//! denoiser, one at a time — so the device holds at most one of them, plus what is
+//! resident. Where the device is the CPU, host and device memory are one: placing hands
+//! out the host model itself, and offload saves nothing (the engine says so), but the
+//! placements run, and are logged, in the same order.
+//!
+//! Every placement and release is logged (`tracing`, target `dwd::placement`), which is
+//! how a run's placements can be seen and checked.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::{InComponent, PipelineError};
+
+/// A model that can be built again on another device from the tensors it was built from.
+pub trait Movable: Sized + Send + Sync + 'static {
+    /// The same model with its weights taken from `tensors` (by the names it was built
+    /// from) onto `device`.
+    fn rebuilt(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self>;
+    /// Bytes its weights hold.
+    fn weight_bytes(&self) -> u64;
+}
+
+/// An offloaded component: the model built on the CPU, and its tensors by name (sharing
+/// that model's memory).
+pub struct HostWeights<T> {
+    host: Arc<T>,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl<T: Movable> HostWeights<T> {
+    pub fn new(host: T, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            host: Arc::new(host),
+            tensors,
+        }
+    }
+
+    /// The model built again from the kept tensors, on `device` (what placing it on a GPU
+    /// does).
+    pub fn rebuilt_on(&self, device: &Device) -> candle_core::Result<T> {
+        self.host.rebuilt(&self.tensors, device)
+    }
+}
+
+/// A pipeline's hold on one of its components: resident where the pipeline runs, or
+/// offloaded to host memory.
+pub enum Placed<T> {
+    Resident(Arc<T>),
+    Offloaded(Arc<HostWeights<T>>),
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Placed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Placed::Resident(model) => f.debug_tuple("Resident").field(model).finish(),
+            Placed::Offloaded(host) => f.debug_tuple("Offloaded").field(&host.host).finish(),
+        }
+    }
+}
+
+impl<T> Clone for Placed<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Placed::Resident(model) => Placed::Resident(Arc::clone(model)),
+            Placed::Offloaded(host) => Placed::Offloaded(Arc::clone(host)),
+        }
+    }
+}
+
+impl<T: Movable> Placed<T> {
+    /// The model for what does not run it (its config, its sizes, its LoRA layers): the
+    /// resident one, or the host copy.
+    pub fn model(&self) -> &T {
+        match self {
+            Placed::Resident(model) => model,
+            Placed::Offloaded(host) => &host.host,
+        }
+    }
+
+    pub fn is_offloaded(&self) -> bool {
+        matches!(self, Placed::Offloaded(_))
+    }
+
+    /// What placing it adds to the device for a phase: its weights when offloaded.
+    pub fn placed_bytes(&self) -> u64 {
+        match self {
+            Placed::Resident(_) => 0,
+            Placed::Offloaded(host) => host.host.weight_bytes(),
+        }
+    }
+
+    /// The model on `device` for as long as the returned hold lives: the resident model as
+    /// it is, or the offloaded one built there (`name` names it in the placement log).
+    pub fn on(&self, device: &Device, name: &'static str) -> Result<OnDevice<T>, PipelineError> {
+        let host = match self {
+            Placed::Resident(model) => {
+                return Ok(OnDevice {
+                    model: Arc::clone(model),
+                    offloaded: None,
+                })
+            }
+            Placed::Offloaded(host) => host,
+        };
+        let model = match device.is_cpu() {
+            true => Arc::clone(&host.host),
+            false => Arc::new(
+                host.host
+                    .rebuilt(&host.tensors, device)
+                    .in_component(name)?,
+            ),
+        };
+        let bytes = model.weight_bytes();
+        tracing::info!(
+            target: "dwd::placement",
+            "placed {name} on {} ({bytes} bytes)",
+            device_name(device)
+        );
+        Ok(OnDevice {
+            model,
+            offloaded: Some((name, device_name(device))),
+        })
+    }
+}
+
+/// A component placed for one phase of a run; an offloaded one leaves the device when this
+/// is dropped.
+pub struct OnDevice<T> {
+    model: Arc<T>,
+    offloaded: Option<(&'static str, String)>,
+}
+
+impl<T> Deref for OnDevice<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.model
+    }
+}
+
+impl<T> Drop for OnDevice<T> {
+    fn drop(&mut self) {
+        if let Some((name, device)) = &self.offloaded {
+            tracing::info!(target: "dwd::placement", "released {name} from {device}");
+        }
+    }
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
