@@ -14,12 +14,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::merge::one_lora;
 use common::{assert_close, Fixture};
 use dwd::pipelines::flux::{FluxArgs, FluxPipeline};
-use dwd::pipelines::lora::{Adapter, LoraAdapter};
+use dwd::pipelines::lora::LoraAdapter;
 use dwd::pipelines::ReplayNoise;
 
 const RANK: usize = 2;
@@ -226,11 +226,7 @@ fn image(pipeline: &FluxPipeline) -> Tensor {
 fn pipeline(dir: &Path, lora: Option<(&Path, f64)>) -> FluxPipeline {
     let mut pipeline = FluxPipeline::load(dir, DType::F32, &Device::Cpu).unwrap();
     if let Some((path, weight)) = lora {
-        pipeline.adapters = vec![Adapter {
-            name: "0".to_string(),
-            weight,
-            lora: Arc::new(LoraAdapter::load(path).unwrap()),
-        }];
+        pipeline.adapters = one_lora(path, weight);
     }
     pipeline
 }

@@ -7,12 +7,10 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::merge::{merged_model, random_lora, save_peft, LoraLayer};
+use common::merge::{merged_model, one_lora, random_lora, save_peft, LoraLayer};
 use common::{assert_close, no_progress, Fixture};
-use dwd::pipelines::lora::{Adapter, LoraAdapter};
 use dwd::pipelines::stable_diffusion_3::{Sd3Args, Sd3Texts, StableDiffusion3Pipeline};
 use dwd::pipelines::ReplayNoise;
 
@@ -34,11 +32,7 @@ fn model_dir() -> std::path::PathBuf {
 fn pipeline(dir: &Path, lora: Option<(&Path, f64)>) -> StableDiffusion3Pipeline {
     let mut pipeline = StableDiffusion3Pipeline::load(dir, DType::F32, &Device::Cpu).unwrap();
     if let Some((path, weight)) = lora {
-        pipeline.adapters = vec![Adapter {
-            name: "0".to_string(),
-            weight,
-            lora: Arc::new(LoraAdapter::load(path).unwrap()),
-        }];
+        pipeline.adapters = one_lora(path, weight);
     }
     pipeline
 }

@@ -11,12 +11,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::merge::{merged_model, random_lora, save, save_peft, LoraLayer, ALPHA};
+use common::merge::{merged_model, one_lora, random_lora, save, save_peft, LoraLayer, ALPHA};
 use common::{assert_close, Fixture};
-use dwd::pipelines::lora::{Adapter, LoraAdapter};
 use dwd::pipelines::stable_diffusion_xl::PromptTexts;
 use dwd::pipelines::{ReplayNoise, StableDiffusionXlPipeline, XlArgs};
 
@@ -169,11 +167,7 @@ fn with_lora(
     path: &Path,
     weight: f64,
 ) -> StableDiffusionXlPipeline {
-    pipeline.adapters = vec![Adapter {
-        name: "0".to_string(),
-        weight,
-        lora: Arc::new(LoraAdapter::load(path).unwrap()),
-    }];
+    pipeline.adapters = one_lora(path, weight);
     pipeline
 }
 

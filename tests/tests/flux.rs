@@ -333,16 +333,10 @@ fn model_offload_places_t5_then_the_transformer_one_at_a_time_and_changes_no_pix
             edit(dw_tests::example_text("tiny-flux-dev.json")),
         )
         .unwrap();
-        let out = daemon.output_dir();
-        let run = daemon.dwctl(&[
-            "run",
-            workflow.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let run = dw_tests::Run::of(daemon.run_command(&workflow, &[]).output().unwrap());
         run.assert_code(0);
-        let (_, _, pixels) = png_pixels(&out.join("tiny_flux_dev-txt2img.0-0.0.png"));
-        (run, pixels)
+        let output = daemon.output_dir().join("tiny_flux_dev-txt2img.0-0.0.png");
+        (run, png_pixels(&output).2)
     };
     let (offloaded, offloaded_pixels) = run(&daemon, &|text| text);
     assert!(

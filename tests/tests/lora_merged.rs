@@ -306,14 +306,7 @@ const SDXL_LCM: &str = r#""scheduler": {"configuration": {"scheduler_type": "LCM
 
 /// Runs a workflow; its image's pixels and the run's cache misses.
 fn run(daemon: &TestDaemon, workflow: &Path) -> (Vec<u8>, u64) {
-    let out = daemon.output_dir();
-    let run = daemon.dwctl(&[
-        "run",
-        workflow.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let run = daemon.run_json(workflow, &[]);
     run.assert_code(0);
     let summary = run.json();
     let path = summary["outputs"][0]["path"].as_str().unwrap().to_string();

@@ -4,9 +4,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use dwd::pipelines::lora::LoraModules;
+use dwd::pipelines::lora::{Adapter, LoraAdapter, LoraModules};
 
 pub const RANK: usize = 2;
 pub const ALPHA: f32 = 3.0;
@@ -117,4 +118,14 @@ pub fn merged_model(
         }
         save(&tensors, &path, None);
     }
+}
+
+/// A pipeline's `adapters` for the one LoRA file at `weight`, named "0" as
+/// diffusers-workflow names the first.
+pub fn one_lora(path: &Path, weight: f64) -> Vec<Adapter> {
+    vec![Adapter {
+        name: "0".to_string(),
+        weight,
+        lora: Arc::new(LoraAdapter::load(path).unwrap()),
+    }]
 }
