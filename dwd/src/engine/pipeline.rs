@@ -126,6 +126,14 @@ impl Engine {
 
     /// Unloads idle components until the plan fits, or refuses with the sizes.
     fn make_room(&self, context: &StepContext<'_>, plan: &StepPlan) -> Result<(), JobError> {
+        let offloading = plan
+            .components
+            .iter()
+            .filter(|c| c.key.host && !self.cache.contains(&c.key))
+            .map(|c| c.bytes)
+            .sum();
+        host_room(offloading, available_ram_bytes())
+            .map_err(|e| JobError::OverBudget(format!("step `{}`: {e}", context.step.name)))?;
         let (missing_keys, needed) = missing(&[plan], &self.cache);
         if missing_keys.is_empty() {
             return Ok(());
@@ -375,6 +383,19 @@ impl Engine {
     }
 }
 
+/// Whether `needed` bytes of offloaded components fit in the host memory that is `free`
+/// (model offload keeps them there, outside the device's budget); 0 free means unknown.
+fn host_room(needed: u64, free: u64) -> Result<(), String> {
+    if needed == 0 || free == 0 || needed <= free {
+        return Ok(());
+    }
+    Err(format!(
+        "model offload keeps {} of components in host memory, more than the {} free; run without `offload` or free memory",
+        human_bytes(needed),
+        human_bytes(free)
+    ))
+}
+
 /// Refuses, before anything loads, a run whose arguments its class does not take or whose
 /// step count the step's scheduler cannot take: the checks `dwctl validate` makes.
 fn check_runs(
@@ -433,4 +454,24 @@ fn placement_notices(spec: &PipelineStep, device_name: &str, offloads: bool) -> 
         notices.push(format!("`device: \"{device}\"` is not this daemon's device; running on {device_name} (start dwd with --device to choose)"));
     }
     notices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_room;
+
+    #[test]
+    fn offloaded_components_are_refused_when_host_memory_cannot_hold_them() {
+        assert!(host_room(0, 10).is_ok());
+        assert!(host_room(10, 10).is_ok());
+        assert!(
+            host_room(10, 0).is_ok(),
+            "unknown free memory refuses nothing"
+        );
+        let e = host_room(3 << 30, 1 << 30).unwrap_err();
+        assert!(
+            e.contains("keeps 3.0 GiB of components in host memory, more than the 1.0 GiB free"),
+            "{e}"
+        );
+    }
 }
