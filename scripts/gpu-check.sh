@@ -3,8 +3,8 @@
 # 1. the tiny reference pipeline on cuda:0 in float32 and float16, compared with diffusers'
 #    images, cold and warm, with device memory before any load, after, and after `clear`;
 #    SDXL's reference run in float32 and float16 and its base-then-refiner workflow; the
-#    tiny FLUX.1-dev run in bf16 with `offload: "model"` and without (images, placements,
-#    device memory); and
+#    tiny FLUX.1-dev run in bf16 with `offload: "model"`, `"sequential"` and without (images,
+#    placements, device memory); and
 #    dwd's computation of torch's CUDA generator (examples/torch_randn) against torch;
 # 2. (unless DW_FULL_SIZE=0) a full-size SD 1.5-shaped model with random weights at
 #    512x512, 20 DDIM steps, float16: dwd cold and warm with device memory before load,
@@ -91,8 +91,8 @@ done
 sed "s#\.\./tests/fixtures#$PWD/tests/fixtures#g" examples/tiny-sdxl-refiner.json > "$dir/refiner.json"
 "$bin/dwctl" run "$dir/refiner.json" -o "$dir/out" --json > "$dir/run.json" || { cat "$dir/run.json"; exit 1; }
 python3 -c "import json; s=json.load(open('$dir/run.json')); print('SDXL base then refiner, f16: misses', s['cache']['misses'], 'hits', s['cache']['hits'])"
-echo "== FLUX model offload: the tiny FLUX.1-dev run in bf16 with offload \"model\", then without"
-for offload in model none; do
+echo "== FLUX offload: the tiny FLUX.1-dev run in bf16 with offload \"model\", \"sequential\", then without"
+for offload in model sequential none; do
   python3 - "$PWD" "$dir/flux.json" "$offload" <<'PY'
 import json, sys
 root, out, offload = sys.argv[1:]
@@ -101,6 +101,8 @@ flow = json.loads(text)
 config = flow["steps"][0]["pipeline"]["configuration"]
 if offload == "none":
     config.pop("offload", None)
+else:
+    config["offload"] = offload
 json.dump(flow, open(out, "w"))
 PY
   "$bin/dwctl" clear > /dev/null

@@ -25,6 +25,7 @@ use crate::cache::{ComponentCache, ComponentKey, Evicted, FileIdentity, Lookup};
 use crate::failure::JobError;
 use crate::models::{hub_cache_dir, resolve_model};
 use crate::pipelines::components::{self, ComponentLoader};
+use crate::pipelines::placement::Offload;
 use crate::pipelines::{self, Parts, Pipeline, PipelineError};
 
 /// One component a step needs.
@@ -57,6 +58,9 @@ pub struct StepPlan {
     /// Set when the requested dtype was replaced (half precision on the CPU).
     pub dtype_notice: Option<String>,
     pub components: Vec<PlannedLoad>,
+    /// How its large components are placed (`configuration.offload`, where the family
+    /// builds it).
+    pub offload: Offload,
 }
 
 /// Where a step's components are planned: its place in the workflow and the device.
@@ -109,7 +113,10 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         }
     })?;
     let (dtype, dtype_notice) = dtype_for(&spec.torch_dtype, context.device);
-    let offload = spec.options.offload.as_deref() == Some("model") && implementation.offloads();
+    let offload = match implementation.offloads() {
+        true => Offload::from_option(spec.options.offload.as_deref()),
+        false => Offload::None,
+    };
     let mut omitted = families::omitted_components(family, &index, &supplied);
     omitted.extend(asked_omitted(context, family, &supplied)?);
     let components = family
@@ -118,7 +125,14 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         .filter(|component| !omitted.contains(&component.name))
         .map(|component| {
             let dir_dtype = |dir: &Path| implementation.component_dtype(component.name, dir, dtype);
-            plan_component(context, component, &model_dir, &dir_dtype, offload)
+            let kept = offload == Offload::Sequential
+                && spec
+                    .options
+                    .exclude_from_cpu_offload
+                    .iter()
+                    .any(|c| c == component.name);
+            let offloaded = offload != Offload::None && !kept;
+            plan_component(context, component, &model_dir, &dir_dtype, offloaded)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let components = components
@@ -132,6 +146,7 @@ pub fn plan_step(context: &PlanContext<'_>) -> Result<StepPlan, JobError> {
         dtype,
         dtype_notice,
         components,
+        offload,
     })
 }
 
@@ -499,6 +514,7 @@ pub fn load_pipeline(
         device.clone(),
         plan.dtype,
     );
+    parts.offload = plan.offload;
     let count = plan.components.len();
     for (i, load) in plan.components.iter().enumerate() {
         before_each(i, count)?;

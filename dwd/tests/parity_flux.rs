@@ -87,28 +87,30 @@ fn the_transformer_matches_diffusers_on_fixed_inputs() {
     );
 }
 
-/// Model offload builds the transformer again from the tensors its host copy kept, on
-/// the device it runs on; built so (here on the CPU), it still matches diffusers.
+/// Offload builds the transformer again from the tensors its host copy kept, on the device
+/// it runs on, whole (model offload) or a block at a time as each runs (sequential); built
+/// either way (here on the CPU), it still matches diffusers.
 #[test]
-fn the_transformer_rebuilt_from_its_offloaded_tensors_matches_diffusers() {
+fn the_transformer_rebuilt_or_streamed_from_its_offloaded_tensors_matches_diffusers() {
     let dir = fixture().model_dir().join("transformer");
     let host = FluxTransformer::load_host(&dir, None, DType::F32).unwrap();
+    let names = [
+        "tr_x",
+        "tr_ehs",
+        "tr_pooled",
+        "tr_img_ids",
+        "tr_txt_ids",
+        "tr_t",
+        "tr_guidance",
+        "tr_out",
+    ];
     let rebuilt = host.rebuilt_on(&Device::Cpu).unwrap();
     assert_eq!(rebuilt.bytes(), transformer().bytes());
     assert_eq!(rebuilt.lora_modules(), transformer().lora_modules());
-    check_transformer(
-        &rebuilt,
-        [
-            "tr_x",
-            "tr_ehs",
-            "tr_pooled",
-            "tr_img_ids",
-            "tr_txt_ids",
-            "tr_t",
-            "tr_guidance",
-            "tr_out",
-        ],
-    );
+    check_transformer(&rebuilt, names);
+    // Sequential offload: each block built from those tensors only while it runs.
+    let streamed = host.streamed_on(&Device::Cpu).unwrap();
+    check_transformer(&streamed, names);
 }
 
 #[test]

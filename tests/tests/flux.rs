@@ -320,11 +320,13 @@ fn placements(log: &str) -> Vec<(bool, String)> {
 /// `offload: "model"` (the example has it): T5 and the transformer are loaded to host
 /// memory and placed on the device one at a time, T5 for the prompts, then the
 /// transformer for the steps, as diffusers' `enable_model_cpu_offload` moves them; the
-/// image is the one of a run without offload, bit for bit. On the CPU the placements
-/// save nothing (host and device memory are one) and the run says so, but they run, and
-/// are logged, in the order a GPU would see them.
+/// image is the one of a run without offload, bit for bit, and so is `"sequential"`'s
+/// (whose transformer blocks stream to a GPU one at a time; `parity_flux` checks the
+/// streamed transformer). On the CPU the placements save nothing (host and device memory
+/// are one) and the run says so, but they run, and are logged, in the order a GPU would
+/// see them.
 #[test]
-fn model_offload_places_t5_then_the_transformer_one_at_a_time_and_changes_no_pixel() {
+fn offload_places_t5_then_the_transformer_one_at_a_time_and_changes_no_pixel() {
     let daemon = TestDaemon::new();
     let run = |daemon: &TestDaemon, edit: &dyn Fn(String) -> String| {
         let workflow = daemon.dir.path().join("flux-dev.json");
@@ -374,6 +376,33 @@ fn model_offload_places_t5_then_the_transformer_one_at_a_time_and_changes_no_pix
     );
     assert_eq!(device_of("text_encoder_2"), "cpu (offloaded; runs on cpu)");
     assert_eq!(device_of("vae"), "cpu");
+
+    // "sequential" places the same way here (its blocks stream only to a GPU), from the
+    // same host-held components.
+    let (sequential, sequential_pixels) = run(&daemon, &|text| {
+        text.replace("\"offload\": \"model\"", "\"offload\": \"sequential\"")
+    });
+    assert!(
+        sequential
+            .stderr
+            .contains("`offload: \"sequential\"` saves no memory on cpu"),
+        "{}",
+        sequential.stderr
+    );
+    let order = placements(&daemon.log());
+    assert_eq!(order[4..], expected[..], "{order:?}");
+    assert_eq!(sequential_pixels, offloaded_pixels);
+
+    // `exclude_from_cpu_offload` keeps the transformer resident: only T5 moves.
+    let (_, kept_pixels) = run(&daemon, &|text| {
+        text.replace(
+            "\"offload\": \"model\"",
+            "\"offload\": \"sequential\", \"exclude_from_cpu_offload\": [\"transformer\"]",
+        )
+    });
+    let order = placements(&daemon.log());
+    assert_eq!(order[8..], expected[..2], "{order:?}");
+    assert_eq!(kept_pixels, offloaded_pixels);
 
     let fresh = TestDaemon::new();
     let (resident, resident_pixels) = run(&fresh, &|text| {

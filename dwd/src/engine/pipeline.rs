@@ -421,27 +421,31 @@ fn check_runs(
     Ok(())
 }
 
-/// Notices for placement options the CPU (or this build) gives no effect. Model offload
-/// runs where the family builds it (`offloads`), and saves nothing on the CPU, whose
-/// memory is the host's.
+/// Notices for placement options the CPU (or this build) gives no effect. Offload runs
+/// where the family builds it (`offloads`), and saves nothing on the CPU, whose memory is
+/// the host's.
 fn placement_notices(spec: &PipelineStep, device_name: &str, offloads: bool) -> Vec<String> {
     let options = &spec.options;
     let mut notices = Vec::new();
     let cpu = device_name.starts_with("cpu");
     match (options.offload.as_deref(), offloads, cpu) {
-        (Some("model"), true, true) => notices.push(format!(
-            "`offload: \"model\"` saves no memory on {device_name}, whose memory is the host's: the large components are still placed one at a time"
+        (Some(offload), true, true) => notices.push(format!(
+            "`offload: \"{offload}\"` saves no memory on {device_name}, whose memory is the host's: the large components are still placed one at a time"
         )),
-        (Some("model"), true, false) | (None, _, _) => {}
+        (Some(_), true, false) | (None, _, _) => {}
         (Some(offload), _, true) => notices.push(format!(
             "`offload: \"{offload}\"` has no effect on {device_name}, which is no accelerator: every component stays where the pipeline runs"
         )),
-        (Some("model"), false, false) => notices.push(format!(
-            "`offload: \"model\"` is built for FLUX.1 pipelines; this pipeline's components stay on {device_name}"
+        (Some(offload), false, false) => notices.push(format!(
+            "`offload: \"{offload}\"` is built for FLUX.1 pipelines; this pipeline's components stay on {device_name}"
         )),
-        (Some(offload), _, false) => notices.push(format!(
-            "`offload: \"{offload}\"` (block by block) is not built yet; every component stays on {device_name}"
-        )),
+    }
+    if !options.exclude_from_cpu_offload.is_empty()
+        && options.offload.as_deref() != Some("sequential")
+    {
+        notices.push(
+            "`exclude_from_cpu_offload` applies only with `offload: \"sequential\"`, as in diffusers-workflow; it has no effect here".to_string(),
+        );
     }
     if options.group_offload {
         notices.push(format!("`group_offload` has no effect on {device_name}: every component stays where the pipeline runs"));

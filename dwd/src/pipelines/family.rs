@@ -17,7 +17,7 @@ use protocol::workflow::{Arguments, PipelineClass, SchedulerSpec};
 
 use super::lora::{Adapter, LoraAdapter};
 use super::noise::NoiseSource;
-use super::placement::{HostWeights, Movable, Placed};
+use super::placement::{HostWeights, Movable, Offload, Placed};
 use super::PipelineError;
 
 /// One family's implementation.
@@ -146,6 +146,8 @@ pub struct Parts {
     components: HashMap<&'static str, Arc<dyn Any + Send + Sync>>,
     /// The step's LoRAs, in `loras` order.
     pub adapters: Vec<Adapter>,
+    /// How the step places its large components (where the family builds offload).
+    pub offload: Offload,
 }
 
 impl Parts {
@@ -157,6 +159,7 @@ impl Parts {
             dtype,
             components: HashMap::new(),
             adapters: Vec::new(),
+            offload: Offload::None,
         }
     }
 

@@ -1,6 +1,7 @@
-//! Model offload, diffusers-workflow's `offload: "model"` (diffusers'
+//! Offload, diffusers-workflow's `offload: "model"` (diffusers'
 //! `enable_model_cpu_offload`): a large component lives in host memory and is on the
-//! device only while it runs.
+//! device only while it runs; and `"sequential"` (`enable_sequential_cpu_offload`), where a
+//! transformer's blocks are, each only while it runs.
 //!
 //! An offloaded component is loaded to the CPU with its tensors kept by name
 //! ([`HostWeights`]); placing it on the device builds the same model from those tensors
@@ -22,6 +23,29 @@ use candle_core::{Device, Tensor};
 
 use super::{InComponent, PipelineError};
 
+/// How a step asks its large components to be placed (`configuration.offload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Offload {
+    /// All on the device, loaded once.
+    #[default]
+    None,
+    /// `"model"`: in host memory, each on the device while it runs.
+    Model,
+    /// `"sequential"`: as `Model`, and a transformer's blocks each only while it runs.
+    Sequential,
+}
+
+impl Offload {
+    /// From `configuration.offload` (the parser accepts only these two values).
+    pub fn from_option(value: Option<&str>) -> Self {
+        match value {
+            Some("model") => Offload::Model,
+            Some("sequential") => Offload::Sequential,
+            _ => Offload::None,
+        }
+    }
+}
+
 /// A model that can be built again on another device from the tensors it was built from.
 pub trait Movable: Sized + Send + Sync + 'static {
     /// The same model with its weights taken from `tensors` (by the names it was built
@@ -31,6 +55,15 @@ pub trait Movable: Sized + Send + Sync + 'static {
         tensors: &HashMap<String, Tensor>,
         device: &Device,
     ) -> candle_core::Result<Self>;
+    /// The model on `device` for sequential offload: what it can build piece by piece as
+    /// it runs (a transformer's blocks) left to be built then; by default, all of it now.
+    fn streamed(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        self.rebuilt(tensors, device)
+    }
     /// Bytes its weights hold.
     fn weight_bytes(&self) -> u64;
 }
@@ -54,6 +87,11 @@ impl<T: Movable> HostWeights<T> {
     /// does).
     pub fn rebuilt_on(&self, device: &Device) -> candle_core::Result<T> {
         self.host.rebuilt(&self.tensors, device)
+    }
+
+    /// The model on `device` for sequential offload (see [`Movable::streamed`]).
+    pub fn streamed_on(&self, device: &Device) -> candle_core::Result<T> {
+        self.host.streamed(&self.tensors, device)
     }
 }
 
@@ -107,6 +145,25 @@ impl<T: Movable> Placed<T> {
     /// The model on `device` for as long as the returned hold lives: the resident model as
     /// it is, or the offloaded one built there (`name` names it in the placement log).
     pub fn on(&self, device: &Device, name: &'static str) -> Result<OnDevice<T>, PipelineError> {
+        self.place(device, name, false)
+    }
+
+    /// Like [`Placed::on`], for sequential offload: an offloaded model builds the pieces it
+    /// can stream (a transformer's blocks) on the device only while each runs.
+    pub fn streamed_on(
+        &self,
+        device: &Device,
+        name: &'static str,
+    ) -> Result<OnDevice<T>, PipelineError> {
+        self.place(device, name, true)
+    }
+
+    fn place(
+        &self,
+        device: &Device,
+        name: &'static str,
+        stream: bool,
+    ) -> Result<OnDevice<T>, PipelineError> {
         let host = match self {
             Placed::Resident(model) => {
                 return Ok(OnDevice {
@@ -116,18 +173,19 @@ impl<T: Movable> Placed<T> {
             }
             Placed::Offloaded(host) => host,
         };
-        let model = match device.is_cpu() {
-            true => Arc::clone(&host.host),
-            false => Arc::new(
-                host.host
-                    .rebuilt(&host.tensors, device)
-                    .in_component(name)?,
-            ),
+        let model = match (device.is_cpu(), stream) {
+            (true, _) => Arc::clone(&host.host),
+            (false, false) => Arc::new(host.rebuilt_on(device).in_component(name)?),
+            (false, true) => Arc::new(host.streamed_on(device).in_component(name)?),
         };
         let bytes = model.weight_bytes();
+        let how = match stream && !device.is_cpu() {
+            true => ", its blocks streamed one at a time",
+            false => "",
+        };
         tracing::info!(
             target: "dwd::placement",
-            "placed {name} on {} ({bytes} bytes)",
+            "placed {name} on {} ({bytes} bytes{how})",
             device_name(device)
         );
         Ok(OnDevice {

@@ -248,6 +248,9 @@ impl PipelineStep {
 pub struct PipelineOptions {
     /// `offload`: "model" or "sequential".
     pub offload: Option<String>,
+    /// `exclude_from_cpu_offload`: components that stay on the device under sequential
+    /// offload.
+    pub exclude_from_cpu_offload: Vec<String>,
     pub group_offload: bool,
     /// `device` as written.
     pub device: Option<String>,

@@ -480,10 +480,12 @@ impl<'a> Parser<'a> {
             self.component_list(
                 pipeline.get("shared_components"),
                 &format!("{pointer}/shared_components"),
+                "shared",
             )?,
             self.component_list(
                 configuration.get("shared_components"),
                 &format!("{config_ptr}/shared_components"),
+                "shared",
             )?,
         ]
         .concat();
@@ -612,6 +614,11 @@ impl<'a> Parser<'a> {
         let vae_ptr = format!("{pointer}/vae");
         let mut options = super::PipelineOptions {
             offload,
+            exclude_from_cpu_offload: self.component_list(
+                configuration.get("exclude_from_cpu_offload"),
+                &format!("{pointer}/exclude_from_cpu_offload"),
+                "kept on the device",
+            )?,
             group_offload: configuration.contains_key("group_offload"),
             device,
             no_generator: self.flag(configuration, pointer, "no_generator")?,
@@ -960,7 +967,7 @@ impl<'a> Parser<'a> {
                 format!("{pointer}/configuration/reused_components"),
             ),
         ] {
-            for name in self.component_list(object.get("reused_components"), &at)? {
+            for name in self.component_list(object.get("reused_components"), &at, "shared")? {
                 let sharer = earlier.iter().rev().find(|s| s.shares(&name)).ok_or_else(|| {
                     self.at_value(&at, format!(
                         "`reused_components` names `{name}`, which no earlier step lists in `shared_components`; shared so far: {}",
@@ -1137,7 +1144,13 @@ impl<'a> Parser<'a> {
         })
     }
 
-    fn component_list(&self, value: Option<&Value>, pointer: &str) -> Parsed<Vec<String>> {
+    /// A list of component names (for sharing, or for keeping on the device: `purpose`).
+    fn component_list(
+        &self,
+        value: Option<&Value>,
+        pointer: &str,
+        purpose: &str,
+    ) -> Parsed<Vec<String>> {
         let Some(value) = value else {
             return Ok(Vec::new());
         };
@@ -1155,7 +1168,7 @@ impl<'a> Parser<'a> {
                 _ => Err(self.at_value(
                     &format!("{pointer}/{i}"),
                     format!(
-                        "component {item} cannot be shared: pipelines have {}",
+                        "component {item} cannot be {purpose}: pipelines have {}",
                         families::component_names().join(", ")
                     ),
                 )),

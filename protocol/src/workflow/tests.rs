@@ -841,3 +841,32 @@ fn loras_are_read_as_diffusers_workflow_reads_them() {
     );
     assert!(e.contains("`loras` must be a list of LoRAs"), "{e}");
 }
+
+// diffusers-workflow's `exclude_from_cpu_offload`: component names kept on the device
+// under sequential offload; anything else is refused where it is written.
+#[test]
+fn exclude_from_cpu_offload_is_a_list_of_component_names() {
+    let with = |value: &str| {
+        GOOD.replace(
+            r#""configuration": {"component_type": "StableDiffusionPipeline"}"#,
+            &format!(
+                r#""configuration": {{"component_type": "StableDiffusionPipeline", "offload": "sequential", "exclude_from_cpu_offload": {value}}}"#
+            ),
+        )
+    };
+    let workflow = parse(&with(r#"["vae", "text_encoder"]"#), &[]).unwrap();
+    let Action::Pipeline(pipeline) = &workflow.steps[0].action else {
+        panic!("a pipeline step");
+    };
+    assert_eq!(
+        pipeline.options.exclude_from_cpu_offload,
+        ["vae", "text_encoder"]
+    );
+    let e = error(&with(r#"["vea"]"#), &[]);
+    assert!(
+        e.contains("flow.json:14:126: component \"vea\" cannot be kept on the device"),
+        "{e}"
+    );
+    let e = error(&with(r#""vae""#), &[]);
+    assert!(e.contains("must be a list of component names"), "{e}");
+}

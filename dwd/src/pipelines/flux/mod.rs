@@ -24,7 +24,7 @@ pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
 
 use super::diffusion::DecodeOptions;
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
-use super::placement::Placed;
+use super::placement::{Offload, Placed};
 use super::{
     lora, ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
 };
@@ -40,8 +40,9 @@ impl Family for Flux {
         &protocol::families::flux::FAMILY
     }
 
-    /// T5 and the transformer, FLUX's large components, go to host memory under model
-    /// offload and onto the device one at a time.
+    /// T5 and the transformer, FLUX's large components, go to host memory under offload
+    /// and onto the device one at a time; under sequential offload the transformer's blocks
+    /// each only while it runs.
     fn offloads(&self) -> bool {
         true
     }
@@ -58,6 +59,7 @@ impl Family for Flux {
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
             device: parts.device.clone(),
             dtype: parts.dtype,
+            stream_blocks: parts.offload == Offload::Sequential,
             adapters: parts.adapters,
         }))
     }
@@ -88,6 +90,7 @@ impl FluxPipeline {
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
             device: device.clone(),
             dtype,
+            stream_blocks: false,
             adapters: Vec::new(),
         })
     }

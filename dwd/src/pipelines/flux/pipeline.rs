@@ -56,6 +56,9 @@ pub struct FluxPipeline {
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Sequential offload: the offloaded transformer's blocks are built on the device each
+    /// only while it runs.
+    pub stream_blocks: bool,
     /// LoRAs, run as branches beside CLIP's and the transformer's layers.
     pub adapters: Vec<Adapter>,
 }
@@ -215,13 +218,16 @@ impl FluxPipeline {
                 )
             }
         };
-        // Under model offload on a GPU, one of T5 and the transformer joins them there.
+        // Under offload on a GPU, one of T5 and the transformer joins them there; streamed,
+        // the transformer a block at a time (a double block weighs about two single ones).
+        let blocks = (2 * config.num_layers + config.num_single_layers).max(1) as u64;
+        let transformer = match self.stream_blocks {
+            true => self.transformer.placed_bytes() * 2 / blocks,
+            false => self.transformer.placed_bytes(),
+        };
         let placed = match self.device.is_cpu() {
             true => 0,
-            false => self
-                .text_encoder_2
-                .placed_bytes()
-                .max(self.transformer.placed_bytes()),
+            false => self.text_encoder_2.placed_bytes().max(transformer),
         };
         Ok(step.max(decode) + placed)
     }
@@ -263,7 +269,10 @@ impl FluxPipeline {
             (Some(image), Some(mask)) => Some(self.fill_condition(image, mask, shape, noise)?),
             _ => None,
         };
-        let transformer = self.transformer.on(&self.device, "transformer")?;
+        let transformer = match self.stream_blocks {
+            true => self.transformer.streamed_on(&self.device, "transformer")?,
+            false => self.transformer.on(&self.device, "transformer")?,
+        };
         let calls = Calls {
             transformer: &transformer,
             positive: &positive,

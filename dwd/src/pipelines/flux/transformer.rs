@@ -7,6 +7,7 @@
 //! through the double-stream blocks side by side and the single-stream blocks joined, and
 //! the image tokens come out as the predicted velocity, packed like the input.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -119,6 +120,20 @@ pub struct FluxTransformer {
     bytes: u64,
     /// Its weights' module names and shapes, which LoRAs are matched against.
     modules: Arc<LoraModules>,
+    /// Under sequential offload: where each block is built from, on the device, as it runs
+    /// (the block lists are then empty).
+    stream: Option<BlockStream>,
+}
+
+/// Blocks built one at a time on the device from host tensors (sequential offload).
+struct BlockStream {
+    vb: VarBuilder<'static>,
+}
+
+impl std::fmt::Debug for BlockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockStream({:?})", self.vb.device())
+    }
 }
 
 impl FluxTransformer {
@@ -172,14 +187,24 @@ impl FluxTransformer {
 
     /// Builds the model from weights under diffusers' names.
     pub fn new(vb: VarBuilder, config: FluxConfig) -> candle_core::Result<Self> {
-        let dim = config.inner_dim();
-        let heads = config.num_attention_heads;
         let double_blocks = (0..config.num_layers)
-            .map(|i| DoubleStreamBlock::load(vb.pp("transformer_blocks").pp(i), dim, heads))
+            .map(|i| double_block(&vb, &config, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let single_blocks = (0..config.num_single_layers)
-            .map(|i| SingleStreamBlock::load(vb.pp("single_transformer_blocks").pp(i), dim, heads))
+            .map(|i| single_block(&vb, &config, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        Self::with_blocks(vb, config, double_blocks, single_blocks)
+    }
+
+    /// The model around `double_blocks` and `single_blocks`: the embedders and the output
+    /// layer built from `vb`.
+    fn with_blocks(
+        vb: VarBuilder,
+        config: FluxConfig,
+        double_blocks: Vec<DoubleStreamBlock>,
+        single_blocks: Vec<SingleStreamBlock>,
+    ) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
         Ok(Self {
             x_embedder: Linear::load(vb.pp("x_embedder"), config.in_channels, dim, true)?,
             context_embedder: Linear::load(
@@ -202,7 +227,39 @@ impl FluxTransformer {
             config,
             bytes: 0,
             modules: Arc::default(),
+            stream: None,
         })
+    }
+
+    /// This model on `device` for sequential offload: the embedders and the output layer
+    /// built there from `tensors`, each block built there only while it runs.
+    pub fn streamed(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut model = Self::with_blocks(vb.clone(), self.config.clone(), Vec::new(), Vec::new())?;
+        model.bytes = self.bytes;
+        model.modules = Arc::clone(&self.modules);
+        model.stream = Some(BlockStream { vb });
+        Ok(model)
+    }
+
+    /// Double block `i`: the model's own, or built on the device as it runs.
+    fn double(&self, i: usize) -> candle_core::Result<Cow<'_, DoubleStreamBlock>> {
+        match &self.stream {
+            Some(stream) => double_block(&stream.vb, &self.config, i).map(Cow::Owned),
+            None => Ok(Cow::Borrowed(&self.double_blocks[i])),
+        }
+    }
+
+    /// Single block `i`: the model's own, or built on the device as it runs.
+    fn single(&self, i: usize) -> candle_core::Result<Cow<'_, SingleStreamBlock>> {
+        match &self.stream {
+            Some(stream) => single_block(&stream.vb, &self.config, i).map(Cow::Owned),
+            None => Ok(Cow::Borrowed(&self.single_blocks[i])),
+        }
     }
 
     pub fn config(&self) -> &FluxConfig {
@@ -260,13 +317,13 @@ impl FluxTransformer {
             cos: &cos,
             sin: &sin,
         };
-        for block in &self.double_blocks {
-            (text, image) = block.forward(&text, &image, &temb, &rotary)?;
+        for i in 0..self.config.num_layers {
+            (text, image) = self.double(i)?.forward(&text, &image, &temb, &rotary)?;
         }
         let text_len = text.dim(1)?;
         let mut joined = Tensor::cat(&[text, image], 1)?;
-        for block in &self.single_blocks {
-            joined = block.forward(&joined, &temb, &rotary)?;
+        for i in 0..self.config.num_single_layers {
+            joined = self.single(i)?.forward(&joined, &temb, &rotary)?;
         }
         let image_len = joined.dim(1)? - text_len;
         let image = joined.narrow(1, text_len, image_len)?;
@@ -321,6 +378,26 @@ impl FluxTransformer {
     }
 }
 
+/// Double block `i` from `vb`.
+fn double_block(
+    vb: &VarBuilder,
+    config: &FluxConfig,
+    i: usize,
+) -> candle_core::Result<DoubleStreamBlock> {
+    let (dim, heads) = (config.inner_dim(), config.num_attention_heads);
+    DoubleStreamBlock::load(vb.pp("transformer_blocks").pp(i), dim, heads)
+}
+
+/// Single block `i` from `vb`.
+fn single_block(
+    vb: &VarBuilder,
+    config: &FluxConfig,
+    i: usize,
+) -> candle_core::Result<SingleStreamBlock> {
+    let (dim, heads) = (config.inner_dim(), config.num_attention_heads);
+    SingleStreamBlock::load(vb.pp("single_transformer_blocks").pp(i), dim, heads)
+}
+
 impl Movable for FluxTransformer {
     fn rebuilt(
         &self,
@@ -332,6 +409,14 @@ impl Movable for FluxTransformer {
         model.bytes = self.bytes;
         model.modules = Arc::clone(&self.modules);
         Ok(model)
+    }
+
+    fn streamed(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        FluxTransformer::streamed(self, tensors, device)
     }
 
     fn weight_bytes(&self) -> u64 {
