@@ -70,21 +70,21 @@ fn check_transformer(model: &FluxTransformer, names: [&str; 8]) {
     assert_close(out, &got, &get(out), TRANSFORMER_TOLERANCE);
 }
 
+/// The recorded transformer call on fixed inputs: its inputs and output by name.
+const FIXED_INPUTS: [&str; 8] = [
+    "tr_x",
+    "tr_ehs",
+    "tr_pooled",
+    "tr_img_ids",
+    "tr_txt_ids",
+    "tr_t",
+    "tr_guidance",
+    "tr_out",
+];
+
 #[test]
 fn the_transformer_matches_diffusers_on_fixed_inputs() {
-    check_transformer(
-        &transformer(),
-        [
-            "tr_x",
-            "tr_ehs",
-            "tr_pooled",
-            "tr_img_ids",
-            "tr_txt_ids",
-            "tr_t",
-            "tr_guidance",
-            "tr_out",
-        ],
-    );
+    check_transformer(&transformer(), FIXED_INPUTS);
 }
 
 /// Offload builds the transformer again from the tensors its host copy kept, on the device
@@ -94,23 +94,13 @@ fn the_transformer_matches_diffusers_on_fixed_inputs() {
 fn the_transformer_rebuilt_or_streamed_from_its_offloaded_tensors_matches_diffusers() {
     let dir = fixture().model_dir().join("transformer");
     let host = FluxTransformer::load_host(&dir, None, DType::F32).unwrap();
-    let names = [
-        "tr_x",
-        "tr_ehs",
-        "tr_pooled",
-        "tr_img_ids",
-        "tr_txt_ids",
-        "tr_t",
-        "tr_guidance",
-        "tr_out",
-    ];
     let rebuilt = host.rebuilt_on(&Device::Cpu).unwrap();
     assert_eq!(rebuilt.bytes(), transformer().bytes());
     assert_eq!(rebuilt.lora_modules(), transformer().lora_modules());
-    check_transformer(&rebuilt, names);
+    check_transformer(&rebuilt, FIXED_INPUTS);
     // Sequential offload: each block built from those tensors only while it runs.
     let streamed = host.streamed_on(&Device::Cpu).unwrap();
-    check_transformer(&streamed, names);
+    check_transformer(&streamed, FIXED_INPUTS);
 }
 
 #[test]
