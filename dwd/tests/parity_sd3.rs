@@ -36,6 +36,9 @@ fn values(tensor: &Tensor) -> Vec<f32> {
     tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// The recorded transformer call on fixed inputs: its inputs and output by name.
+const FIXED_INPUTS: [&str; 5] = ["tr_x", "tr_t", "tr_ehs", "tr_pooled", "tr_out"];
+
 fn check_transformer(model: &Sd3Transformer, [x, t, ehs, pooled, out]: [&str; 5]) {
     let reference = fixture().tensors("expected.safetensors");
     let timesteps = values(&reference[t]);
@@ -58,10 +61,21 @@ fn check_transformer(model: &Sd3Transformer, [x, t, ehs, pooled, out]: [&str; 5]
 
 #[test]
 fn the_transformer_matches_diffusers_on_fixed_inputs() {
-    check_transformer(
-        &transformer(),
-        ["tr_x", "tr_t", "tr_ehs", "tr_pooled", "tr_out"],
-    );
+    check_transformer(&transformer(), FIXED_INPUTS);
+}
+
+/// Offload builds the transformer again from the tensors its host copy kept, whole (model
+/// offload) or a block at a time as each runs (sequential); either way (here on the CPU)
+/// it still matches diffusers.
+#[test]
+fn the_transformer_rebuilt_or_streamed_from_its_offloaded_tensors_matches_diffusers() {
+    let dir = fixture().model_dir().join("transformer");
+    let host = Sd3Transformer::load_host(&dir, None, DType::F32).unwrap();
+    let rebuilt = host.rebuilt_on(&Device::Cpu).unwrap();
+    assert_eq!(rebuilt.bytes(), transformer().bytes());
+    assert_eq!(rebuilt.lora_modules(), transformer().lora_modules());
+    check_transformer(&rebuilt, FIXED_INPUTS);
+    check_transformer(&host.streamed_on(&Device::Cpu).unwrap(), FIXED_INPUTS);
 }
 
 #[test]

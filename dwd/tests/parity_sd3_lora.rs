@@ -39,7 +39,7 @@ fn pipeline(dir: &Path, lora: Option<(&Path, f64)>) -> StableDiffusion3Pipeline 
 
 fn make_lora(base: &StableDiffusion3Pipeline) -> Vec<LoraLayer> {
     random_lora(&[
-        ("transformer", base.transformer.lora_modules()),
+        ("transformer", base.transformer.model().lora_modules()),
         ("text_encoder", base.clip_l.encoder.lora_modules()),
         ("text_encoder_2", base.clip_g.encoder.lora_modules()),
     ])
@@ -76,7 +76,7 @@ fn image(pipeline: &StableDiffusion3Pipeline, args: &Sd3Args) -> Tensor {
 fn a_lora_on_the_transformer_and_both_clip_encoders_equals_its_merged_weights() {
     let base = pipeline(&model_dir(), None);
     let layers = make_lora(&base);
-    let transformer_layers = base.transformer.lora_modules().len();
+    let transformer_layers = base.transformer.model().lora_modules().len();
     assert!(transformer_layers > 20, "only {transformer_layers} layers");
     let dir = tempfile::tempdir().unwrap();
     let peft = dir.path().join("peft.safetensors");

@@ -380,3 +380,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The placements (offload) a daemon logged, in order: `(placed?, component)`.
+pub fn placements(log: &str) -> Vec<(bool, String)> {
+    log.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("dwd::placement")?;
+            let placed = rest.contains("placed ");
+            let word = if placed { "placed " } else { "released " };
+            let name = rest.split_once(word)?.1.split_whitespace().next()?;
+            Some((placed, name.to_string()))
+        })
+        .collect()
+}

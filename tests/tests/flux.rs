@@ -6,7 +6,7 @@
 //! diffusers-workflow makes on a CPU machine for two prompts times two images; arguments
 //! FLUX does not take are refused by name.
 
-use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
+use dw_tests::{max_level_difference, placements, png_pixels, repo_root, TestDaemon};
 
 fn fixture(path: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(path)
@@ -302,19 +302,6 @@ fn a_schnell_workflow_runs_and_ignores_guidance_with_a_notice() {
     );
     let (_, five_pixels) = run_with("5.0", "five");
     assert_eq!(zero_pixels, five_pixels, "guidance is ignored");
-}
-
-/// The placements the daemon logged, in order: `(placed?, component)`.
-fn placements(log: &str) -> Vec<(bool, String)> {
-    log.lines()
-        .filter_map(|line| {
-            let (_, rest) = line.split_once("dwd::placement")?;
-            let placed = rest.contains("placed ");
-            let word = if placed { "placed " } else { "released " };
-            let name = rest.split_once(word)?.1.split_whitespace().next()?;
-            Some((placed, name.to_string()))
-        })
-        .collect()
 }
 
 /// `offload: "model"` (the example has it): T5 and the transformer are loaded to host

@@ -6,7 +6,7 @@
 //! (diffusers' `from_pretrained(..., text_encoder_3=None)`) runs without T5 and loads
 //! nothing of it; nulling a component SD 3 needs is refused by name.
 
-use dw_tests::{max_level_difference, png_pixels, repo_root, TestDaemon};
+use dw_tests::{max_level_difference, placements, png_pixels, repo_root, TestDaemon};
 
 fn fixture(path: &str) -> std::path::PathBuf {
     repo_root().join("tests/fixtures").join(path)
@@ -121,4 +121,44 @@ fn a_seeded_img2img_workflow_resolves_the_auto_class_and_is_deterministic() {
     assert_eq!(images[0], images[1], "same seed, same image");
     let input = png_pixels(&fixture("tiny-sd3/expected_sd3.png")).2;
     assert_ne!(images[0], input, "the image was denoised");
+}
+
+/// `offload` on SD 3 (the example has `"model"`): T5 is placed for each prompt set (the
+/// prompts, then the negatives, as diffusers' hooks move it), then the transformer for the
+/// steps, never two at once; `"sequential"` (blocks streamed to a GPU) and no offload give
+/// the same image bit for bit.
+#[test]
+fn offload_places_t5_then_the_transformer_and_changes_no_pixel() {
+    let daemon = TestDaemon::new();
+    let pixels = |run: &dw_tests::Run| {
+        run.assert_code(0);
+        png_pixels(std::path::Path::new(&output_paths(run)[0])).2
+    };
+    let model = pixels(&daemon.run_edited_example("tiny-sd3.json", |text| text));
+    let order = placements(&daemon.log());
+    let expected: Vec<(bool, String)> = [
+        (true, "text_encoder_3"),
+        (false, "text_encoder_3"),
+        (true, "text_encoder_3"),
+        (false, "text_encoder_3"),
+        (true, "transformer"),
+        (false, "transformer"),
+    ]
+    .iter()
+    .map(|(placed, name)| (*placed, name.to_string()))
+    .collect();
+    assert_eq!(order, expected);
+
+    let sequential = daemon.run_edited_example("tiny-sd3.json", |text| {
+        text.replace("\"offload\": \"model\"", "\"offload\": \"sequential\"")
+    });
+    assert_eq!(pixels(&sequential), model);
+    assert_eq!(placements(&daemon.log()).len(), 12);
+
+    let fresh = TestDaemon::new();
+    let resident = fresh.run_edited_example("tiny-sd3.json", |text| {
+        text.replace(",\n          \"offload\": \"model\"", "")
+    });
+    assert_eq!(pixels(&resident), model);
+    assert!(placements(&fresh.log()).is_empty());
 }

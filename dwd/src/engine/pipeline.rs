@@ -437,7 +437,7 @@ fn placement_notices(spec: &PipelineStep, device_name: &str, offloads: bool) -> 
             "`offload: \"{offload}\"` has no effect on {device_name}, which is no accelerator: every component stays where the pipeline runs"
         )),
         (Some(offload), false, false) => notices.push(format!(
-            "`offload: \"{offload}\"` is built for FLUX.1 pipelines; this pipeline's components stay on {device_name}"
+            "`offload: \"{offload}\"` is built for FLUX.1 and Stable Diffusion 3 pipelines; this pipeline's components stay on {device_name}"
         )),
     }
     if !options.exclude_from_cpu_offload.is_empty()

@@ -123,7 +123,9 @@ pub static LOADERS: &[ComponentLoader] = &[
                 dir, variant, dtype, device,
             )?))
         },
-        offload: None,
+        offload: Some(|dir, variant, dtype| {
+            Ok(Arc::new(Sd3Transformer::load_host(dir, variant, dtype)?))
+        }),
     },
     // A LoRA file (the loader's "folder" is the file itself), read as f32 on the CPU and
     // placed on the device by each run that uses it.

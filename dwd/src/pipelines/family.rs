@@ -199,16 +199,26 @@ impl Parts {
     /// A component that model offload may have left in host memory: resident, or
     /// offloaded.
     pub fn take_placed<T: Movable>(&mut self, name: &str) -> Result<Placed<T>, PipelineError> {
-        let component = self.components.remove(name).ok_or_else(|| {
-            PipelineError::invalid(name, "this pipeline's component was not loaded")
-        })?;
+        self.take_optional_placed(name)?
+            .ok_or_else(|| PipelineError::invalid(name, "this pipeline's component was not loaded"))
+    }
+
+    /// An optional component that offload may have left in host memory; `None` when the
+    /// folder or the step goes without it.
+    pub fn take_optional_placed<T: Movable>(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<Placed<T>>, PipelineError> {
+        let Some(component) = self.components.remove(name) else {
+            return Ok(None);
+        };
         let component = match component.downcast::<T>() {
-            Ok(resident) => return Ok(Placed::Resident(resident)),
+            Ok(resident) => return Ok(Some(Placed::Resident(resident))),
             Err(other) => other,
         };
         component
             .downcast::<HostWeights<T>>()
-            .map(Placed::Offloaded)
+            .map(|host| Some(Placed::Offloaded(host)))
             .map_err(|_| {
                 PipelineError::invalid(name, "loaded as another class than this family expects")
             })

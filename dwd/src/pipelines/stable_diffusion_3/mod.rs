@@ -23,6 +23,7 @@ pub use transformer::{Sd3Config, Sd3Inputs, Sd3Transformer};
 
 use super::diffusion::DecodeOptions;
 use super::family::{Family, Output, Parts, Pipeline, Request, RunHost};
+use super::placement::{Offload, Placed};
 use super::{
     lora, ClipTokenizer, PipelineError, SchedulerConfig, T5Encoder, T5Tokenizer, TextEncoder, Vae,
 };
@@ -39,11 +40,18 @@ impl Family for StableDiffusion3 {
         &protocol::families::stable_diffusion_3::FAMILY
     }
 
+    /// T5 and the transformer, SD 3's large components, go to host memory under offload
+    /// and onto the device one at a time; under sequential offload the transformer's blocks
+    /// each only while it runs.
+    fn offloads(&self) -> bool {
+        true
+    }
+
     fn assemble(&self, mut parts: Parts) -> Result<Arc<dyn Pipeline>, PipelineError> {
         lora::check_components(&parts.adapters, ADAPTED, "Stable Diffusion 3")?;
         let t5 = match (
             parts.take_optional("tokenizer_3")?,
-            parts.take_optional("text_encoder_3")?,
+            parts.take_optional_placed("text_encoder_3")?,
         ) {
             (Some(tokenizer), Some(encoder)) => Some(T5 { tokenizer, encoder }),
             // As diffusers: without `text_encoder_3`, T5's place is zeros whatever the
@@ -66,11 +74,12 @@ impl Family for StableDiffusion3 {
                 encoder: parts.take("text_encoder_2")?,
             },
             t5,
-            transformer: parts.take("transformer")?,
+            transformer: parts.take_placed("transformer")?,
             vae: parts.take("vae")?,
             scheduler: SchedulerConfig::load(&parts.model_dir.join("scheduler"))?,
             device: parts.device.clone(),
             dtype: parts.dtype,
+            stream_blocks: parts.offload == Offload::Sequential,
             adapters: parts.adapters,
         }))
     }
@@ -89,11 +98,11 @@ impl StableDiffusion3Pipeline {
         let t5 = match model_dir.join("text_encoder_3").is_dir() {
             true => Some(T5 {
                 tokenizer: Arc::new(T5Tokenizer::load(&model_dir.join("tokenizer_3"))?),
-                encoder: Arc::new(T5Encoder::load(
+                encoder: Placed::Resident(Arc::new(T5Encoder::load(
                     &model_dir.join("text_encoder_3"),
                     dtype,
                     device,
-                )?),
+                )?)),
             }),
             false => None,
         };
@@ -101,15 +110,16 @@ impl StableDiffusion3Pipeline {
             clip_l: clip("tokenizer", "text_encoder")?,
             clip_g: clip("tokenizer_2", "text_encoder_2")?,
             t5,
-            transformer: Arc::new(Sd3Transformer::load(
+            transformer: Placed::Resident(Arc::new(Sd3Transformer::load(
                 &model_dir.join("transformer"),
                 dtype,
                 device,
-            )?),
+            )?)),
             vae: Arc::new(Vae::load(&model_dir.join("vae"), dtype, device)?),
             scheduler: SchedulerConfig::load(&model_dir.join("scheduler"))?,
             device: device.clone(),
             dtype,
+            stream_blocks: false,
             adapters: Vec::new(),
         })
     }

@@ -22,6 +22,7 @@ use crate::pipelines::diffusion::{self, DecodeOptions};
 use crate::pipelines::family::{Phase, Progress};
 use crate::pipelines::lora::{self, ActiveAdapters, Adapter};
 use crate::pipelines::noise::NoiseSource;
+use crate::pipelines::placement::Placed;
 use crate::pipelines::scheduler::{
     calculate_shift, first_kept_step, FlowMatchEulerDiscreteScheduler, FlowSchedule,
     SchedulerConfig,
@@ -47,7 +48,8 @@ pub struct Clip {
 #[derive(Debug, Clone)]
 pub struct T5 {
     pub tokenizer: Arc<T5Tokenizer>,
-    pub encoder: Arc<T5Encoder>,
+    /// Resident, or (offload) placed on the device only while it encodes.
+    pub encoder: Placed<T5Encoder>,
 }
 
 /// A loaded SD 3 pipeline.
@@ -57,11 +59,15 @@ pub struct StableDiffusion3Pipeline {
     pub clip_g: Clip,
     /// `None`: the folder or the workflow leaves T5 out; zeros take its place.
     pub t5: Option<T5>,
-    pub transformer: Arc<Sd3Transformer>,
+    /// Resident, or (offload) placed on the device only while it denoises.
+    pub transformer: Placed<Sd3Transformer>,
     pub vae: Arc<Vae>,
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
+    /// Sequential offload: the offloaded transformer's blocks are built on the device each
+    /// only while it runs.
+    pub stream_blocks: bool,
     /// The LoRAs this pipeline was assembled with (`loras`), in list order.
     pub adapters: Vec<Adapter>,
 }
@@ -146,8 +152,8 @@ impl StableDiffusion3Pipeline {
     pub fn bytes(&self) -> u64 {
         self.clip_l.encoder.bytes()
             + self.clip_g.encoder.bytes()
-            + self.t5.as_ref().map_or(0, |t5| t5.encoder.bytes())
-            + self.transformer.bytes()
+            + self.t5.as_ref().map_or(0, |t5| t5.encoder.model().bytes())
+            + self.transformer.model().bytes()
             + self.vae.bytes()
     }
 
@@ -156,8 +162,8 @@ impl StableDiffusion3Pipeline {
     /// requires.
     pub fn latent_shape(&self, args: &Sd3Args) -> Result<[usize; 4], PipelineError> {
         let scale = self.vae.scale_factor();
-        let multiple = scale * self.transformer.config().patch_size;
-        let default = self.transformer.config().sample_size * scale;
+        let multiple = scale * self.transformer.model().config().patch_size;
+        let default = self.transformer.model().config().sample_size * scale;
         let side = |name: &str, value: Option<usize>| -> Result<usize, PipelineError> {
             let value = value.unwrap_or(default);
             match value > 0 && value.is_multiple_of(multiple) {
@@ -172,7 +178,7 @@ impl StableDiffusion3Pipeline {
             }
         };
         let images = args.texts.prompts.len() * args.num_images_per_prompt;
-        let channels = self.transformer.config().in_channels;
+        let channels = self.transformer.model().config().in_channels;
         Ok([
             images,
             channels,
@@ -186,7 +192,7 @@ impl StableDiffusion3Pipeline {
     /// row) or the decode.
     pub fn activation_bytes(&self, args: &Sd3Args) -> Result<u64, PipelineError> {
         let [images, _, h, w] = self.latent_shape(args)?;
-        let config = self.transformer.config();
+        let config = self.transformer.model().config();
         let element = match self.device.is_cpu() {
             true => 4,
             false => self.dtype.size_in_bytes() as u64,
@@ -215,7 +221,18 @@ impl StableDiffusion3Pipeline {
                 )
             }
         };
-        Ok(step.max(decode))
+        // Under offload on a GPU, one of T5 and the transformer joins them there; streamed,
+        // the transformer a block at a time.
+        let transformer = match self.stream_blocks {
+            true => self.transformer.placed_bytes() / config.num_layers.max(1) as u64,
+            false => self.transformer.placed_bytes(),
+        };
+        let t5 = self.t5.as_ref().map_or(0, |t5| t5.encoder.placed_bytes());
+        let placed = match self.device.is_cpu() {
+            true => 0,
+            false => t5.max(transformer),
+        };
+        Ok(step.max(decode) + placed)
     }
 
     /// Runs the whole pipeline: f32 images (N, 3, H, W) in [0, 1] on the CPU, each prompt's
@@ -246,7 +263,12 @@ impl StableDiffusion3Pipeline {
                 .in_component(COMPONENT)?,
         };
         let adapters = self.adapters_on("transformer", args.lora_scale)?;
+        let transformer = match self.stream_blocks {
+            true => self.transformer.streamed_on(&self.device, "transformer")?,
+            false => self.transformer.on(&self.device, "transformer")?,
+        };
         let run = Run {
+            transformer: &transformer,
             positive: &positive,
             guided: conditioning.as_ref(),
             guidance_scale: args.guidance_scale,
@@ -254,6 +276,7 @@ impl StableDiffusion3Pipeline {
             adapters: adapters.as_ref(),
         };
         let latents = self.denoise((&mut scheduler, first), &run, latents, noise, on_progress)?;
+        drop(transformer);
         if args.output_latents {
             return latents.to_device(&Device::Cpu).in_component(COMPONENT);
         }
@@ -292,7 +315,7 @@ impl StableDiffusion3Pipeline {
         let (l_states, l_pooled) = clip(&self.clip_l, 0)?;
         let (g_states, g_pooled) = clip(&self.clip_g, 1)?;
         let t5_states = self.t5_states(texts, args)?;
-        let joint = self.transformer.config().joint_attention_dim;
+        let joint = self.transformer.model().config().joint_attention_dim;
         let join = || -> candle_core::Result<(Tensor, Tensor)> {
             let clip_states = Tensor::cat(&[&l_states, &g_states], 2)?.to_dtype(DType::F32)?;
             let clip_width = clip_states.dim(2)?;
@@ -325,7 +348,10 @@ impl StableDiffusion3Pipeline {
                 self.clip_g.encoder.lora_modules(),
                 self.clip_g.encoder.dtype(),
             ),
-            _ => (self.transformer.lora_modules(), self.transformer.dtype()),
+            _ => {
+                let transformer = self.transformer.model();
+                (transformer.lora_modules(), transformer.dtype())
+            }
         };
         ActiveAdapters::build(
             component,
@@ -339,7 +365,7 @@ impl StableDiffusion3Pipeline {
     /// T5's states of each row's third text, or zeros of T5's shape without a T5.
     fn t5_states(&self, texts: &[[String; 3]], args: &Sd3Args) -> Result<Tensor, PipelineError> {
         let Some(t5) = &self.t5 else {
-            let joint = self.transformer.config().joint_attention_dim;
+            let joint = self.transformer.model().config().joint_attention_dim;
             let shape = (texts.len(), args.max_sequence_length, joint);
             return Tensor::zeros(shape, DType::F32, &self.device).in_component(COMPONENT);
         };
@@ -347,7 +373,7 @@ impl StableDiffusion3Pipeline {
             .iter()
             .map(|t| t5.tokenizer.encode_padded(&t[2], args.max_sequence_length))
             .collect::<Result<Vec<_>, _>>()?;
-        t5.encoder.encode(&ids)
+        t5.encoder.on(&self.device, "text_encoder_3")?.encode(&ids)
     }
 
     /// The flow-match scheduler with the step's overrides, set to the run's steps (shifted
@@ -361,7 +387,7 @@ impl StableDiffusion3Pipeline {
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(&config)?;
         let mu = match scheduler.uses_dynamic_shifting() {
             true => {
-                let patch = self.transformer.config().patch_size;
+                let patch = self.transformer.model().config().patch_size;
                 Some(calculate_shift(
                     (h / patch) * (w / patch),
                     &config,
@@ -453,7 +479,7 @@ impl StableDiffusion3Pipeline {
         let call = |conditioning: &Sd3Conditioning, latents: &Tensor, skip: &[usize]| {
             let rows = latents.dim(0).in_component(COMPONENT)?;
             lora::with_adapters(run.adapters, || {
-                self.transformer.forward(&Sd3Inputs {
+                run.transformer.forward(&Sd3Inputs {
                     hidden_states: latents,
                     encoder_hidden_states: &conditioning.prompt_embeds,
                     pooled_projections: &conditioning.pooled_prompt_embeds,
@@ -485,6 +511,8 @@ impl StableDiffusion3Pipeline {
 
 /// What every transformer call of a run shares.
 struct Run<'a> {
+    /// The transformer, on the device for the run's steps.
+    transformer: &'a Sd3Transformer,
     positive: &'a Sd3Conditioning,
     /// `[negative, positive]` rows, under classifier-free guidance.
     guided: Option<&'a Sd3Conditioning>,

@@ -12,6 +12,8 @@
 //! The blocks' shared pieces (modulation, feed-forward, output layer, time embedding) are
 //! FLUX's, which has the same ones.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,7 +24,8 @@ use crate::pipelines::flux::blocks::{clamp_half, continuous_norm, FeedForward, O
 use crate::pipelines::flux::embeddings::{modulate, Modulation, RmsNorm, TimeTextEmbedding};
 use crate::pipelines::lora::{adaptable_modules, LoraModules};
 use crate::pipelines::ops::{self, Conv2d, Linear};
-use crate::pipelines::strict::load_component_strict;
+use crate::pipelines::placement::{HostWeights, Movable};
+use crate::pipelines::strict::{load_component_strict, load_component_strict_keeping};
 use crate::pipelines::{ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "transformer";
@@ -362,6 +365,20 @@ pub struct Sd3Transformer {
     bytes: u64,
     /// The layers that take LoRA branches, with their weights' shapes.
     modules: Arc<LoraModules>,
+    /// Under sequential offload: where each block is built from, on the device, as it runs
+    /// (the block list is then empty).
+    stream: Option<BlockStream>,
+}
+
+/// Blocks built one at a time on the device from host tensors (sequential offload).
+struct BlockStream {
+    vb: VarBuilder<'static>,
+}
+
+impl std::fmt::Debug for BlockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockStream({:?})", self.vb.device())
+    }
 }
 
 impl Sd3Transformer {
@@ -393,14 +410,41 @@ impl Sd3Transformer {
 
     /// Builds the model from weights under diffusers' names.
     pub fn new(vb: VarBuilder, config: Sd3Config) -> candle_core::Result<Self> {
-        let dim = config.inner_dim();
-        let last = config.num_layers.saturating_sub(1);
         let blocks = (0..config.num_layers)
-            .map(|i| {
-                let dual = config.dual_attention_layers.contains(&i);
-                JointBlock::load(vb.pp("transformer_blocks").pp(i), &config, i == last, dual)
-            })
+            .map(|i| joint_block(&vb, &config, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        Self::with_blocks(vb, config, blocks)
+    }
+
+    /// Loads it to the CPU for offload, keeping its tensors to build it on the device
+    /// when it runs.
+    pub fn load_host(
+        dir: &Path,
+        variant: Option<&str>,
+        dtype: DType,
+    ) -> Result<HostWeights<Self>, PipelineError> {
+        let (loaded, modules) = adaptable_modules(|| {
+            load_component_strict_keeping(
+                dir,
+                (variant, dtype, &Device::Cpu),
+                COMPONENT,
+                Sd3Config::load,
+                Self::new,
+            )
+        });
+        let (mut model, bytes, tensors) = loaded?;
+        model.bytes = bytes;
+        model.modules = Arc::new(modules);
+        Ok(HostWeights::new(model, tensors))
+    }
+
+    /// The model around `blocks`: the embedders and the output layer built from `vb`.
+    fn with_blocks(
+        vb: VarBuilder,
+        config: Sd3Config,
+        blocks: Vec<JointBlock>,
+    ) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
         let patch_out = config.patch_size * config.patch_size * config.out_channels;
         Ok(Self {
             pos_embed: PatchEmbed::load(vb.pp("pos_embed"), &config)?,
@@ -423,7 +467,16 @@ impl Sd3Transformer {
             config,
             bytes: 0,
             modules: Arc::default(),
+            stream: None,
         })
+    }
+
+    /// Block `i`: the model's own, or built on the device as it runs.
+    fn block(&self, i: usize) -> candle_core::Result<Cow<'_, JointBlock>> {
+        match &self.stream {
+            Some(stream) => joint_block(&stream.vb, &self.config, i).map(Cow::Owned),
+            None => Ok(Cow::Borrowed(&self.blocks[i])),
+        }
     }
 
     pub fn config(&self) -> &Sd3Config {
@@ -462,11 +515,11 @@ impl Sd3Transformer {
         let mut text = self
             .context_embedder
             .forward(&to_model(inputs.encoder_hidden_states)?)?;
-        for (index, block) in self.blocks.iter().enumerate() {
+        for index in 0..self.config.num_layers {
             if inputs.skip_layers.contains(&index) {
                 continue;
             }
-            let (next_text, next_image) = block.forward(&image, &text, &temb)?;
+            let (next_text, next_image) = self.block(index)?.forward(&image, &text, &temb)?;
             image = next_image;
             if let Some(next_text) = next_text {
                 text = next_text;
@@ -524,6 +577,47 @@ impl Sd3Transformer {
             ));
         }
         Ok(())
+    }
+}
+
+/// Joint block `i` from `vb`: the last keeps no text stream, those in
+/// `dual_attention_layers` have a second attention.
+fn joint_block(vb: &VarBuilder, config: &Sd3Config, i: usize) -> candle_core::Result<JointBlock> {
+    let last = i + 1 == config.num_layers;
+    let dual = config.dual_attention_layers.contains(&i);
+    JointBlock::load(vb.pp("transformer_blocks").pp(i), config, last, dual)
+}
+
+impl Movable for Sd3Transformer {
+    fn rebuilt(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut model = Self::new(vb, self.config.clone())?;
+        model.bytes = self.bytes;
+        model.modules = Arc::clone(&self.modules);
+        Ok(model)
+    }
+
+    /// The embedders and the output layer on `device`, each block built there only while it
+    /// runs.
+    fn streamed(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut model = Self::with_blocks(vb.clone(), self.config.clone(), Vec::new())?;
+        model.bytes = self.bytes;
+        model.modules = Arc::clone(&self.modules);
+        model.stream = Some(BlockStream { vb });
+        Ok(model)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        self.bytes
     }
 }
 
