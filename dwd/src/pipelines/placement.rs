@@ -17,10 +17,14 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
+use super::lora::{adaptable_modules, LoraModules};
+use super::strict::load_component_strict_keeping;
 use super::{InComponent, PipelineError};
 
 /// How a step asks its large components to be placed (`configuration.offload`).
@@ -44,6 +48,40 @@ impl Offload {
             _ => Offload::None,
         }
     }
+}
+
+/// A transformer's blocks built one at a time on the device from host tensors
+/// (sequential offload): the model keeps this in place of its block list.
+pub struct BlockStream {
+    pub vb: VarBuilder<'static>,
+}
+
+impl std::fmt::Debug for BlockStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockStream({:?})", self.vb.device())
+    }
+}
+
+/// Loads a model with LoRA-adaptable layers for offload: strictly, to the CPU in `dtype`,
+/// giving the model, its weights' bytes, its adaptable layers and its tensors by name.
+pub(crate) fn load_adaptable_host<C, T>(
+    dir: &Path,
+    (variant, dtype): (Option<&str>, DType),
+    component: &'static str,
+    read_config: fn(&Path) -> Result<C, PipelineError>,
+    build: fn(VarBuilder<'static>, C) -> candle_core::Result<T>,
+) -> Result<(T, u64, LoraModules, HashMap<String, Tensor>), PipelineError> {
+    let (loaded, modules) = adaptable_modules(|| {
+        load_component_strict_keeping(
+            dir,
+            (variant, dtype, &Device::Cpu),
+            component,
+            read_config,
+            build,
+        )
+    });
+    let (model, bytes, tensors) = loaded?;
+    Ok((model, bytes, modules, tensors))
 }
 
 /// A model that can be built again on another device from the tensors it was built from.

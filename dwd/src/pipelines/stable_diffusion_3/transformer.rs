@@ -24,8 +24,8 @@ use crate::pipelines::flux::blocks::{clamp_half, continuous_norm, FeedForward, O
 use crate::pipelines::flux::embeddings::{modulate, Modulation, RmsNorm, TimeTextEmbedding};
 use crate::pipelines::lora::{adaptable_modules, LoraModules};
 use crate::pipelines::ops::{self, Conv2d, Linear};
-use crate::pipelines::placement::{HostWeights, Movable};
-use crate::pipelines::strict::{load_component_strict, load_component_strict_keeping};
+use crate::pipelines::placement::{load_adaptable_host, BlockStream, HostWeights, Movable};
+use crate::pipelines::strict::load_component_strict;
 use crate::pipelines::{ConfigJson, InComponent, PipelineError};
 
 const COMPONENT: &str = "transformer";
@@ -370,17 +370,6 @@ pub struct Sd3Transformer {
     stream: Option<BlockStream>,
 }
 
-/// Blocks built one at a time on the device from host tensors (sequential offload).
-struct BlockStream {
-    vb: VarBuilder<'static>,
-}
-
-impl std::fmt::Debug for BlockStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BlockStream({:?})", self.vb.device())
-    }
-}
-
 impl Sd3Transformer {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, PipelineError> {
         Self::load_variant(dir, None, dtype, device)
@@ -423,16 +412,8 @@ impl Sd3Transformer {
         variant: Option<&str>,
         dtype: DType,
     ) -> Result<HostWeights<Self>, PipelineError> {
-        let (loaded, modules) = adaptable_modules(|| {
-            load_component_strict_keeping(
-                dir,
-                (variant, dtype, &Device::Cpu),
-                COMPONENT,
-                Sd3Config::load,
-                Self::new,
-            )
-        });
-        let (mut model, bytes, tensors) = loaded?;
+        let (mut model, bytes, modules, tensors) =
+            load_adaptable_host(dir, (variant, dtype), COMPONENT, Sd3Config::load, Self::new)?;
         model.bytes = bytes;
         model.modules = Arc::new(modules);
         Ok(HostWeights::new(model, tensors))
