@@ -540,9 +540,9 @@ fn take(
     let started = Instant::now();
     let variant = load.key.variant.as_deref();
     let (value, lookup) = cache.get_or_load_any(load.key.clone(), user, || {
-        let loaded = match (load.offloaded, load.loader.offload) {
-            (true, Some(to_host)) => to_host(&load.dir, variant, load.dtype),
-            _ => (load.loader.load)(&load.dir, variant, load.dtype, device),
+        let loaded = match load.loader.offload.filter(|_| load.offloaded) {
+            Some(to_host) => to_host(&load.dir, variant, load.dtype),
+            None => (load.loader.load)(&load.dir, variant, load.dtype, device),
         };
         loaded.map(|v| (v, load.bytes))
     })?;

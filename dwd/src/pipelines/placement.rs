@@ -168,10 +168,6 @@ impl<T: Movable> Placed<T> {
         }
     }
 
-    pub fn is_offloaded(&self) -> bool {
-        matches!(self, Placed::Offloaded(_))
-    }
-
     /// What placing it adds to the device for a phase: its weights when offloaded.
     pub fn placed_bytes(&self) -> u64 {
         match self {
@@ -186,17 +182,9 @@ impl<T: Movable> Placed<T> {
         self.place(device, name, false)
     }
 
-    /// Like [`Placed::on`], for sequential offload: an offloaded model builds the pieces it
-    /// can stream (a transformer's blocks) on the device only while each runs.
-    pub fn streamed_on(
-        &self,
-        device: &Device,
-        name: &'static str,
-    ) -> Result<OnDevice<T>, PipelineError> {
-        self.place(device, name, true)
-    }
-
-    fn place(
+    /// Like [`Placed::on`]; with `stream` (sequential offload), an offloaded model builds
+    /// the pieces it can stream (a transformer's blocks) on the device only while each runs.
+    pub fn place(
         &self,
         device: &Device,
         name: &'static str,

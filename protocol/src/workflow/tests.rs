@@ -842,8 +842,11 @@ fn loras_are_read_as_diffusers_workflow_reads_them() {
     assert!(e.contains("`loras` must be a list of LoRAs"), "{e}");
 }
 
-// diffusers-workflow's `exclude_from_cpu_offload`: component names kept on the device
-// under sequential offload; anything else is refused where it is written.
+// diffusers-workflow's `exclude_from_cpu_offload` (dw/workflow_schema.json: an array of
+// strings, "Component names (e.g. 'vae', 'text_encoder') to keep resident ... Only applies
+// when offload is 'sequential'"; dw/pipeline_processors/pipeline.py appends each to
+// `_exclude_from_cpu_offload` before `enable_sequential_cpu_offload`). A name no pipeline
+// has would do nothing there, so it is refused where it is written.
 #[test]
 fn exclude_from_cpu_offload_is_a_list_of_component_names() {
     let with = |value: &str| {

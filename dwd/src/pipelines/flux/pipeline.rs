@@ -269,10 +269,9 @@ impl FluxPipeline {
             (Some(image), Some(mask)) => Some(self.fill_condition(image, mask, shape, noise)?),
             _ => None,
         };
-        let transformer = match self.stream_blocks {
-            true => self.transformer.streamed_on(&self.device, "transformer")?,
-            false => self.transformer.on(&self.device, "transformer")?,
-        };
+        let transformer =
+            self.transformer
+                .place(&self.device, "transformer", self.stream_blocks)?;
         let calls = Calls {
             transformer: &transformer,
             positive: &positive,

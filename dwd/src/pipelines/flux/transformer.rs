@@ -217,21 +217,6 @@ impl FluxTransformer {
         })
     }
 
-    /// This model on `device` for sequential offload: the embedders and the output layer
-    /// built there from `tensors`, each block built there only while it runs.
-    pub fn streamed(
-        &self,
-        tensors: &HashMap<String, Tensor>,
-        device: &Device,
-    ) -> candle_core::Result<Self> {
-        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
-        let mut model = Self::with_blocks(vb.clone(), self.config.clone(), Vec::new(), Vec::new())?;
-        model.bytes = self.bytes;
-        model.modules = Arc::clone(&self.modules);
-        model.stream = Some(BlockStream { vb });
-        Ok(model)
-    }
-
     /// Double block `i`: the model's own, or built on the device as it runs.
     fn double(&self, i: usize) -> candle_core::Result<Cow<'_, DoubleStreamBlock>> {
         match &self.stream {
@@ -397,12 +382,19 @@ impl Movable for FluxTransformer {
         Ok(model)
     }
 
+    /// The embedders and the output layer on `device`, each block built there only while it
+    /// runs.
     fn streamed(
         &self,
         tensors: &HashMap<String, Tensor>,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        FluxTransformer::streamed(self, tensors, device)
+        let vb = VarBuilder::from_tensors(tensors.clone(), self.dtype, device);
+        let mut model = Self::with_blocks(vb.clone(), self.config.clone(), Vec::new(), Vec::new())?;
+        model.bytes = self.bytes;
+        model.modules = Arc::clone(&self.modules);
+        model.stream = Some(BlockStream { vb });
+        Ok(model)
     }
 
     fn weight_bytes(&self) -> u64 {

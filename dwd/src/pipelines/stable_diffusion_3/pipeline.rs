@@ -263,10 +263,9 @@ impl StableDiffusion3Pipeline {
                 .in_component(COMPONENT)?,
         };
         let adapters = self.adapters_on("transformer", args.lora_scale)?;
-        let transformer = match self.stream_blocks {
-            true => self.transformer.streamed_on(&self.device, "transformer")?,
-            false => self.transformer.on(&self.device, "transformer")?,
-        };
+        let transformer =
+            self.transformer
+                .place(&self.device, "transformer", self.stream_blocks)?;
         let run = Run {
             transformer: &transformer,
             positive: &positive,
